@@ -1,0 +1,81 @@
+"""Typed configuration loading shared by the trainer and the curation pipeline.
+
+A config is a dataclass schema (OmegaConf "structured config").  YAML files and
+``key=value`` command-line overrides are merged on top of the schema's defaults;
+unknown keys and values of the wrong type are errors that name the offending key.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Sequence, TypeVar
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid (the message names the key)."""
+
+
+def _describe(exc: OmegaConfBaseException) -> str:
+    key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
+    msg = getattr(exc, "msg", None) or str(exc).splitlines()[0]
+    return f"key '{key}': {msg}" if key else msg
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' is not of the form key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{item}' has an empty key")
+    # YAML parsing gives ints, floats, bools, null and lists ([a,b]) their natural types.
+    value = OmegaConf.create({"v": raw} if raw == "" else f"v: {raw}")["v"] if raw != "" else ""
+    return key, value
+
+
+def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
+    """Build a validated ``schema`` instance from defaults + YAML file + overrides."""
+    if not dataclasses.is_dataclass(schema):
+        raise TypeError(f"{schema!r} is not a dataclass schema")
+    try:
+        cfg = OmegaConf.structured(schema)
+        OmegaConf.set_struct(cfg, True)
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ConfigError(f"config file not found: {path}")
+            file_cfg = OmegaConf.load(path)
+            if file_cfg is None:
+                file_cfg = OmegaConf.create({})
+            cfg = OmegaConf.merge(cfg, file_cfg)
+        for item in overrides:
+            key, value = _parse_override(item)
+            try:
+                OmegaConf.select(cfg, key, throw_on_missing=False)
+            except OmegaConfBaseException as exc:  # pragma: no cover - defensive
+                raise ConfigError(f"override '{item}': {_describe(exc)}") from None
+            OmegaConf.update(cfg, key, value, merge=True, force_add=False)
+        obj = OmegaConf.to_object(cfg)
+    except ConfigError:
+        raise
+    except OmegaConfBaseException as exc:
+        where = f" in {path}" if path is not None else ""
+        raise ConfigError(f"invalid config{where}: {_describe(exc)}") from None
+    validate = getattr(obj, "validate", None)
+    if callable(validate):
+        validate()
+    return obj  # type: ignore[return-value]
+
+
+def to_yaml(cfg: Any) -> str:
+    """Serialize a config dataclass instance to YAML (for saving next to outputs)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Any) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
