@@ -1,0 +1,153 @@
+"""Benchmark: embedding dedup at 1e4..1e6 vectors (curation/dedup.py + curation/index.py).
+
+Data: synthetic 384-d float16 embeddings with cluster structure like real ones
+(a mixture of ~N/1000 gaussians on the sphere with varied spreads, pairwise
+cosine inside a cluster ≈ 0.2–0.5) plus planted near-duplicate pairs
+(cosine ≥ 0.9), written as memory-mapped .npy shards of 100k rows and read back
+shard by shard, as the dedup stage reads the embed stage's output.
+
+Per size it prints: dedup wall time (index build + k=64 search + components),
+index kind/nlist, planted-pair recall (pair ends up in one component), peak RSS,
+k-means time (N/1000 clusters), and the baseline: exact flat k=64 search timed
+on a query subsample and extrapolated to N (ratio = baseline / ours) together
+with the edge recall of our graph against the exact one on that subsample.
+Growth exponent = log(time ratio) / log(size ratio) between consecutive sizes.
+
+    .venv/bin/python bench/curation.py --sizes 10000,100000
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from curation.dedup import DedupConfig, dedup_core  # noqa: E402
+from curation.index import kmeans  # noqa: E402
+from curation.store import ShardedVectors  # noqa: E402
+
+DIM = 384
+SHARD = 100_000
+
+
+def make_shards(n: int, folder: Path, seed: int = 0, dup_frac: float = 0.05):
+    """Write ``n`` rows as float16 shards; returns (paths, planted pairs [P, 2] of global rows)."""
+    rng = np.random.default_rng(seed)
+    n_clusters = max(1, n // 1000)
+    centres = rng.standard_normal((n_clusters, DIM)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    spread = rng.uniform(1.1, 2.0, n_clusters).astype(np.float32)  # cos(point, centre) ≈ 0.45..0.67
+    paths, pairs = [], []
+    for start in range(0, n, SHARD):
+        rows = min(SHARD, n - start)
+        n_dup = int(rows * dup_frac / 2)
+        n_base = rows - n_dup
+        lab = rng.integers(0, n_clusters, n_base)
+        x = centres[lab] + spread[lab, None] * rng.standard_normal((n_base, DIM)).astype(np.float32) / math.sqrt(DIM)
+        src = rng.choice(n_base, n_dup, replace=False)
+        noise = rng.uniform(0.1, 0.45, n_dup).astype(np.float32)[:, None]  # cosine to the source ≥ ~0.9
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        d = x[src] + noise * rng.standard_normal((n_dup, DIM)).astype(np.float32) / math.sqrt(DIM)
+        d /= np.linalg.norm(d, axis=1, keepdims=True)
+        block = np.concatenate([x, d])
+        perm = rng.permutation(rows)  # scatter duplicates among their shard
+        where = np.empty(rows, np.int64)
+        where[perm] = np.arange(rows)
+        p = folder / f"s{len(paths):06d}.npy"
+        np.save(p, block[perm].astype(np.float16))
+        paths.append(p)
+        pairs.append(start + np.stack([where[src], where[n_base + np.arange(n_dup)]], 1))
+    pairs = np.concatenate(pairs)
+    v = ShardedVectors(paths)
+    cos = np.einsum("ij,ij->i", v.gather(pairs[:, 0]), v.gather(pairs[:, 1]))
+    return paths, pairs[cos >= 0.9]  # planted pairs are defined as cosine >= 0.9 after float16
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def exact_baseline(vectors: ShardedVectors, graph, k: int, threshold: float, n_queries: int, seed: int):
+    """Exact flat k-NN for a query subsample: time per query and edge recall of ``graph``."""
+    rng = np.random.default_rng(seed)
+    q = np.sort(rng.choice(vectors.n, min(n_queries, vectors.n), replace=False))
+    xq = vectors.gather(q)
+    index = faiss.IndexFlatIP(vectors.dim)
+    best_s = np.full((len(q), k + 1), -np.inf, np.float32)
+    best_i = np.full((len(q), k + 1), -1, np.int64)
+    t0 = time.perf_counter()
+    for rows, block in vectors.iter_blocks(SHARD):
+        index.reset()
+        index.add(block)
+        s, i = index.search(xq, k + 1)
+        cat_s = np.concatenate([best_s, s], 1)
+        cat_i = np.concatenate([best_i, rows[i]], 1)
+        top = np.argsort(-cat_s, axis=1, kind="stable")[:, : k + 1]
+        best_s = np.take_along_axis(cat_s, top, 1)
+        best_i = np.take_along_axis(cat_i, top, 1)
+    per_query = (time.perf_counter() - t0) / len(q)
+    is_self = best_i == q[:, None]
+    true_edges = {(int(a), int(b)) for a, row_s, row_i, row_self in zip(q, best_s, best_i, is_self)
+                  for s, b, me in zip(row_s[:k + 1], row_i, row_self) if not me and s >= threshold}
+    qset = set(q.tolist())
+    ours = {(int(a), int(b)) for a, b in zip(graph.a, graph.b) if int(a) in qset}
+    recall = len(true_edges & ours) / max(1, len(true_edges))
+    return per_query, recall, len(true_edges)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="10000,100000,1000000")
+    ap.add_argument("--k", type=int, default=64)
+    ap.add_argument("--threshold", type=float, default=0.6)
+    ap.add_argument("--baseline-queries", type=int, default=1000)
+    ap.add_argument("--workdir", default=None, help="scratch folder for shards (default: a temp dir)")
+    args = ap.parse_args()
+    sizes = [int(float(s)) for s in args.sizes.split(",")]
+    print(f"faiss {faiss.__version__}, threads {faiss.omp_get_max_threads()}, dim {DIM}, k {args.k}, "
+          f"threshold {args.threshold}")
+    header = ("N", "index", "dedup s", "pair recall", "edge recall", "flat est s", "speed-up",
+              "growth", "kmeans s", "peak RSS GB")
+    rows = []
+    prev = None
+    for n in sizes:
+        tmp = Path(tempfile.mkdtemp(prefix=f"bench_dedup_{n}_", dir=args.workdir))
+        try:
+            paths, pairs = make_shards(n, tmp)
+            vectors = ShardedVectors(paths)
+            cfg = DedupConfig(k=args.k, threshold=args.threshold, exact=False, phash=False)
+            t0 = time.perf_counter()
+            res = dedup_core(vectors, cfg)
+            t_dedup = time.perf_counter() - t0
+            pair_recall = float(np.mean(res.component[pairs[:, 0]] == res.component[pairs[:, 1]])) if len(pairs) else 1.0
+            per_q, edge_recall, _ = exact_baseline(vectors, res.graph, args.k, args.threshold, args.baseline_queries, 1)
+            flat_est = per_q * n
+            t0 = time.perf_counter()
+            kmeans(vectors, max(2, n // 1000), niter=20, seed=0)
+            t_km = time.perf_counter() - t0
+            growth = "" if prev is None else f"{math.log(t_dedup / prev[1]) / math.log(n / prev[0]):.2f}"
+            prev = (n, t_dedup)
+            rows.append((f"{n:,}", res.stats.get("index_kind", "?"), f"{t_dedup:.1f}", f"{pair_recall:.4f}",
+                         f"{edge_recall:.4f}", f"{flat_est:.0f}", f"{flat_est / t_dedup:.1f}x", growth,
+                         f"{t_km:.1f}", f"{peak_rss_gb():.2f}"))
+            print(" | ".join(rows[-1]), flush=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    print()
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+
+
+if __name__ == "__main__":
+    main()

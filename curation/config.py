@@ -1,0 +1,147 @@
+"""`CurationConfig`: one typed config for the whole pipeline, composed of the stages' configs.
+
+Loaded with ``dinov2.utils.config.load_config(CurationConfig, path, overrides)``:
+unknown keys and wrong types are errors naming the key; :meth:`CurationConfig.validate`
+adds the cross-field checks (embedder names referenced by stages exist, names are
+safe to use in file names, thresholds in range, …).
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from dinov2.data.decode import DEFAULT_MAX_PIXELS
+from dinov2.utils.config import ConfigError, _describe, _parse_override
+
+from .decontaminate import DecontamConfig
+from .dedup import DedupConfig
+from .embed import EmbedderConfig
+from .ingest import DEFAULT_MAX_BYTES
+from .jobs import ExecutorConfig
+from .retrieve import RetrieveConfig
+from .write import WriteConfig
+
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]*$")  # used in file names (<source>, .<embedder>.npy)
+
+
+@dataclass
+class EmbedStageConfig:
+    max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb limit per image
+    max_bytes: int = DEFAULT_MAX_BYTES  # encoded bytes per image read into memory
+    num_workers: int = 2  # decode threads per task (speed only)
+
+
+@dataclass
+class QuerySetConfig:
+    inputs: list[str] = field(default_factory=list)  # patterns: tars, folders, parquet lists
+
+
+@dataclass
+class CurationConfig:
+    output_dir: str = ""
+    inputs: list[str] = field(default_factory=list)  # the uncurated pool
+    eval_sets: dict[str, list[str]] = field(default_factory=dict)  # name → patterns (decontamination)
+    query_sets: dict[str, QuerySetConfig] = field(default_factory=dict)  # name → curated query set
+    embedders: dict[str, EmbedderConfig] = field(default_factory=dict)
+    embed: EmbedStageConfig = field(default_factory=EmbedStageConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    decontaminate: DecontamConfig = field(default_factory=DecontamConfig)
+    retrieve: RetrieveConfig = field(default_factory=RetrieveConfig)
+    write: WriteConfig = field(default_factory=WriteConfig)
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not self.output_dir:
+            raise ConfigError("key 'output_dir': required (the folder every stage writes into)")
+        if not self.inputs:
+            raise ConfigError("key 'inputs': required (patterns of the pool's tar shards / folders / parquet lists)")
+        if not self.embedders:
+            raise ConfigError("key 'embedders': at least one embedder is required")
+        for kind, names in (("embedders", self.embedders), ("eval_sets", self.eval_sets),
+                            ("query_sets", self.query_sets)):
+            for name in names:
+                if not _NAME.match(name):
+                    raise ConfigError(f"key '{kind}.{name}': names may use letters, digits, '_' and '-' only")
+        for name, patterns in self.eval_sets.items():
+            if not patterns:
+                raise ConfigError(f"key 'eval_sets.{name}': no input patterns")
+        for name, qs in self.query_sets.items():
+            if not qs.inputs:
+                raise ConfigError(f"key 'query_sets.{name}.inputs': no input patterns")
+        for name, emb in self.embedders.items():
+            _sub_validate(emb, f"embedders.{name}")
+        for stage in ("dedup", "decontaminate", "retrieve"):
+            ref = getattr(getattr(self, stage), "embedder", "")
+            if ref and ref not in self.embedders:
+                raise ConfigError(
+                    f"key '{stage}.embedder': '{ref}' is not among the configured embedders "
+                    f"({', '.join(sorted(self.embedders))})"
+                )
+            if not ref and len(self.embedders) > 1:
+                raise ConfigError(f"key '{stage}.embedder': required when several embedders are configured")
+        if self.embed.max_pixels < 1 or self.embed.max_bytes < 1 or self.embed.num_workers < 0:
+            raise ConfigError("key 'embed': max_pixels and max_bytes must be >= 1, num_workers >= 0")
+        for stage in ("dedup", "decontaminate", "retrieve", "write", "executor"):
+            _sub_validate(getattr(self, stage), stage)
+
+
+def _sub_validate(obj, prefix: str) -> None:
+    validate = getattr(obj, "validate", None)
+    if not callable(validate):
+        return
+    try:
+        validate()
+    except (ConfigError, ValueError, RuntimeError) as exc:  # stage modules raise their own error types
+        msg = str(exc)
+        raise ConfigError(msg if prefix in msg else f"key '{prefix}': {msg}") from None
+
+
+# Fields whose keys are user-chosen names (dict-typed): new keys must be accepted.
+_NAMED_MAPS = ("eval_sets", "query_sets", "embedders")
+
+
+def load_curation_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> CurationConfig:
+    """Like ``dinov2.utils.config.load_config(CurationConfig, …)``, with named maps open.
+
+    The shared loader locks the whole config (struct mode), which also forbids new
+    keys in ``embedders``/``eval_sets``/``query_sets`` — whose keys are names the user
+    picks.  Here those maps accept new names while their VALUES stay typed and
+    locked (an unknown key inside an embedder is still an error naming it).
+    """
+    try:
+        cfg = OmegaConf.structured(CurationConfig)
+        OmegaConf.set_struct(cfg, True)
+        for name in _NAMED_MAPS:
+            OmegaConf.set_struct(cfg._get_node(name), False)
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ConfigError(f"config file not found: {path}")
+            file_cfg = OmegaConf.load(path) or OmegaConf.create({})
+            cfg = OmegaConf.merge(cfg, file_cfg)
+        for item in overrides:
+            key, value = _parse_override(item)
+            head, _, rest = key.partition(".")
+            if head in _NAMED_MAPS and "." in rest:
+                # `embedders.new.kind=x` on a name not in the file: create the entry from its defaults.
+                entry = rest.split(".", 1)[0]
+                node = cfg._get_node(head)
+                element_type = node._metadata.element_type if isinstance(node, DictConfig) else None
+                if entry not in node and dataclasses.is_dataclass(element_type):
+                    node[entry] = OmegaConf.structured(element_type)
+            OmegaConf.update(cfg, key, value, merge=True, force_add=False)
+        obj = OmegaConf.to_object(cfg)
+    except ConfigError:
+        raise
+    except OmegaConfBaseException as exc:
+        where = f" in {path}" if path is not None else ""
+        raise ConfigError(f"invalid config{where}: {_describe(exc)}") from None
+    obj.validate()
+    return obj

@@ -1,0 +1,452 @@
+"""Self-deduplication of the pool (DINOv2 §3): exact, perceptual-hash and embedding near-duplicates.
+
+Edges come from three sources and are merged into one graph:
+- exact: identical sha256 of the original bytes;
+- phash: 64-bit DCT hashes within ``phash_max_distance`` bits (pigeonhole
+  multi-index: split the bits into d+1 blocks, two hashes within distance d
+  agree exactly on at least one block, so only same-block-value pairs are checked);
+- near: k-NN graph through FAISS (k neighbours ≠ self, edges with cosine ≥ threshold).
+  When all k neighbours of an item clear the threshold its true neighbourhood may
+  be larger, so that item is re-queried with 4× k (up to ``max_k``) until the last
+  neighbour falls below the threshold.
+Connected components are found with an array union-find; each component keeps ONE
+representative: the largest image (width·height), ties → smallest global index
+(shard order, then row).  Both rules depend only on the data, never on search
+order or thread count.  Optional SemDeDup then runs inside k-means clusters of the
+surviving items (drop an item whose best cosine to an earlier item of its cluster
+exceeds 1 − eps).
+
+Output ``OUT/dedup/decisions.parquet`` (one row per ok pool image): ``id, component
+(int64, = smallest global index of the component), component_size, kept, reason
+(null | exact_duplicate | phash_duplicate | near_duplicate | semdedup),
+representative_id, nn_id, nn_sim``.  A dropped item's reason says how it relates
+to its representative: same sha256 → exact, phash within distance → phash, else near.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from curation.index import IndexConfig, as_vectors, assign, build_index, kmeans
+from curation.store import EmbeddingStore, Vectors, resolve_embedder
+from dinov2.utils.io import atomic_write_json, atomic_write_parquet
+
+log = logging.getLogger(__name__)
+
+REASONS = ("exact_duplicate", "phash_duplicate", "near_duplicate", "semdedup")
+
+
+@dataclass
+class SemDedupConfig:
+    enabled: bool = False
+    n_clusters: int = 0  # 0 = auto: one cluster per ~1000 items
+    eps: float = 0.05  # drop when cosine to an earlier cluster member > 1 - eps
+    niter: int = 20
+    seed: int = 0
+
+
+@dataclass
+class DedupConfig:
+    embedder: str = ""  # "" = the only embedder present for the pool
+    exact: bool = True  # sha256 duplicates
+    phash: bool = True
+    phash_max_distance: int = 4  # Hamming bits (0 = identical hashes only)
+    k: int = 64  # neighbours per item (DINOv2: 64)
+    threshold: float = 0.6  # keep edges with cosine >= threshold (DINOv2/SSCD: 0.6)
+    max_k: int = 1024  # re-query cap for items whose k neighbours all clear the threshold
+    pq_rescore_margin: float = 0.1  # IVF-PQ: re-score approximate edges above threshold - margin exactly
+    index: IndexConfig = field(default_factory=IndexConfig)
+    semdedup: SemDedupConfig = field(default_factory=SemDedupConfig)
+
+    def validate(self) -> None:
+        from dinov2.utils.config import ConfigError
+
+        if not -1.0 <= self.threshold <= 1.0:
+            raise ConfigError(f"dedup.threshold must be a cosine in [-1, 1], got {self.threshold}")
+        if self.k < 1 or self.max_k < self.k:
+            raise ConfigError("dedup.k must be >= 1 and dedup.max_k >= dedup.k")
+        if not 0 <= self.phash_max_distance <= 16:
+            raise ConfigError("dedup.phash_max_distance must be in 0..16 bits")
+        if not 0.0 < self.semdedup.eps < 1.0:
+            raise ConfigError("dedup.semdedup.eps must be in (0, 1)")
+        self.index.validate()
+
+
+# ----------------------------------------------------------------------------- union-find
+
+
+def connected_components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Component label per node = smallest node index in its component.
+
+    Array union-find: repeatedly hook the larger root under the smaller one
+    (``parent`` only ever decreases, so no cycles) and compress paths by pointer
+    jumping.  The result is a pure function of the edge *set*.
+    """
+    parent = np.arange(n, dtype=np.int64)
+    a = np.asarray(a, dtype=np.int64)
+    b = np.asarray(b, dtype=np.int64)
+    if len(a) != len(b):
+        raise ValueError("edge arrays differ in length")
+    if len(a) and (min(a.min(), b.min()) < 0 or max(a.max(), b.max()) >= n):
+        raise ValueError("edge endpoint out of range")
+
+    def compress() -> None:
+        while True:
+            grand = parent[parent]
+            if np.array_equal(grand, parent):
+                return
+            parent[:] = grand
+
+    while len(a):
+        ra, rb = parent[a], parent[b]
+        live = ra != rb
+        if not live.any():
+            break
+        a, b, ra, rb = a[live], b[live], ra[live], rb[live]
+        np.minimum.at(parent, np.maximum(ra, rb), np.minimum(ra, rb))
+        compress()
+    compress()
+    return parent
+
+
+class UnionFind:
+    """Incremental union-find (scalar API) for callers that add edges one at a time."""
+
+    def __init__(self, n: int):
+        self.parent = list(range(n))
+
+    def find(self, x: int) -> int:
+        p = self.parent
+        while p[x] != x:
+            p[x] = p[p[x]]
+            x = p[x]
+        return x
+
+    def union(self, x: int, y: int) -> None:
+        rx, ry = self.find(x), self.find(y)
+        if rx != ry:  # smaller index becomes the root → labels match connected_components
+            if rx < ry:
+                self.parent[ry] = rx
+            else:
+                self.parent[rx] = ry
+
+    def labels(self) -> np.ndarray:
+        return np.array([self.find(i) for i in range(len(self.parent))], dtype=np.int64)
+
+
+# ----------------------------------------------------------------------------- edges
+
+
+def _empty_edges() -> tuple[np.ndarray, np.ndarray]:
+    return np.zeros(0, np.int64), np.zeros(0, np.int64)
+
+
+def exact_edges(keys) -> tuple[np.ndarray, np.ndarray]:
+    """Edges linking every item to the first item with the same non-null key."""
+    keys = pd.Series(keys, dtype=object)
+    valid = keys.notna() & (keys.astype(str) != "")
+    if not valid.any():
+        return _empty_edges()
+    rows = np.flatnonzero(valid.to_numpy())
+    codes, _ = pd.factorize(keys[valid])
+    first = pd.Series(rows).groupby(codes).transform("min").to_numpy()
+    dup = first != rows
+    return first[dup].astype(np.int64), rows[dup].astype(np.int64)
+
+
+def hamming64(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    return np.bitwise_count(np.bitwise_xor(x.view(np.uint64), y.view(np.uint64))).astype(np.int64)
+
+
+def phash_edges(phash: np.ndarray, valid: np.ndarray | None, max_distance: int,
+                big_bucket: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """Edges between items whose 64-bit hashes differ in ≤ ``max_distance`` bits."""
+    phash = np.asarray(phash, dtype=np.int64)
+    rows = np.arange(len(phash), dtype=np.int64) if valid is None else np.flatnonzero(valid)
+    if len(rows) < 2:
+        return _empty_edges()
+    values = phash[rows]
+    uniq, first_pos, inverse = np.unique(values, return_index=True, return_inverse=True)
+    # identical hashes: link to the first row carrying that hash (cheap, handles huge groups)
+    first_row = rows[first_pos]
+    same = first_row[inverse] != rows
+    ea, eb = [first_row[inverse][same]], [rows[same]]
+    if max_distance > 0 and len(uniq) > 1:
+        u = uniq.view(np.uint64)
+        n_blocks = max_distance + 1
+        bounds = np.linspace(0, 64, n_blocks + 1).astype(int)
+        pairs_a, pairs_b = [], []
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            key = (u >> np.uint64(lo)) & np.uint64((1 << (hi - lo)) - 1)
+            order = np.argsort(key, kind="stable")
+            ks = key[order]
+            starts = np.flatnonzero(np.r_[True, ks[1:] != ks[:-1]])
+            sizes = np.diff(np.r_[starts, len(ks)])
+            # small buckets: compare each element with the next o elements of its bucket
+            small = np.repeat(sizes <= big_bucket, sizes)
+            idx_small = order[small]
+            ks_small = ks[small]
+            for o in range(1, int(min(sizes.max(), big_bucket))):
+                if o >= len(idx_small):
+                    break
+                same_key = ks_small[o:] == ks_small[:-o]
+                if not same_key.any():
+                    break
+                i, j = idx_small[:-o][same_key], idx_small[o:][same_key]
+                close = hamming64(uniq[i], uniq[j]) <= max_distance
+                pairs_a.append(i[close])
+                pairs_b.append(j[close])
+            for s, size in zip(starts[sizes > big_bucket], sizes[sizes > big_bucket]):
+                members = order[s : s + size]
+                for c in range(0, size, 1024):  # chunked all-pairs for rare huge buckets
+                    blk = members[c : c + 1024]
+                    d = np.bitwise_count(uniq[blk, None].view(np.uint64) ^ uniq[None, members].view(np.uint64))
+                    bi, bj = np.nonzero(d <= max_distance)
+                    keep = blk[bi] < members[bj]
+                    pairs_a.append(blk[bi][keep])
+                    pairs_b.append(members[bj][keep])
+        if pairs_a:
+            # a close pair usually agrees on several blocks: keep each pair once
+            both = np.unique(np.stack([np.concatenate(pairs_a), np.concatenate(pairs_b)], 1), axis=0)
+            pa_, pb_ = both[:, 0], both[:, 1]
+            ea.append(first_row[pa_])
+            eb.append(first_row[pb_])
+    return np.concatenate(ea).astype(np.int64), np.concatenate(eb).astype(np.int64)
+
+
+@dataclass
+class KnnGraph:
+    a: np.ndarray  # edge endpoints (global rows), cosine >= threshold
+    b: np.ndarray
+    sim: np.ndarray
+    nn_row: np.ndarray  # best neighbour ≠ self per row (-1 if none)
+    nn_sim: np.ndarray
+    requeried: int  # items that needed a larger k
+    index_kind: str
+
+
+def _drop_self(qrows: np.ndarray, sims: np.ndarray, nbrs: np.ndarray, k: int):
+    is_self = (nbrs == qrows[:, None]) | (nbrs < 0)
+    order = np.argsort(is_self, axis=1, kind="stable")[:, :k]
+    s = np.take_along_axis(sims, order, 1)
+    r = np.take_along_axis(nbrs, order, 1)
+    bad = np.take_along_axis(is_self, order, 1)
+    return np.where(bad, -np.inf, s), np.where(bad, -1, r)
+
+
+def knn_graph(vectors: Vectors | np.ndarray, k: int = 64, threshold: float = 0.6, *, max_k: int = 1024,
+              index_cfg: IndexConfig | None = None, mask: np.ndarray | None = None,
+              pq_rescore_margin: float = 0.1) -> KnnGraph:
+    """Thresholded k-NN self-graph of the (masked) rows, searched block by block."""
+    vectors = as_vectors(vectors)
+    index = build_index(vectors, index_cfg, mask)
+    n = vectors.n
+    nn_row = np.full(n, -1, dtype=np.int64)
+    nn_sim = np.full(n, np.nan, dtype=np.float32)
+    ea, eb, es = [], [], []
+    requeried = 0
+    pq = index.plan.kind == "ivfpq"
+    cut = threshold - (pq_rescore_margin if pq else 0.0)
+    for qrows, sims, nbrs in index.search_vectors(vectors, k + 1, mask, desc="dedup k-NN"):
+        sims, nbrs = _drop_self(qrows, sims, nbrs, k)
+        nn_row[qrows] = nbrs[:, 0]
+        nn_sim[qrows] = np.where(nbrs[:, 0] >= 0, sims[:, 0], np.nan)
+        r, s, nb, kk = qrows, sims, nbrs, k
+        while True:
+            sat = s[:, -1] >= cut
+            can_grow = kk < min(max_k, index.ntotal - 1)
+            final = ~sat if can_grow else np.ones(len(r), dtype=bool)
+            qi, ci = np.nonzero(s[final] >= cut)
+            ea.append(r[final][qi])
+            eb.append(nb[final][qi, ci])
+            es.append(s[final][qi, ci])
+            if not can_grow or not sat.any():
+                break
+            # every neighbour cleared the threshold: the true neighbourhood may be larger
+            r = r[sat]
+            kk = min(kk * 4, max_k, index.ntotal - 1)
+            requeried += len(r)
+            s, nb = index.search(vectors.gather(r), kk + 1)
+            s, nb = _drop_self(r, s, nb, kk)
+    a = np.concatenate(ea) if ea else np.zeros(0, np.int64)
+    b = np.concatenate(eb) if eb else np.zeros(0, np.int64)
+    s = np.concatenate(es) if es else np.zeros(0, np.float32)
+    if pq and len(a):  # PQ similarities are approximate: decide edges on exact cosines
+        exact = np.empty(len(a), np.float32)
+        for c in range(0, len(a), 65536):
+            exact[c : c + 65536] = np.einsum(
+                "ij,ij->i", vectors.gather(a[c : c + 65536]), vectors.gather(b[c : c + 65536]))
+        s = exact
+    keep = s >= threshold
+    return KnnGraph(a[keep], b[keep], s[keep], nn_row, nn_sim, requeried, index.plan.kind)
+
+
+# ----------------------------------------------------------------------------- representatives
+
+
+def choose_representatives(labels: np.ndarray, pixels: np.ndarray | None = None) -> np.ndarray:
+    """Representative row per row: largest ``pixels`` in the component, then smallest row."""
+    n = len(labels)
+    rows = np.arange(n, dtype=np.int64)
+    pix = np.zeros(n, np.int64) if pixels is None else np.nan_to_num(np.asarray(pixels, np.float64)).astype(np.int64)
+    order = np.lexsort((rows, -pix, labels))
+    first = np.r_[True, labels[order][1:] != labels[order][:-1]]
+    rep_of_label = pd.Series(order[first], index=labels[order][first])
+    return rep_of_label.reindex(labels).to_numpy(dtype=np.int64)
+
+
+def semdedup(vectors: Vectors | np.ndarray, rows: np.ndarray, cfg: SemDedupConfig,
+             block: int = 2048) -> np.ndarray:
+    """Boolean mask over ``rows``: True where SemDeDup drops the item."""
+    vectors = as_vectors(vectors)
+    rows = np.sort(np.asarray(rows, np.int64))
+    drop = np.zeros(len(rows), dtype=bool)
+    if len(rows) < 2:
+        return drop
+    n_clusters = cfg.n_clusters or max(1, len(rows) // 1000)
+    mask = np.zeros(vectors.n, dtype=bool)
+    mask[rows] = True
+    centroids = kmeans(vectors, min(n_clusters, len(rows)), mask=mask, niter=cfg.niter, seed=cfg.seed)
+    arows, labels, _ = assign(vectors, centroids, mask)
+    pos = np.searchsorted(rows, arows)
+    order = np.lexsort((arows, labels))
+    labels_sorted = labels[order]
+    starts = np.flatnonzero(np.r_[True, labels_sorted[1:] != labels_sorted[:-1]])
+    ends = np.r_[starts[1:], len(order)]
+    limit = 1.0 - cfg.eps
+    for s, e in zip(starts, ends):
+        members = arows[order[s:e]]  # sorted by global row: "earlier" = smaller row
+        if len(members) < 2:
+            continue
+        x = vectors.gather(members)
+        for c in range(1, len(members), block):
+            sims = x[c : c + block] @ x[: c + block].T
+            # only strictly earlier members count (upper triangle)
+            sims[np.arange(sims.shape[0])[:, None] + c <= np.arange(sims.shape[1])[None, :]] = -np.inf
+            best = sims.max(axis=1)
+            drop[pos[order[s + c : s + c + len(best)]]] = best > limit
+    return drop
+
+
+# ----------------------------------------------------------------------------- core + stage
+
+
+@dataclass
+class DedupResult:
+    component: np.ndarray  # int64 label (smallest row of the component)
+    component_size: np.ndarray
+    kept: np.ndarray
+    reason: np.ndarray  # object: None or a REASONS string
+    representative: np.ndarray  # row of the component's representative
+    nn_row: np.ndarray
+    nn_sim: np.ndarray
+    stats: dict
+    graph: KnnGraph | None = None  # the thresholded k-NN graph (diagnostics, benchmarks)
+
+
+def dedup_core(vectors: Vectors | np.ndarray, cfg: DedupConfig, *, sha256=None, phash: np.ndarray | None = None,
+               phash_valid: np.ndarray | None = None, pixels: np.ndarray | None = None) -> DedupResult:
+    """Deduplicate all rows of ``vectors`` (pure: arrays in, arrays out)."""
+    vectors = as_vectors(vectors)
+    n = vectors.n
+    t0 = time.perf_counter()
+    edges_a, edges_b = [], []
+    stats: dict = {"n": n}
+    if cfg.exact and sha256 is not None:
+        a, b = exact_edges(sha256)
+        edges_a.append(a)
+        edges_b.append(b)
+        stats["exact_edges"] = len(a)
+    if cfg.phash and phash is not None:
+        a, b = phash_edges(phash, phash_valid, cfg.phash_max_distance)
+        edges_a.append(a)
+        edges_b.append(b)
+        stats["phash_edges"] = len(a)
+    if n > 1:
+        g = knn_graph(vectors, cfg.k, cfg.threshold, max_k=cfg.max_k, index_cfg=cfg.index,
+                      pq_rescore_margin=cfg.pq_rescore_margin)
+        edges_a.append(g.a)
+        edges_b.append(g.b)
+        nn_row, nn_sim = g.nn_row, g.nn_sim
+        graph = g
+        stats.update(near_edges=len(g.a), requeried=g.requeried, index_kind=g.index_kind)
+    else:
+        nn_row, nn_sim = np.full(n, -1, np.int64), np.full(n, np.nan, np.float32)
+        graph = None
+    t1 = time.perf_counter()
+    labels = connected_components(n, np.concatenate(edges_a) if edges_a else [], np.concatenate(edges_b) if edges_b else [])
+    sizes = np.bincount(labels, minlength=n)[labels] if n else np.zeros(0, np.int64)
+    rep = choose_representatives(labels, pixels) if n else np.zeros(0, np.int64)
+    rows = np.arange(n)
+    kept = rep == rows
+    reason = np.full(n, None, dtype=object)
+    dropped = ~kept
+    is_exact = np.zeros(n, bool)
+    if sha256 is not None and cfg.exact:
+        sha = pd.Series(sha256, dtype=object).to_numpy()
+        is_exact = dropped & pd.notna(sha) & (sha == sha[rep])
+    is_phash = np.zeros(n, bool)
+    if phash is not None and cfg.phash:
+        ph = np.asarray(phash, np.int64)
+        ok = np.ones(n, bool) if phash_valid is None else np.asarray(phash_valid, bool)
+        is_phash = dropped & ~is_exact & ok & ok[rep] & (hamming64(ph, ph[rep]) <= cfg.phash_max_distance)
+    reason[dropped] = "near_duplicate"
+    reason[is_phash] = "phash_duplicate"
+    reason[is_exact] = "exact_duplicate"
+    if cfg.semdedup.enabled and kept.sum() > 1:
+        sd = semdedup(vectors, np.flatnonzero(kept), cfg.semdedup)
+        sd_rows = np.flatnonzero(kept)[sd]
+        kept[sd_rows] = False
+        reason[sd_rows] = "semdedup"
+        stats["semdedup_dropped"] = int(sd.sum())
+    stats.update(
+        search_s=round(t1 - t0, 3), total_s=round(time.perf_counter() - t0, 3),
+        components=int(len(np.unique(labels))) if n else 0, kept=int(kept.sum()),
+    )
+    return DedupResult(labels, sizes.astype(np.int64), kept, reason, rep, nn_row, nn_sim, stats, graph)
+
+
+def decisions_path(out_dir: str | Path) -> Path:
+    return Path(out_dir) / "dedup" / "decisions.parquet"
+
+
+def run_dedup(out_dir: str | Path, cfg: DedupConfig | None = None, *, overwrite: bool = False) -> Path:
+    """Stage 2: read ``OUT/embed/pool``, write ``OUT/dedup/decisions.parquet`` (+ stats.json)."""
+    cfg = cfg or DedupConfig()
+    out = decisions_path(out_dir)
+    if out.exists() and not overwrite:
+        log.info("dedup already done: %s", out)
+        return out
+    embedder = resolve_embedder(out_dir, "pool", cfg.embedder)
+    store = EmbeddingStore(out_dir, "pool", embedder)
+    meta = store.meta
+    phash = pd.to_numeric(meta["phash"], errors="coerce")
+    pixels = (pd.to_numeric(meta["width"], errors="coerce") * pd.to_numeric(meta["height"], errors="coerce")).fillna(0)
+    res = dedup_core(
+        store.vectors, cfg, sha256=meta["sha256"].to_numpy(dtype=object),
+        phash=phash.fillna(0).astype(np.int64).to_numpy(), phash_valid=phash.notna().to_numpy(),
+        pixels=pixels.to_numpy(),
+    )
+    ids = store.ids
+    nn_id = np.where(res.nn_row >= 0, ids[np.maximum(res.nn_row, 0)] if len(ids) else res.nn_row, None)
+    table = pa.table({
+        "id": pa.array(ids.tolist(), pa.string()),
+        "component": pa.array(res.component, pa.int64()),
+        "component_size": pa.array(res.component_size, pa.int64()),
+        "kept": pa.array(res.kept, pa.bool_()),
+        "reason": pa.array(res.reason.tolist(), pa.string()),
+        "representative_id": pa.array(ids[res.representative].tolist() if len(ids) else [], pa.string()),
+        "nn_id": pa.array(nn_id.tolist(), pa.string()),
+        "nn_sim": pa.array(res.nn_sim.astype(np.float32), pa.float32()),
+    })
+    stats = dict(res.stats, embedder=embedder, shard_problems=[vars(p) for p in store.problems])
+    atomic_write_json(out.parent / "stats.json", stats)
+    atomic_write_parquet(out, table)  # written last: its presence marks the stage done
+    log.info("dedup: kept %d of %d pool images", res.stats["kept"], store.n)
+    return out

@@ -1,0 +1,294 @@
+"""`curate run`: chain embed → dedup → decontaminate → retrieve → write (→ audit).
+
+Each stage is submitted through :mod:`curation.jobs` (embed and the shard-writing
+step as job arrays, the gather stages as single jobs) and the orchestrator waits for
+it before starting the next one.  Re-running is always safe:
+
+- finished work is skipped (embed shards and output shards by their files, gather
+  stages by their output files + a stage record);
+- every stage stores a fingerprint of the config values that determine its results
+  (plus its upstream stages' fingerprints) in ``OUT/<stage>/_stage.json``; a rerun
+  whose config would change a stage that has already run is refused, naming the
+  changed keys, instead of silently mixing results.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+from dinov2.utils.config import ConfigError, to_dict, to_yaml
+from dinov2.utils.io import atomic_write_json, atomic_write_text
+
+from . import jobs
+from .config import CurationConfig
+
+log = logging.getLogger(__name__)
+
+STAGES = ("embed", "dedup", "decontaminate", "retrieve", "write")
+# Embedder fields that change speed, not results.
+_NON_RESULT_EMBEDDER_KEYS = ("batch_size",)
+_NON_RESULT_EMBED_KEYS = ("num_workers",)
+
+
+class StageConfigMismatch(ConfigError):
+    """The config would change the results of a stage that already ran in this output folder."""
+
+
+# ----------------------------------------------------------------------------- sources
+def sources(cfg: CurationConfig) -> dict[str, list[str]]:
+    """``source name → input patterns``: the pool, every evaluation set and query set."""
+    out = {"pool": list(cfg.inputs)}
+    for name, patterns in sorted(cfg.eval_sets.items()):
+        out[f"eval-{name}"] = list(patterns)
+    for name, qs in sorted(cfg.query_sets.items()):
+        out[f"query-{name}"] = list(qs.inputs)
+    return out
+
+
+# ----------------------------------------------------------------------------- fingerprints
+def _fingerprint(cfg: CurationConfig, stage: str) -> dict[str, Any]:
+    d = to_dict(cfg)
+    if stage == "embed":
+        embedders = {
+            name: {k: v for k, v in e.items() if k not in _NON_RESULT_EMBEDDER_KEYS}
+            for name, e in d["embedders"].items()
+        }
+        embed = {k: v for k, v in d["embed"].items() if k not in _NON_RESULT_EMBED_KEYS}
+        from .ingest import expand_inputs
+
+        # The expanded file lists, not just the patterns: a new shard matching a glob changes results.
+        inputs = {src: expand_inputs(p) for src, p in sources(cfg).items()}
+        return {"sources": inputs, "embedders": embedders, "embed": embed}
+    if stage == "dedup":
+        return {"dedup": d["dedup"]}
+    if stage == "decontaminate":
+        return {"decontaminate": d["decontaminate"], "eval_sets": sorted(cfg.eval_sets)}
+    if stage == "retrieve":
+        return {"retrieve": d["retrieve"], "query_sets": d["query_sets"], "seed": cfg.seed}
+    if stage == "write":
+        return {"write": d["write"], "seed": cfg.seed}
+    raise ValueError(stage)
+
+
+def stage_fingerprint(cfg: CurationConfig, stage: str) -> dict[str, Any]:
+    """This stage's result-determining config + every upstream stage's (a chain)."""
+    chain = {s: _fingerprint(cfg, s) for s in STAGES[: STAGES.index(stage) + 1]}
+    return json.loads(json.dumps(chain, sort_keys=True, default=str))
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def stage_record_path(out_dir: str | Path, stage: str) -> Path:
+    return Path(out_dir) / stage / "_stage.json"
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: d}
+
+
+def check_stage(cfg: CurationConfig, stage: str) -> dict | None:
+    """Refuse (raise) if ``stage`` already ran here with a different result-determining config."""
+    path = stage_record_path(cfg.output_dir, stage)
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    fp = stage_fingerprint(cfg, stage)
+    if record.get("hash") == _hash(fp):
+        return record
+    old, new = _flatten(record.get("fingerprint", {})), _flatten(fp)
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    shown = ", ".join(changed[:8]) + (" …" if len(changed) > 8 else "")
+    raise StageConfigMismatch(
+        f"stage '{stage}' already ran in {cfg.output_dir} with a different configuration "
+        f"(changed: {shown}). Its results would no longer match the config. Use a new output_dir, "
+        f"or delete {Path(cfg.output_dir) / stage} (and the folders of the stages after it) to recompute."
+    )
+
+
+def _mark_stage(cfg: CurationConfig, stage: str, complete: bool) -> None:
+    fp = stage_fingerprint(cfg, stage)
+    atomic_write_json(stage_record_path(cfg.output_dir, stage),
+                      {"stage": stage, "hash": _hash(fp), "complete": complete, "fingerprint": fp})
+
+
+def stage_complete(cfg: CurationConfig, stage: str) -> bool:
+    record = check_stage(cfg, stage)
+    return bool(record and record.get("complete") and _outputs_exist(cfg, stage))
+
+
+def _outputs_exist(cfg: CurationConfig, stage: str) -> bool:
+    out = Path(cfg.output_dir)
+    return {
+        "embed": lambda: True,  # per-shard files; checked by the embed tasks themselves
+        "dedup": lambda: (out / "dedup" / "decisions.parquet").is_file(),
+        "decontaminate": lambda: (out / "decontaminate" / "decisions.parquet").is_file(),
+        "retrieve": lambda: (out / "retrieve" / "selection.parquet").is_file(),
+        "write": lambda: (out / "final" / "summary.json").is_file() and (out / "final" / "manifest.parquet").is_file(),
+    }[stage]()
+
+
+# ----------------------------------------------------------------------------- task bodies
+# Module-level functions: submitit pickles them by reference into the worker processes.
+def _setup_worker_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def task_embed(cfg: CurationConfig, source: str, patterns: list[str], task_index: int, num_tasks: int) -> dict:
+    _setup_worker_logging()
+    from .embed import embed_stage
+
+    stats = embed_stage(
+        source, patterns, dict(cfg.embedders), cfg.output_dir, task_index, num_tasks, cfg.embed.max_pixels,
+        num_workers=cfg.embed.num_workers, max_bytes=cfg.embed.max_bytes, progress=False,
+    )
+    return {"source": source, "task": task_index, "shards": len(stats.shards)}
+
+
+def task_dedup(cfg: CurationConfig) -> str:
+    _setup_worker_logging()
+    from .dedup import run_dedup
+
+    return str(run_dedup(cfg.output_dir, cfg.dedup))
+
+
+def task_decontaminate(cfg: CurationConfig) -> str:
+    _setup_worker_logging()
+    from .decontaminate import run_decontaminate
+
+    return str(run_decontaminate(cfg.output_dir, cfg.decontaminate))
+
+
+def task_retrieve(cfg: CurationConfig) -> str:
+    _setup_worker_logging()
+    from .retrieve import run_retrieve
+
+    return str(run_retrieve(cfg.output_dir, cfg.retrieve_config()))
+
+
+def task_write_plan(cfg: CurationConfig) -> int:
+    _setup_worker_logging()
+    from .write import plan_write
+
+    plan = plan_write(cfg.output_dir, cfg.write, seed=cfg.seed)
+    return int(plan["output_shard"].notna().sum())
+
+
+def task_write_shards(cfg: CurationConfig, task_index: int, num_tasks: int) -> int:
+    _setup_worker_logging()
+    from .write import write_shards
+
+    return len(write_shards(cfg.output_dir, cfg.write, task_index, num_tasks, progress=False))
+
+
+def task_write_finalize(cfg: CurationConfig) -> dict:
+    _setup_worker_logging()
+    from .write import finalize_write
+
+    return finalize_write(cfg.output_dir, cfg.write)
+
+
+# ----------------------------------------------------------------------------- stages
+def _logs(cfg: CurationConfig, stage: str) -> Path:
+    return Path(cfg.output_dir) / "logs" / stage
+
+
+def _embed_calls(cfg: CurationConfig) -> tuple[list[tuple], list[str]]:
+    from .embed import shard_id_for, shard_paths
+    from .ingest import expand_inputs
+
+    calls, descs = [], []
+    names = sorted(cfg.embedders)
+    for source, patterns in sources(cfg).items():
+        expanded = expand_inputs(patterns)  # a missing input fails here, before any job starts
+        todo = [i for i in range(len(expanded))
+                if not shard_paths(cfg.output_dir, source, shard_id_for(i), names)[0].exists()]
+        if not todo:
+            continue  # every shard of this source is done
+        n_tasks = jobs.num_array_tasks(cfg.executor, len(expanded), cfg.executor.shards_per_task)
+        for t in range(n_tasks):
+            calls.append((cfg, source, patterns, t, n_tasks))
+            descs.append(f"embed {source} task {t}/{n_tasks}")
+    return calls, descs
+
+
+def run_stage(cfg: CurationConfig, stage: str, progress: bool = True) -> Any:
+    """Run one stage (skipped when already complete with the same config)."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+    # Upstream stages must have run with this config (their fingerprints are in ours).
+    for up in STAGES[: STAGES.index(stage)]:
+        if not stage_complete(cfg, up):
+            raise ConfigError(f"stage '{stage}' needs '{up}' to be complete in {cfg.output_dir}: run `curate {up}` first")
+    if stage_complete(cfg, stage):
+        log.info("stage %s: already complete, skipped", stage)
+        print(f"[curate] {stage}: already complete (skipped)", flush=True)
+        return None
+    _mark_stage(cfg, stage, complete=False)
+    print(f"[curate] {stage}: running on cluster={cfg.executor.cluster}", flush=True)
+    ex = cfg.executor
+    logs = _logs(cfg, stage)
+    result: Any
+    if stage == "embed":
+        calls, descs = _embed_calls(cfg)
+        result = jobs.run_tasks(ex, logs, "embed", task_embed, calls, descs, progress=progress)
+    elif stage in ("dedup", "decontaminate", "retrieve"):
+        fn: Callable[..., Any] = {"dedup": task_dedup, "decontaminate": task_decontaminate,
+                                  "retrieve": task_retrieve}[stage]
+        result = jobs.run_tasks(ex, logs, stage, fn, [(cfg,)], [stage], gather=True, progress=progress)[0]
+    else:  # write: plan (gather) → shards (array) → finalize (gather)
+        jobs.run_tasks(ex, logs, "write-plan", task_write_plan, [(cfg,)], ["write plan"], gather=True,
+                       progress=progress)
+        n = ex.write_tasks
+        jobs.run_tasks(ex, logs, "write-shards", task_write_shards, [(cfg, t, n) for t in range(n)],
+                       [f"write shards task {t}/{n}" for t in range(n)], progress=progress)
+        result = jobs.run_tasks(ex, logs, "write-finalize", task_write_finalize, [(cfg,)], ["write finalize"],
+                                gather=True, progress=progress)[0]
+    _mark_stage(cfg, stage, complete=True)
+    print(f"[curate] {stage}: done", flush=True)
+    return result
+
+
+def prepare_output(cfg: CurationConfig, stages: tuple[str, ...] = STAGES) -> None:
+    """Check inputs and every stage record against the config, then save the resolved config.
+
+    Nothing is created before these checks pass.
+    """
+    from .ingest import expand_inputs
+
+    for patterns in sources(cfg).values():
+        expand_inputs(patterns)  # a missing input is reported before anything is written
+    for stage in stages:
+        check_stage(cfg, stage)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.yaml", to_yaml(cfg))
+
+
+def run_pipeline(cfg: CurationConfig, stages: tuple[str, ...] = STAGES, audit: bool = True,
+                 progress: bool = True) -> dict:
+    """Run ``stages`` in order; return the summary (funnel) and, if asked, the audit result."""
+    prepare_output(cfg)
+    for stage in stages:
+        run_stage(cfg, stage, progress=progress)
+    summary = json.loads((Path(cfg.output_dir) / "final" / "summary.json").read_text())
+    from .write import format_funnel
+
+    print("[curate] funnel:\n" + format_funnel(summary["funnel"]), flush=True)
+    if audit:
+        from .audit import audit as run_audit
+
+        report = run_audit(cfg.output_dir, inputs=list(cfg.inputs))
+        print(report.text(), end="", flush=True)
+        summary["audit_ok"] = report.ok
+    return summary
+

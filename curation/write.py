@@ -1,0 +1,497 @@
+"""Stage 5: write the curated dataset as LVD-style WebDataset shards + a manifest.
+
+Three steps, each resumable on its own:
+
+1. ``plan_write`` joins every pool input row (``OUT/embed/pool/*.parquet``) with the
+   dedup, decontamination and retrieval decisions, decides each row's fate and gives
+   every kept image its output shard and key (``%09d``, sequential over a seeded
+   permutation of the sorted ids).  Written to ``OUT/write/plan.parquet``.
+2. ``write_shards`` copies the ORIGINAL bytes of each kept image (via the embed
+   parquet's ``input_path``/``byte_offset``/``byte_size``, sha256-verified) into
+   ``OUT/final/lvd-%06d.tar`` (atomic, byte-identical on rerun) and records the
+   shard's sha256/count in ``OUT/write/shards/lvd-%06d.json``.  Shards are split over
+   tasks (shard i → task i % num_tasks) so this step can be a job array.
+3. ``finalize_write`` merges the shard records into ``OUT/final/manifest.parquet``
+   (one row per INPUT item) and ``OUT/final/summary.json`` (funnel + shard hashes).
+
+``OUT/write/`` holds bookkeeping only; ``OUT/final/`` is the deliverable.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dinov2.utils.io import atomic_open, atomic_write_json, atomic_write_parquet
+
+# Image extensions the trainer's loader recognises (dinov2/data/webdataset.py).
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
+_PIL_FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "TIFF": "tif", "GIF": "gif"}
+
+# Fixed tar header fields so the same input always gives the same bytes.
+TAR_MTIME = 946684800  # 2000-01-01T00:00:00Z
+TAR_MODE = 0o644
+
+STAGES = ("embed", "dedup", "decontaminate", "retrieve", "write")
+
+MANIFEST_COLUMNS = (
+    "id", "source_shard", "input_path", "member", "key", "sha256", "width", "height",
+    "decision", "stage", "reason", "detail",
+    "component", "component_size", "representative_id", "nn_id", "nn_sim",
+    "eval_set", "eval_id", "eval_sim",
+    "cluster", "hk_path", "query_sets", "best_query_id", "best_query_sim",
+    "output_shard", "output_key",
+)
+
+
+@dataclass
+class WriteConfig:
+    images_per_shard: int = 5000  # LVD-style fixed-size shards (the last one may be short)
+    shard_prefix: str = "lvd"
+    shuffle: bool = True  # seeded permutation so each shard is a sample of the whole set
+    verify_sha256: bool = True  # re-hash the copied bytes against the embed stage's sha256
+
+    def validate(self) -> None:
+        from dinov2.utils.config import ConfigError
+
+        if self.images_per_shard < 1:
+            raise ConfigError(f"key 'write.images_per_shard': must be >= 1, got {self.images_per_shard}")
+        if not self.shard_prefix or "/" in self.shard_prefix:
+            raise ConfigError(f"key 'write.shard_prefix': invalid prefix {self.shard_prefix!r}")
+
+
+class WriteError(RuntimeError):
+    """The write stage cannot run (missing or inconsistent inputs); the message says why."""
+
+
+# ----------------------------------------------------------------------------- paths
+def plan_path(out_dir: str | Path) -> Path:
+    return Path(out_dir) / "write" / "plan.parquet"
+
+
+def shard_record_path(out_dir: str | Path, shard_name: str) -> Path:
+    return Path(out_dir) / "write" / "shards" / f"{Path(shard_name).stem}.json"
+
+
+def shard_name(prefix: str, index: int) -> str:
+    return f"{prefix}-{index:06d}.tar"
+
+
+def _none(v: Any) -> Any:
+    """pandas/numpy missing values and scalars → plain Python (JSON/parquet friendly)."""
+    if v is None:
+        return None
+    if isinstance(v, float) and math.isnan(v):
+        return None
+    if v is pd.NA or v is pd.NaT:
+        return None
+    if isinstance(v, np.generic):
+        v = v.item()
+        if isinstance(v, float) and math.isnan(v):
+            return None
+    return v
+
+
+# ----------------------------------------------------------------------------- step 1: plan
+def _read_embed_pool(out_dir: Path) -> pd.DataFrame:
+    folder = out_dir / "embed" / "pool"
+    files = sorted(folder.glob("s*.parquet")) if folder.is_dir() else []
+    if not files:
+        raise WriteError(f"no embed outputs under {folder}: run the embed stage first")
+    tables = [pq.read_table(f) for f in files]
+    df = pa.concat_tables(tables, promote_options="default").to_pandas()
+    if df["id"].duplicated().any():
+        dup = df.loc[df["id"].duplicated(), "id"].iloc[0]
+        raise WriteError(f"embed outputs hold duplicate id {dup!r}")
+    return df
+
+
+def _read_decisions(path: Path, columns: Iterable[str], required: bool) -> pd.DataFrame | None:
+    if not path.is_file():
+        if required:
+            raise WriteError(f"missing {path}: run the stage that writes it first")
+        return None
+    df = pq.read_table(path).to_pandas()
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise WriteError(f"{path} lacks columns {missing}")
+    return df
+
+
+def build_plan(
+    out_dir: str | Path,
+    cfg: WriteConfig,
+    seed: int = 0,
+    decontaminate_required: bool = True,
+    retrieve_required: bool = True,
+) -> pd.DataFrame:
+    """Join inputs with every stage's decisions; assign output shard/key to kept rows."""
+    out_dir = Path(out_dir)
+    df = _read_embed_pool(out_dir)
+    n = len(df)
+    decision = np.full(n, "kept", dtype=object)
+    stage = np.full(n, "write", dtype=object)
+    reason = np.full(n, None, dtype=object)
+    ok = (df["status"] == "ok").to_numpy()
+    decision[~ok] = "dropped"
+    stage[~ok] = "embed"
+    reason[~ok] = df.loc[~ok, "reason"].fillna("error").to_numpy()
+
+    dedup = _read_decisions(
+        out_dir / "dedup" / "decisions.parquet",
+        ("id", "component", "component_size", "kept", "reason", "representative_id", "nn_id", "nn_sim"),
+        required=True,
+    )
+    dedup = dedup.rename(columns={"kept": "dedup_kept", "reason": "dedup_reason"})
+    df = df.merge(dedup, on="id", how="left", validate="one_to_one")
+    missing = ok & df["dedup_kept"].isna().to_numpy()
+    if missing.any():
+        raise WriteError(
+            f"{int(missing.sum())} decoded pool images have no dedup decision "
+            f"(e.g. {df.loc[missing, 'id'].iloc[0]!r}): dedup outputs are stale, rerun dedup"
+        )
+    dropped = ok & ~df["dedup_kept"].fillna(True).astype(bool).to_numpy()
+    decision[dropped], stage[dropped] = "dropped", "dedup"
+    reason[dropped] = df.loc[dropped, "dedup_reason"].fillna("duplicate").to_numpy()
+    alive = ok & ~dropped
+
+    decon = _read_decisions(
+        out_dir / "decontaminate" / "decisions.parquet",
+        ("id", "contaminated", "eval_set", "eval_id", "eval_sim"),
+        required=decontaminate_required,
+    )
+    if decon is not None:
+        keep_cols = ["id", "contaminated", "eval_set", "eval_id", "eval_sim"]
+        if "via_component" in decon.columns:
+            keep_cols.append("via_component")
+        df = df.merge(decon[keep_cols], on="id", how="left", validate="one_to_one")
+        missing = alive & df["contaminated"].isna().to_numpy()
+        if missing.any():
+            raise WriteError(
+                f"{int(missing.sum())} deduplicated images have no decontamination decision "
+                f"(e.g. {df.loc[missing, 'id'].iloc[0]!r}): rerun decontaminate"
+            )
+        bad = alive & df["contaminated"].fillna(False).astype(bool).to_numpy()
+        via = df["via_component"].fillna(False).astype(bool).to_numpy() if "via_component" in df else np.zeros(n, bool)
+        decision[bad], stage[bad] = "dropped", "decontaminate"
+        reason[bad & via] = "eval_copy_component"
+        reason[bad & ~via] = "eval_copy"
+        alive &= ~bad
+    else:
+        for c in ("eval_set", "eval_id", "eval_sim"):
+            df[c] = None
+
+    sel = _read_decisions(
+        out_dir / "retrieve" / "selection.parquet",
+        ("id", "selected", "query_sets", "cluster", "hk_path", "best_query_id", "best_query_sim"),
+        required=retrieve_required,
+    )
+    if sel is not None:
+        sel = sel[["id", "selected", "query_sets", "cluster", "hk_path", "best_query_id", "best_query_sim"]]
+        df = df.merge(sel, on="id", how="left", validate="one_to_one")
+        missing = alive & df["selected"].isna().to_numpy()
+        if missing.any():
+            raise WriteError(
+                f"{int(missing.sum())} candidates have no retrieval decision "
+                f"(e.g. {df.loc[missing, 'id'].iloc[0]!r}): rerun retrieve"
+            )
+        unsel = alive & ~df["selected"].fillna(False).astype(bool).to_numpy()
+        decision[unsel], stage[unsel], reason[unsel] = "dropped", "retrieve", "not_selected"
+        alive &= ~unsel
+    else:
+        for c in ("query_sets", "cluster", "hk_path", "best_query_id", "best_query_sim"):
+            df[c] = None
+
+    df["decision"], df["stage"], df["reason"] = decision, stage, reason
+    df["source_shard"] = df["shard_id"]
+
+    # Output order: sorted ids (a pure function of the inputs), optionally permuted by the seed.
+    kept_idx = np.flatnonzero(alive)
+    kept_idx = kept_idx[np.argsort(df["id"].to_numpy()[kept_idx], kind="stable")]
+    if cfg.shuffle:
+        kept_idx = kept_idx[np.random.default_rng(seed).permutation(len(kept_idx))]
+    out_shard = np.full(n, None, dtype=object)
+    out_key = np.full(n, None, dtype=object)
+    out_pos = np.full(n, -1, dtype=np.int64)
+    for pos, i in enumerate(kept_idx):
+        out_shard[i] = shard_name(cfg.shard_prefix, pos // cfg.images_per_shard)
+        out_key[i] = f"{pos:09d}"
+        out_pos[i] = pos
+    df["output_shard"], df["output_key"], df["output_pos"] = out_shard, out_key, out_pos
+    for c in MANIFEST_COLUMNS:
+        if c not in df.columns:
+            df[c] = None
+    extra = ["ext", "url", "caption", "byte_offset", "byte_size", "output_pos"]
+    return df[list(MANIFEST_COLUMNS) + [c for c in extra if c in df.columns]].sort_values("id", kind="stable").reset_index(drop=True)
+
+
+def plan_write(out_dir: str | Path, cfg: WriteConfig, seed: int = 0, **kw: Any) -> pd.DataFrame:
+    """Build (or load, if already written) the write plan."""
+    path = plan_path(out_dir)
+    if path.is_file():
+        return pq.read_table(path).to_pandas()
+    plan = build_plan(out_dir, cfg, seed=seed, **kw)
+    atomic_write_parquet(path, _to_table(plan))
+    return plan
+
+
+def _to_table(df: pd.DataFrame) -> pa.Table:
+    # Object columns that are entirely null get an explicit string type (stable schema).
+    fields = {}
+    for c in df.columns:
+        if df[c].dtype == object and df[c].isna().all():
+            fields[c] = pa.array([None] * len(df), type=pa.string())
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    for c, arr in fields.items():
+        table = table.set_column(table.schema.get_field_index(c), c, arr)
+    return table
+
+
+# ----------------------------------------------------------------------------- step 2: shards
+class _SourceReader:
+    """Reads byte ranges from source files, keeping a few handles open."""
+
+    def __init__(self, max_open: int = 16):
+        self.max_open = max_open
+        self.handles: dict[str, Any] = {}
+
+    def read(self, path: str, offset: int, size: int) -> bytes:
+        f = self.handles.pop(path, None)
+        if f is None:
+            if len(self.handles) >= self.max_open:
+                oldest = next(iter(self.handles))
+                self.handles.pop(oldest).close()
+            f = open(path, "rb")  # noqa: SIM115 - closed in close()
+        self.handles[path] = f  # re-insert: most recently used last
+        f.seek(offset)
+        return f.read(size)
+
+    def close(self) -> None:
+        for f in self.handles.values():
+            f.close()
+        self.handles.clear()
+
+
+def _output_ext(ext: Any, data: bytes) -> str:
+    e = str(ext or "").lower().lstrip(".")
+    if e in IMAGE_EXTS:
+        return e
+    from PIL import Image
+
+    try:
+        fmt = Image.open(io.BytesIO(data)).format
+    except Exception:  # noqa: BLE001 - decodable per the embed stage; fall back to a neutral name
+        fmt = None
+    return _PIL_FORMAT_EXT.get(fmt or "", "jpg")
+
+
+def _sample_json(row: dict) -> bytes:
+    meta = {
+        "key": row["output_key"],
+        "id": row["id"],
+        "source_shard": row["source_shard"],
+        "source_key": row.get("key"),
+        "url": row.get("url"),
+        "caption": row.get("caption"),
+        "width": row.get("width"),
+        "height": row.get("height"),
+        "sha256": row["sha256"],
+        "cluster": row.get("cluster"),
+        "hk_path": row.get("hk_path"),
+        "query_sets": row.get("query_sets"),
+        "component": row.get("component"),
+    }
+    meta = {k: _none(v) for k, v in meta.items()}
+    return json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8")
+
+
+def _tar_add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = TAR_MTIME
+    info.mode = TAR_MODE
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.type = tarfile.REGTYPE
+    tf.addfile(info, io.BytesIO(data))
+
+
+def _rows_digest(rows: pd.DataFrame) -> str:
+    h = hashlib.sha256()
+    for rid, key, sha in zip(rows["id"], rows["output_key"], rows["sha256"]):
+        h.update(f"{rid}\t{key}\t{sha}\n".encode())
+    return h.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_one_shard(out_dir: str | Path, name: str, rows: pd.DataFrame, verify_sha256: bool = True) -> dict:
+    """Write one output shard from its plan rows (sorted by key); return its record."""
+    out_dir = Path(out_dir)
+    rows = rows.sort_values("output_key", kind="stable")
+    digest = _rows_digest(rows)
+    record_path = shard_record_path(out_dir, name)
+    tar_path = out_dir / "final" / name
+    if record_path.is_file() and tar_path.is_file():
+        record = json.loads(record_path.read_text())
+        if record.get("plan_digest") == digest and tar_path.stat().st_size == record.get("bytes"):
+            return record  # complete from an earlier run
+    failed: dict[str, list[str]] = {}
+    reader = _SourceReader()
+    count = 0
+    try:
+        with atomic_open(tar_path, "wb") as f:
+            with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+                for row in rows.to_dict("records"):
+                    try:
+                        data = reader.read(row["input_path"], int(row["byte_offset"]), int(row["byte_size"]))
+                    except OSError as exc:
+                        failed[row["id"]] = ["source_unreadable", f"{row['input_path']}: {exc}"]
+                        continue
+                    if len(data) != int(row["byte_size"]):
+                        failed[row["id"]] = ["source_changed", f"read {len(data)} of {row['byte_size']} bytes"]
+                        continue
+                    if verify_sha256 and hashlib.sha256(data).hexdigest() != row["sha256"]:
+                        failed[row["id"]] = ["sha256_mismatch", f"source bytes of {row['member']} changed"]
+                        continue
+                    ext = _output_ext(row.get("ext"), data)
+                    members = sorted([(f"{row['output_key']}.{ext}", data), (f"{row['output_key']}.json", _sample_json(row))])
+                    for member_name, payload in members:
+                        _tar_add(tf, member_name, payload)
+                    count += 1
+    finally:
+        reader.close()
+    record = {
+        "name": name,
+        "sha256": _file_sha256(tar_path),
+        "bytes": tar_path.stat().st_size,
+        "count": count,
+        "planned": len(rows),
+        "failed": failed,
+        "plan_digest": digest,
+    }
+    atomic_write_json(record_path, record)  # written last: its presence marks the shard complete
+    return record
+
+
+def shard_groups(plan: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    kept = plan[plan["output_shard"].notna()]
+    return {name: g for name, g in kept.groupby("output_shard", sort=True)}
+
+
+def write_shards(out_dir: str | Path, cfg: WriteConfig, task_index: int = 0, num_tasks: int = 1,
+                 progress: bool = True) -> list[dict]:
+    """Write the shards that belong to this task (shard i → task i % num_tasks)."""
+    path = plan_path(out_dir)
+    if not path.is_file():
+        raise WriteError(f"missing {path}: run the write plan step first")
+    plan = pq.read_table(path).to_pandas()
+    groups = shard_groups(plan)
+    mine = [name for i, name in enumerate(sorted(groups)) if i % num_tasks == task_index]
+    from tqdm import tqdm
+
+    records = []
+    for name in tqdm(mine, desc=f"write shards (task {task_index}/{num_tasks})", disable=not progress):
+        records.append(write_one_shard(out_dir, name, groups[name], verify_sha256=cfg.verify_sha256))
+    return records
+
+
+# ----------------------------------------------------------------------------- step 3: finalize
+def _clean_stale_tmp(folder: Path) -> None:
+    """A SIGKILLed atomic write leaves `.<name>.<random>.tmp`; remove those of our outputs."""
+    if folder.is_dir():
+        for p in folder.glob(".*.tmp"):
+            p.unlink(missing_ok=True)
+
+
+def finalize_write(out_dir: str | Path, cfg: WriteConfig) -> dict:
+    """Merge shard records into manifest.parquet and summary.json; return the summary."""
+    out_dir = Path(out_dir)
+    if not plan_path(out_dir).is_file():
+        raise WriteError(f"missing {plan_path(out_dir)}: the write stage did not finish its plan step")
+    plan = pq.read_table(plan_path(out_dir)).to_pandas()
+    groups = shard_groups(plan)
+    shards, failed = [], {}
+    for name in sorted(groups):
+        rp = shard_record_path(out_dir, name)
+        if not rp.is_file() or not (out_dir / "final" / name).is_file():
+            raise WriteError(f"shard {name} was not written (no {rp}): rerun the write stage")
+        rec = json.loads(rp.read_text())
+        shards.append({"name": name, "sha256": rec["sha256"], "count": rec["count"], "bytes": rec["bytes"]})
+        failed.update(rec["failed"])
+
+    manifest = plan.copy()
+    if failed:
+        hit = manifest["id"].isin(list(failed))
+        manifest.loc[hit, "decision"] = "dropped"
+        manifest.loc[hit, "stage"] = "write"
+        manifest.loc[hit, "reason"] = manifest.loc[hit, "id"].map(lambda i: failed[i][0])
+        manifest.loc[hit, "detail"] = manifest.loc[hit, "id"].map(lambda i: failed[i][1])
+        manifest.loc[hit, "output_shard"] = None
+        manifest.loc[hit, "output_key"] = None
+    manifest = manifest[list(MANIFEST_COLUMNS)]
+    final = out_dir / "final"
+    atomic_write_parquet(final / "manifest.parquet", _to_table(manifest))
+
+    summary = {
+        "funnel": funnel_counts(manifest),
+        "dropped": {
+            st: {str(r): int(c) for r, c in g["reason"].value_counts(dropna=False).sort_index().items()}
+            for st, g in manifest[manifest["decision"] == "dropped"].groupby("stage", sort=True)
+        },
+        "images_per_shard": cfg.images_per_shard,
+        "num_shards": len(shards),
+        "shards": shards,
+    }
+    atomic_write_json(final / "summary.json", summary)
+    _clean_stale_tmp(final)
+    return summary
+
+
+def funnel_counts(manifest: pd.DataFrame) -> dict[str, int]:
+    """inputs → decoded → after dedup → after decontamination → retrieved → written."""
+    stage = manifest["stage"]
+    kept = manifest["decision"] == "kept"
+    dropped_at = {s: int(((stage == s) & ~kept).sum()) for s in STAGES}
+    inputs = len(manifest)
+    decoded = inputs - dropped_at["embed"]
+    after_dedup = decoded - dropped_at["dedup"]
+    after_decon = after_dedup - dropped_at["decontaminate"]
+    retrieved = after_decon - dropped_at["retrieve"]
+    return {
+        "inputs": inputs,
+        "decoded": decoded,
+        "after_dedup": after_dedup,
+        "after_decontamination": after_decon,
+        "retrieved": retrieved,
+        "written": int(kept.sum()),
+    }
+
+
+def format_funnel(funnel: dict[str, int]) -> str:
+    width = max(len(k) for k in funnel)
+    total = max(funnel.get("inputs", 0), 1)
+    return "\n".join(f"  {k:<{width}} {v:>12,d}  ({100.0 * v / total:5.1f}%)" for k, v in funnel.items())
+
+
+def write_stage(out_dir: str | Path, cfg: WriteConfig, seed: int = 0, **plan_kw: Any) -> dict:
+    """All three steps in one process (the pipeline may run step 2 as an array instead)."""
+    plan_write(out_dir, cfg, seed=seed, **plan_kw)
+    write_shards(out_dir, cfg)
+    return finalize_write(out_dir, cfg)

@@ -1,0 +1,139 @@
+"""``dinov2`` console script.
+
+    dinov2 train -c configs/train/tiny.yaml train.output_dir=runs/tiny key=value …
+    dinov2 export RUN_DIR_OR_CKPT OUT.pth          teacher backbone in the official layout
+    dinov2 eval knn --weights W --train-dir D --val-dir D [--resize 256 --crop 224]
+    dinov2 eval linear --weights W --train-dir D --val-dir D
+
+``--weights`` is a backbone file (official or ours, any layout ``load_pretrained`` reads) or a run /
+checkpoint folder (its teacher backbone).  Exit codes: 0 ok, 2 bad config/input, 3 non-finite loss.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from dinov2.train.config import load_train_config
+    from dinov2.train.ssl_meta_arch import NonFiniteLossError
+    from dinov2.train.train import run_training
+
+    cfg = load_train_config(args.config, args.overrides)
+    try:
+        result = run_training(cfg)
+    except NonFiniteLossError as exc:
+        print(f"dinov2 train: stopped: {exc}", file=sys.stderr)
+        return 3
+    finally:
+        from dinov2.train.distributed import destroy
+
+        destroy()
+    print(f"trained steps {result.start_step}..{result.final_step}; last checkpoint: {result.last_checkpoint}")
+    return 0
+
+
+def load_backbone_weights(path: str | Path) -> torch.nn.Module:
+    """A plain backbone from a weights file or from a run/checkpoint folder's teacher."""
+    from dinov2.models.checkpoint import load_pretrained
+
+    path = Path(path)
+    if path.is_dir():
+        from dinov2.train.checkpoint import load_teacher_backbone_state
+
+        # The architecture (and position-grid size) is inferred from the tensors themselves.
+        return load_pretrained(load_teacher_backbone_state(path))
+    return load_pretrained(path)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from dinov2.models.checkpoint import export_official
+    from dinov2.utils.io import atomic_open
+
+    model = load_backbone_weights(args.source)
+    state = export_official(model)
+    with atomic_open(args.out, "wb") as f:
+        torch.save(state, f)
+    n = sum(v.numel() for v in state.values())
+    print(f"wrote {args.out}: {len(state)} tensors, {n / 1e6:.2f}M parameters")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from dinov2.eval.linear import LinearProbeConfig
+    from dinov2.eval.run import evaluate_backbone
+
+    device = torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available()) or args.device == "cuda"
+                          else "cpu")
+    model = load_backbone_weights(args.weights).to(device)
+    eval_cfg = argparse.Namespace(
+        train_dir=args.train_dir, val_dir=args.val_dir, resize_size=args.resize, crop_size=args.crop,
+        batch_size=args.batch_size, num_workers=args.num_workers, ks=args.ks, temperature=args.temperature,
+        linear=args.kind == "linear",
+    )
+    linear_cfg = LinearProbeConfig(lrs=args.lrs, epochs=args.epochs) if args.kind == "linear" else None
+    res = evaluate_backbone(model, eval_cfg, device, linear_cfg=linear_cfg)
+    if args.kind == "linear":
+        res = {k: v for k, v in res.items() if not k.startswith("knn_")}
+    print(json.dumps(res, indent=2, sort_keys=True))
+    if args.out:
+        from dinov2.utils.io import atomic_write_json
+
+        atomic_write_json(args.out, res)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dinov2", description="DINOv2-style SSL training and evaluation")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train (resumes automatically from train.output_dir)")
+    t.add_argument("-c", "--config", required=True, help="YAML config, e.g. configs/train/tiny.yaml")
+    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.output_dir=runs/x")
+    t.set_defaults(func=_cmd_train)
+
+    e = sub.add_parser("export", help="write the teacher backbone in the official single-file layout")
+    e.add_argument("source", help="run folder or checkpoint folder (ckpt/step_XXXXXX)")
+    e.add_argument("out", help="output .pth")
+    e.set_defaults(func=_cmd_export)
+
+    ev = sub.add_parser("eval", help="k-NN or linear evaluation on frozen features")
+    evs = ev.add_subparsers(dest="kind", required=True)
+    for kind in ("knn", "linear"):
+        k = evs.add_parser(kind)
+        k.add_argument("--weights", required=True, help="backbone .pth (official/ours) or run/checkpoint folder")
+        k.add_argument("--train-dir", required=True, help="class-subfolder image folder or tar shards (.cls/.json)")
+        k.add_argument("--val-dir", required=True)
+        k.add_argument("--resize", type=int, default=256)
+        k.add_argument("--crop", type=int, default=224)
+        k.add_argument("--batch-size", type=int, default=64)
+        k.add_argument("--num-workers", type=int, default=0)
+        k.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+        k.add_argument("--ks", type=int, nargs="+", default=[10, 20, 100, 200])
+        k.add_argument("--temperature", type=float, default=0.07)
+        k.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0])
+        k.add_argument("--epochs", type=int, default=100)
+        k.add_argument("--out", default="", help="also write the results as JSON here")
+        k.set_defaults(func=_cmd_eval)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    from dinov2.utils.config import ConfigError
+
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"dinov2 {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

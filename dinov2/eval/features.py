@@ -1,0 +1,291 @@
+"""Frozen features of a labeled image set, for k-NN and linear evaluation.
+
+A labeled set is either an image folder with one sub-folder per class (``root/<class>/*.jpg``,
+classes sorted by name) or WebDataset tar shards where each sample has an image member and its
+label in ``<key>.cls`` (an integer) or ``<key>.json`` (``"label"`` or ``"cls"``).  Sample keys are
+member paths without their final extension, so dotted keys (``img.0001.jpg``) work.  Images that
+cannot be decoded are skipped and counted by reason, never fatal.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import tarfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from dinov2.data.decode import DecodeError, decode_image
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class EvalTransformConfig:
+    resize_size: int = 256
+    crop_size: int = 224
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+
+
+class EvalTransform:
+    """Shorter side → ``resize_size`` (bicubic), center crop ``crop_size``, normalise."""
+
+    def __init__(self, cfg: EvalTransformConfig):
+        if cfg.crop_size > cfg.resize_size:
+            raise ValueError(f"crop_size {cfg.crop_size} > resize_size {cfg.resize_size}")
+        self.cfg = cfg
+        self.mean = torch.tensor(cfg.mean).view(3, 1, 1)
+        self.std = torch.tensor(cfg.std).view(3, 1, 1)
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        w, h = img.size
+        s = self.cfg.resize_size / min(w, h)
+        nw, nh = max(self.cfg.resize_size, round(w * s)), max(self.cfg.resize_size, round(h * s))
+        img = img.resize((nw, nh), Image.BICUBIC)
+        c = self.cfg.crop_size
+        left, top = (nw - c) // 2, (nh - c) // 2
+        img = img.crop((left, top, left + c, top + c))
+        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
+        return (x - self.mean) / self.std
+
+
+@dataclass(frozen=True)
+class Item:
+    path: str  # image file, or tar file
+    label: int
+    offset: int = -1  # byte offset of the member's data in the tar (-1: plain file)
+    size: int = -1
+
+
+@dataclass
+class LabeledSet:
+    items: list[Item]
+    classes: list[str]
+    skipped: Counter = field(default_factory=Counter)  # listing-time problems by reason
+
+
+def _expand_braces(pattern: str) -> list[str]:
+    m = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
+    if not m:
+        return [pattern]
+    a, b = m.group(1), m.group(2)
+    width = len(a)
+    out = []
+    for i in range(int(a), int(b) + 1):
+        out.extend(_expand_braces(pattern[: m.start()] + str(i).zfill(width) + pattern[m.end():]))
+    return out
+
+
+def _label_from_sidecar(ext: str, data: bytes) -> int:
+    text = data.decode("utf-8").strip()
+    if ext == ".cls":
+        return int(text)
+    obj = json.loads(text)
+    for key in ("label", "cls"):
+        if key in obj:
+            return int(obj[key])
+    raise ValueError("json sidecar has no 'label' or 'cls'")
+
+
+def list_labeled(source: str | Path) -> LabeledSet:
+    """List an image folder with class sub-folders, or tar shards (a folder of .tar files, a file,
+    a glob or a brace pattern)."""
+    source = str(source)
+    p = Path(source)
+    if p.is_dir() and not any(p.glob("*.tar")):
+        return _list_folder(p)
+    if p.is_dir():
+        shards = sorted(str(x) for x in p.glob("*.tar"))
+    else:
+        shards = sorted({s for pat in _expand_braces(source) for s in (glob.glob(pat) or [pat])})
+    missing = [s for s in shards if not os.path.isfile(s)]
+    if missing:
+        raise FileNotFoundError(f"labeled set: shard(s) not found: {missing[:3]}")
+    return _list_shards(shards)
+
+
+def _list_folder(root: Path) -> LabeledSet:
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    if not classes:
+        raise ValueError(f"{root}: expected one sub-folder per class, found none")
+    items = []
+    for label, name in enumerate(classes):
+        for f in sorted((root / name).rglob("*")):
+            if f.is_file() and f.suffix.lower() in IMAGE_EXTS:
+                items.append(Item(str(f), label))
+    if not items:
+        raise ValueError(f"{root}: no images found in the class folders")
+    return LabeledSet(items, classes)
+
+
+def _list_shards(shards: Sequence[str]) -> LabeledSet:
+    items: list[Item] = []
+    skipped: Counter = Counter()
+    for shard in shards:
+        images: dict[str, tarfile.TarInfo] = {}
+        labels: dict[str, int] = {}
+        try:
+            with tarfile.open(shard, "r:") as tf:
+                for m in tf:
+                    if not m.isfile():
+                        continue
+                    key, ext = os.path.splitext(m.name)
+                    ext = ext.lower()
+                    if ext in IMAGE_EXTS:
+                        images[key] = m
+                    elif ext in (".cls", ".json") and key not in labels:
+                        try:
+                            labels[key] = _label_from_sidecar(ext, tf.extractfile(m).read())
+                        except (ValueError, UnicodeDecodeError):
+                            skipped["bad_label"] += 1
+        except (tarfile.TarError, OSError, EOFError):
+            skipped["truncated_tar"] += 1  # keep what was listed before the damage
+        for key, m in images.items():
+            if key in labels:
+                items.append(Item(shard, labels[key], m.offset_data, m.size))
+            else:
+                skipped["no_label"] += 1
+    if not items:
+        raise ValueError(f"no labeled images in {len(shards)} shard(s) (labels go in <key>.cls or <key>.json)")
+    n_classes = max(i.label for i in items) + 1
+    return LabeledSet(items, [str(i) for i in range(n_classes)], skipped)
+
+
+class LabeledImageDataset(Dataset):
+    def __init__(self, items: list[Item], transform, max_pixels: int = 178_956_970):
+        self.items = items
+        self.transform = transform
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        item = self.items[i]
+        try:
+            with open(item.path, "rb") as f:
+                if item.offset >= 0:
+                    f.seek(item.offset)
+                    data = f.read(item.size)
+                else:
+                    data = f.read()
+            img = decode_image(data, self.max_pixels).image
+            return self.transform(img), item.label, i, ""
+        except DecodeError as e:
+            return None, item.label, i, e.reason
+        except OSError:
+            return None, item.label, i, "read_error"
+
+
+def _collate(batch):
+    ok = [b for b in batch if b[0] is not None]
+    bad = [b[3] for b in batch if b[0] is None]
+    if ok:
+        x = torch.stack([b[0] for b in ok])
+        y = torch.tensor([b[1] for b in ok])
+        idx = torch.tensor([b[2] for b in ok])
+    else:
+        x, y, idx = None, torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
+    return x, y, idx, bad
+
+
+@dataclass
+class Features:
+    features: torch.Tensor  # [N, D] float32
+    labels: torch.Tensor  # [N] int64
+    indices: torch.Tensor  # [N] positions in the item list (bad images left out)
+    bad: Counter
+
+
+def _cls_features(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if hasattr(model, "forward_features"):
+        out = model.forward_features(x)
+        if isinstance(out, dict):
+            return out["x_norm_clstoken"]
+    return model(x)
+
+
+@torch.no_grad()
+def extract_features(
+    model: torch.nn.Module,
+    items: list[Item],
+    transform_cfg: EvalTransformConfig | None = None,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: torch.device | str = "cpu",
+    feature_fn=None,
+) -> Features:
+    """CLS features (``x_norm_clstoken``) of every decodable item, in item order."""
+    device = torch.device(device)
+    transform = EvalTransform(transform_cfg or EvalTransformConfig())
+    loader = DataLoader(
+        LabeledImageDataset(items, transform),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_collate,
+        pin_memory=device.type == "cuda",
+    )
+    was_training = model.training
+    model.eval()
+    fn = feature_fn or _cls_features
+    feats, labels, idxs, bad = [], [], [], Counter()
+    try:
+        for x, y, idx, bad_reasons in loader:
+            bad.update(bad_reasons)
+            if x is None:
+                continue
+            x = x.to(device, non_blocking=True)
+            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                f = fn(model, x)
+            feats.append(f.float().cpu())
+            labels.append(y)
+            idxs.append(idx)
+    finally:
+        model.train(was_training)
+    if not feats:
+        raise ValueError(f"no decodable images among {len(items)} (failures: {dict(bad)})")
+    return Features(torch.cat(feats), torch.cat(labels), torch.cat(idxs), bad)
+
+
+def write_labeled_shards(items: Sequence[Item], out_dir: str | Path, per_shard: int = 1000,
+                         prefix: str = "shard") -> list[str]:
+    """Copy labeled images into WebDataset tar shards (``<key>.<ext>`` + ``<key>.cls``), original
+    bytes unchanged, in item order; each shard is written atomically.  Returns the shard paths."""
+    import io
+
+    from dinov2.utils.io import atomic_open
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for s in range(0, len(items), per_shard):
+        path = out_dir / f"{prefix}-{s // per_shard:06d}.tar"
+        with atomic_open(path, "wb") as f, tarfile.open(fileobj=f, mode="w") as tf:
+            for i, item in enumerate(items[s : s + per_shard]):
+                with open(item.path, "rb") as src:
+                    if item.offset >= 0:
+                        src.seek(item.offset)
+                        data = src.read(item.size)
+                    else:
+                        data = src.read()
+                key = f"{s + i:08d}"
+                ext = Path(item.path).suffix.lower() if item.offset < 0 else ".jpg"
+                for name, payload in ((key + ext, data), (key + ".cls", str(item.label).encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(payload)
+                    info.mtime = 0  # reproducible bytes
+                    tf.addfile(info, io.BytesIO(payload))
+        paths.append(str(path))
+    return paths

@@ -1,0 +1,271 @@
+"""Load any DINO / DINOv2 ViT backbone checkpoint without knowing its architecture; export it back.
+
+:func:`load_pretrained` reads a file (``torch.load(weights_only=True)``) or takes a
+state dict, unwraps training-checkpoint wrappers, infers the architecture from
+key names and tensor shapes, and loads with strict key and shape checks.
+Understood layouts:
+
+* official DINOv2 backbones ``dinov2_vit{s,b,l,g}14[_reg4]_pretrain.pth``
+  (flat ``blocks.N.*``, LayerScale ``ls1.gamma``, ``mlp.fc1/fc2`` or fused
+  SwiGLU ``mlp.w12/w3``, 37x37 position grid, optional ``register_tokens``);
+* original DINO (2021) backbones ``dino_deitsmall16_pretrain.pth`` … (no
+  LayerScale, no ``mask_token``, 224 grid, patch 16 or 8);
+* training checkpoints: a top-level ``teacher`` / ``model`` / ``state_dict`` /
+  ``student`` dict, ``teacher.`` / ``student.`` / ``backbone.`` / ``module.`` /
+  ``_orig_mod.`` prefixes (heads are ignored), chunked ``blocks.<chunk>.<i>``.
+
+:func:`export_official` writes the official flat layout back (same key names,
+order and shapes as the released files).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import pickle
+import re
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from ..utils.io import atomic_path
+from .vit import DinoVisionTransformer, default_num_heads
+
+# Wrapper keys of training checkpoints, in order of preference (the teacher is the model to evaluate).
+WRAPPER_KEYS = ("teacher", "model", "state_dict", "student")
+# Module-wrapper path segments added by DDP/FSDP/torch.compile/activation checkpointing.
+WRAPPER_SEGMENTS = frozenset({"module", "_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
+
+_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
+_CHUNKED_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(\d+)\.")
+_OFFICIAL_KEY = re.compile(
+    r"^(cls_token|pos_embed|mask_token|register_tokens|patch_embed\.proj\.(weight|bias)|norm\.(weight|bias)"
+    r"|blocks\.\d+\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2|mlp\.w12|mlp\.w3)\.(weight|bias)"
+    r"|blocks\.\d+\.ls[12]\.gamma)$"
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read or does not hold a ViT backbone we can build (message says why)."""
+
+
+def _preview(keys: list[str], limit: int = 8) -> str:
+    shown = ", ".join(repr(k) for k in keys[:limit])
+    return shown + (f", … ({len(keys)} in all)" if len(keys) > limit else "")
+
+
+def read_checkpoint(path: str | Path) -> Any:
+    """``torch.load`` a file safely (``weights_only=True``), turning failures into :class:`CheckpointError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: file is empty")
+    try:
+        # DINO (2021) training checkpoints carry their argparse.Namespace; it is plain data.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        text = str(exc).strip()
+        if "weights only load failed" not in text.lower():
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (UnpicklingError: {text})") from exc
+        unsupported = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        what = f" such as {unsupported.group(1)}" if unsupported else ""
+        raise CheckpointError(
+            f"{path}: refused by torch.load(weights_only=True): it holds arbitrary Python objects{what}, "
+            "not just tensors; re-save it as a plain state dict"
+        ) from exc
+    except Exception as exc:  # torch.load raises many types on corrupt input (EOF, zip, index errors)
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from exc
+
+
+def _strip_segments(key: str) -> str:
+    parts = [part for part in key.split(".") if part not in WRAPPER_SEGMENTS]
+    return ".".join(parts)
+
+
+def _select_prefix(state: dict[str, Any], prefix: str) -> dict[str, Any]:
+    if any(k.startswith(prefix) for k in state):
+        return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    return state
+
+
+def normalize_state_dict(obj: Any) -> "OrderedDict[str, Tensor]":
+    """Unwrap a (training) checkpoint into a flat official-layout backbone state dict."""
+    state = obj
+    for _ in range(4):
+        if not isinstance(state, Mapping):
+            raise CheckpointError(f"not a state dict: expected a mapping of names to tensors, got {type(state).__name__}")
+        if any(isinstance(v, Tensor) for v in state.values()):
+            break
+        for wrapper in WRAPPER_KEYS:
+            if isinstance(state.get(wrapper), Mapping):
+                state = state[wrapper]
+                break
+        else:
+            raise CheckpointError(
+                "not a state dict: no tensors at the top level and no "
+                f"{'/'.join(WRAPPER_KEYS)} entry; top-level keys: {_preview([str(k) for k in state])}"
+            )
+    else:
+        raise CheckpointError("not a state dict: wrappers nested too deeply")
+
+    flat: dict[str, Any] = {}
+    for key, value in state.items():
+        if not isinstance(key, str):
+            raise CheckpointError(f"not a state dict: key {key!r} is not a string")
+        flat[_strip_segments(key)] = value
+    for prefix in ("teacher.", "student.", "backbone."):
+        flat = _select_prefix(flat, prefix)
+
+    if any(_CHUNKED_BLOCK_KEY.match(k) for k in flat):
+        # Reference block chunking pads chunk c with Identity modules, so the inner index is global.
+        unchunked: dict[str, Any] = {}
+        for key, value in flat.items():
+            new_key = _CHUNKED_BLOCK_KEY.sub(r"blocks.\2.", key)
+            if new_key in unchunked:
+                raise CheckpointError(f"chunked block keys collide after unchunking: {new_key!r}")
+            unchunked[new_key] = value
+        flat = unchunked
+
+    not_tensors = [k for k, v in flat.items() if not isinstance(v, Tensor)]
+    if not_tensors:
+        raise CheckpointError(f"not a state dict: entries that are not tensors: {_preview(not_tensors)}")
+    return OrderedDict(flat)
+
+
+def infer_architecture(state: Mapping[str, Tensor]) -> dict[str, Any]:
+    """Constructor kwargs of :class:`DinoVisionTransformer` implied by the keys and shapes of ``state``."""
+    required = ("patch_embed.proj.weight", "pos_embed", "cls_token", "blocks.0.attn.qkv.weight")
+    missing = [k for k in required if k not in state]
+    if missing:
+        raise CheckpointError(
+            f"not a ViT backbone state dict: missing {_preview(missing)}; it has {_preview(sorted(state))}"
+        )
+    proj = state["patch_embed.proj.weight"]
+    if proj.dim() != 4 or proj.shape[-1] != proj.shape[-2]:
+        raise CheckpointError(f"patch_embed.proj.weight has shape {tuple(proj.shape)}, expected [D, C, p, p]")
+    embed_dim, in_chans, patch_size = proj.shape[0], proj.shape[1], proj.shape[-1]
+
+    pos_embed = state["pos_embed"]
+    if pos_embed.dim() != 3 or pos_embed.shape[0] != 1 or pos_embed.shape[-1] != embed_dim:
+        raise CheckpointError(f"pos_embed has shape {tuple(pos_embed.shape)}, expected [1, 1 + M*M, {embed_dim}]")
+    num_patches = pos_embed.shape[1] - 1
+    side = int(round(math.sqrt(max(num_patches, 0))))
+    if num_patches < 1 or side * side != num_patches:
+        raise CheckpointError(f"pos_embed has {num_patches} patch positions, which is not a square grid")
+
+    block_ids = sorted({int(m.group(1)) for k in state if (m := _BLOCK_KEY.match(k))})
+    depth = block_ids[-1] + 1
+    if block_ids != list(range(depth)):
+        absent = sorted(set(range(depth)) - set(block_ids))
+        raise CheckpointError(f"block indices are not contiguous: blocks {absent[:10]} are missing")
+
+    if "blocks.0.mlp.fc1.weight" in state:
+        ffn_layer, hidden = "mlp", state["blocks.0.mlp.fc1.weight"].shape[0]
+    elif "blocks.0.mlp.w12.weight" in state:
+        ffn_layer, hidden = "swiglufused", state["blocks.0.mlp.w12.weight"].shape[0] // 2
+    else:
+        raise CheckpointError("cannot tell the MLP kind: neither blocks.0.mlp.fc1.weight nor blocks.0.mlp.w12.weight")
+
+    registers = state.get("register_tokens")
+    num_register_tokens = int(registers.shape[1]) if registers is not None and registers.dim() == 3 else 0
+    has_layerscale = "blocks.0.ls1.gamma" in state
+    return {
+        "img_size": side * patch_size,
+        "patch_size": int(patch_size),
+        "in_chans": int(in_chans),
+        "embed_dim": int(embed_dim),
+        "depth": depth,
+        "num_heads": default_num_heads(int(embed_dim)),
+        "ffn_layer": ffn_layer,
+        "ffn_hidden_features": int(hidden),
+        "qkv_bias": "blocks.0.attn.qkv.bias" in state,
+        "proj_bias": "blocks.0.attn.proj.bias" in state,
+        "ffn_bias": ("blocks.0.mlp.fc1.bias" if ffn_layer == "mlp" else "blocks.0.mlp.w12.bias") in state,
+        # The value is irrelevant (gamma is loaded); None removes LayerScale (DINO 2021).
+        "init_values": 1e-5 if has_layerscale else None,
+        "num_register_tokens": num_register_tokens,
+        # Register models resize with size= + antialias; the others (DINOv2 and DINO) with +0.1 offset.
+        "interpolate_antialias": num_register_tokens > 0,
+        "interpolate_offset": 0.0 if num_register_tokens > 0 else 0.1,
+    }
+
+
+def load_state_dict_strict(model: nn.Module, state: Mapping[str, Tensor], allow_missing: tuple[str, ...] = ()) -> None:
+    """Copy ``state`` into ``model`` after checking key sets and shapes; errors list every problem."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state and k not in allow_missing]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_preview(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_preview(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatches: {_preview(mismatched, limit=5)}")
+    if problems:
+        raise CheckpointError("checkpoint does not match the model: " + "; ".join(problems))
+    model.load_state_dict(state, strict=False)
+
+
+def load_pretrained(path_or_state_dict: str | Path | Mapping[str, Any], **overrides: Any) -> DinoVisionTransformer:
+    """Build the backbone a checkpoint holds and load its weights (strict keys and shapes).
+
+    ``overrides`` are constructor kwargs applied on top of the inferred ones
+    (e.g. ``drop_path_rate=0.3``); overriding a shape-defining value that does
+    not fit the file raises :class:`CheckpointError`.  The model is returned in
+    eval mode, float32, on the CPU.
+    """
+    source = path_or_state_dict
+    raw = read_checkpoint(source) if isinstance(source, (str, Path)) else source
+    where = f"{source}: " if isinstance(source, (str, Path)) else ""
+    try:
+        state = normalize_state_dict(raw)
+        kwargs = {**infer_architecture(state), **overrides}
+        # Build without initialising (meta), then allocate: init of ViT-g takes minutes on a CPU.
+        try:
+            with torch.device("meta"):
+                model = DinoVisionTransformer(**kwargs)
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"cannot build the model {kwargs}: {exc}") from exc
+        model = model.to_empty(device="cpu")
+        # DINO (2021) backbones have no mask_token: keep the reference init (zeros).
+        allow_missing = ("mask_token",) if "mask_token" not in state else ()
+        load_state_dict_strict(model, state, allow_missing)
+        if allow_missing:
+            with torch.no_grad():
+                model.mask_token.zero_()
+    except CheckpointError as exc:
+        raise CheckpointError(f"{where}{exc}") from exc
+    return model.eval()
+
+
+def export_official(model: nn.Module) -> "OrderedDict[str, Tensor]":
+    """The backbone's weights in the official flat layout (``dinov2_vit*14_pretrain.pth`` keys and order)."""
+    out: OrderedDict[str, Tensor] = OrderedDict()
+    for key, value in model.state_dict().items():
+        key = _strip_segments(key)
+        if hasattr(value, "full_tensor"):  # FSDP2 DTensor shard → full tensor
+            value = value.full_tensor()
+        out[key] = value.detach().clone().contiguous().cpu()
+    foreign = [k for k in out if not _OFFICIAL_KEY.match(k)]
+    if foreign:
+        raise CheckpointError(f"model has keys outside the official backbone layout: {_preview(foreign)}")
+    return out
+
+
+def save_official(model: nn.Module, path: str | Path) -> Path:
+    """Write :func:`export_official` to ``path`` atomically (loadable by the official code)."""
+    path = Path(path)
+    state = export_official(model)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    return path

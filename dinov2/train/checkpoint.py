@@ -1,0 +1,210 @@
+"""Training checkpoints with ``torch.distributed.checkpoint`` (DCP).
+
+Layout (one folder per checkpoint, all ranks write their shards into it)::
+
+    RUN/ckpt/step_000123/          complete checkpoint (renamed from step_000123.tmp/ at the end)
+        .metadata, __0_0.distcp …  DCP: student (backbone + heads), teacher, optimizer, centers
+        rng_rank0.pt …             torch / numpy / python RNG states of each rank
+        meta.json                  step, data position, world size, schedule values (written last)
+
+Writing goes to ``step_X.tmp/``; rank 0 renames it after every rank has finished, so a folder
+without the ``.tmp`` suffix is always complete and "latest complete checkpoint" is just the highest
+such step.  DCP reshards on load, so a run may resume on a different world size.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from dinov2.train.distributed import barrier
+from dinov2.utils.io import atomic_write_json
+
+_STEP_RE = re.compile(r"^step_(\d+)$")
+META = "meta.json"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def ckpt_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "ckpt"
+
+
+def step_dir(run_dir: str | Path, step: int) -> Path:
+    return ckpt_root(run_dir) / f"step_{step:06d}"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints (renamed and holding meta.json), oldest first."""
+    root = ckpt_root(run_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _STEP_RE.match(p.name)
+        if m and p.is_dir() and (p / META).is_file():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    ckpts = list_checkpoints(run_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or a run folder (→ its latest complete checkpoint)."""
+    path = Path(path)
+    if (path / META).is_file() and (path / ".metadata").is_file():
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise CheckpointError(f"no complete checkpoint found at {path} (expected a run folder with "
+                              f"ckpt/step_*/ or a step_* folder holding {META} and .metadata)")
+    return latest
+
+
+def read_meta(ckpt: str | Path) -> dict[str, Any]:
+    return json.loads((Path(ckpt) / META).read_text())
+
+
+def remove_stale_tmp(run_dir: str | Path) -> None:
+    """Delete half-written ``*.tmp`` folders left by a killed run (rank 0, before training)."""
+    root = ckpt_root(run_dir)
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.endswith(".tmp") and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def rng_state() -> dict[str, Any]:
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def _app_state(arch, optimizer) -> dict[str, Any]:
+    opts = StateDictOptions(full_state_dict=False)
+    return {
+        "student": get_model_state_dict(arch.student, options=opts),
+        "teacher": get_model_state_dict(arch.teacher, options=opts),
+        "optimizer": get_optimizer_state_dict(arch.student, optimizer, options=opts),
+        "centers": arch.center_state_dict(),
+    }
+
+
+def save_checkpoint(run_dir: str | Path, step: int, arch, optimizer, meta: dict[str, Any], keep_last: int) -> Path:
+    """Collective: every rank must call it.  Returns the final folder."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    final = step_dir(run_dir, step)
+    tmp = final.with_name(final.name + ".tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    dcp.save(_app_state(arch, optimizer), checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
+    torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
+    barrier()
+    if rank == 0:
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        atomic_write_json(tmp / META, {**meta, "step": step, "world_size": world})
+        if final.exists():  # re-saving the same step (e.g. final step after a resume)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+        if keep_last > 0:
+            for old in list_checkpoints(run_dir)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def load_checkpoint(ckpt: str | Path, arch, optimizer, load_optimizer: bool = True) -> dict[str, Any]:
+    """Collective: load model/teacher/optimizer/centers (resharding as needed) and this rank's
+    RNG state when the checkpoint has one for it.  Returns meta.json."""
+    ckpt = Path(ckpt)
+    if not (ckpt / META).is_file():
+        raise CheckpointError(f"{ckpt} is not a complete checkpoint (no {META})")
+    state = _app_state(arch, optimizer if load_optimizer else None) if load_optimizer else {
+        "student": get_model_state_dict(arch.student),
+        "teacher": get_model_state_dict(arch.teacher),
+        "centers": arch.center_state_dict(),
+    }
+    dcp.load(state, checkpoint_id=str(ckpt), no_dist=not dist.is_initialized())
+    set_model_state_dict(arch.student, state["student"])
+    set_model_state_dict(arch.teacher, state["teacher"])
+    if load_optimizer:
+        set_optimizer_state_dict(arch.student, optimizer, state["optimizer"])
+    arch.load_center_state_dict(state["centers"])
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    rng_file = ckpt / f"rng_rank{rank}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return read_meta(ckpt)
+
+
+def read_checkpoint_tensors(ckpt: str | Path, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Full (unsharded) tensors whose DCP key starts with ``prefix`` (prefix stripped), read in one
+    process without building the training model.  Keys look like ``teacher.backbone.norm.weight``,
+    ``student.dino_head.mlp.0.weight``, ``optimizer.state.<param>.exp_avg``, ``centers.dino``."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    ckpt = resolve_checkpoint(ckpt)
+    reader = FileSystemReader(str(ckpt))
+    md = reader.read_metadata()
+    state: dict[str, torch.Tensor] = {}
+    for key, item in md.state_dict_metadata.items():
+        if key.startswith(prefix) and isinstance(item, TensorStorageMetadata):
+            state[key] = torch.empty(item.size, dtype=item.properties.dtype)
+    if not state:
+        raise CheckpointError(f"{ckpt} holds no tensors under {prefix!r}")
+    dcp.load(state, storage_reader=reader, no_dist=True)
+    return {k[len(prefix):]: v for k, v in state.items()}
+
+
+def load_teacher_backbone_state(ckpt: str | Path) -> dict[str, torch.Tensor]:
+    """Full teacher backbone weights of a run/checkpoint folder (used by ``dinov2 export``)."""
+    return read_checkpoint_tensors(ckpt, "teacher.backbone.")
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

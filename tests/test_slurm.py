@@ -1,0 +1,416 @@
+"""SLURM: the one-node test cluster (slurm/local-cluster.sh), slurm/train.sbatch, the submitit
+launcher and preemption → checkpoint → requeue → resume (dinov2/train/slurm.py).
+
+Tests marked ``slurm`` bring up a real one-node cluster (munged, MariaDB, slurmdbd, slurmctld,
+slurmd) in a temporary folder once per session and take it down at the end; they skip only where
+SLURM cannot be installed (not root, or no apt-get).  The others are plain unit tests.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import pickle
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import textwrap
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from dinov2.train import slurm
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER_SCRIPT = REPO / "slurm" / "local-cluster.sh"
+TRAIN_SBATCH = REPO / "slurm" / "train.sbatch"
+PY = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv" / "bin" / "python").exists() else sys.executable
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL",
+                "DEADLINE", "PREEMPTED"}
+
+
+# ============================================================================ unit tests (no cluster)
+def test_expand_nodelist():
+    assert slurm.expand_nodelist("localhost") == ["localhost"]
+    assert slurm.expand_nodelist("gpu[001-003,7],cpu1") == ["gpu001", "gpu002", "gpu003", "gpu7", "cpu1"]
+    assert slurm.expand_nodelist("a[1-2]b,c[09-10]") == ["a1b", "a2b", "c09", "c10"]
+
+
+def test_slurm_hostnames_without_scontrol(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert slurm.slurm_hostnames("n[1-3]") == ["n1", "n2", "n3"]
+    assert slurm.slurm_hostnames("") == []
+
+
+def test_torch_dist_env_from_slurm_variables():
+    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "node[07-10]",
+           "SLURM_JOB_NUM_NODES": "4", "SLURM_JOB_ID": "123456", "PATH": "/nonexistent"}
+    got = slurm.torch_dist_env(env)
+    assert got == {"MASTER_ADDR": "node07", "MASTER_PORT": str(30000 + 123456 % 2700), "RANK": "5",
+                   "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}
+    # An explicit rendezvous wins; outside a SLURM task it is an error with a reason.
+    assert slurm.torch_dist_env({**env, "MASTER_ADDR": "h", "MASTER_PORT": "1"})["MASTER_PORT"] == "1"
+    with pytest.raises(RuntimeError, match="SLURM_PROCID"):
+        slurm.torch_dist_env({})
+
+
+def test_master_port_is_per_job_and_below_ephemeral_range():
+    ports = {slurm.master_port_for_job(j) for j in range(1000, 1100)}
+    assert len(ports) == 100 and all(30000 <= p < 32768 for p in ports)
+    assert slurm.master_port_for_job("77_3") == slurm.master_port_for_job(77)  # array ids
+    assert slurm.master_port_for_job(None) == 29500
+
+
+@pytest.fixture
+def restore_signals():
+    saved = {s: signal.getsignal(s) for s in slurm.PREEMPTION_SIGNALS}
+    slurm.reset_preemption_state()
+    yield
+    for s, h in saved.items():
+        signal.signal(s, h)
+    slurm.reset_preemption_state()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM])
+def test_preemption_handler_records_signal(restore_signals, sig):
+    slurm.install_preemption_handler()
+    assert not slurm.preemption_requested()
+    os.kill(os.getpid(), sig)
+    time.sleep(0.05)  # the handler runs at the next bytecode boundary of the main thread
+    assert slurm.preemption_requested() and slurm.preemption_signal() == sig
+    os.kill(os.getpid(), signal.SIGUSR1)  # later signals keep the first
+    assert slurm.preemption_signal() == sig
+
+
+def test_requeue_and_exit_outside_slurm(restore_signals, monkeypatch, caplog):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.delenv(slurm.REQUEUE_MODE_ENV, raising=False)
+    assert slurm.requeue() is False
+    with pytest.raises(SystemExit) as exc:
+        slurm.requeue_and_exit()
+    assert exc.value.code == slurm.REQUEUED_EXIT_CODE
+    assert "run the same command again" in caplog.text
+
+
+def test_requeue_reports_scontrol_failure(monkeypatch, caplog):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert slurm.requeue("12345") is False
+    assert "scontrol requeue 12345 failed" in caplog.text
+
+
+_SYNC_WORKER = textwrap.dedent("""
+    import os, signal, sys, time
+    import torch.distributed as dist
+    from dinov2.train import slurm
+    slurm.install_preemption_handler()
+    dist.init_process_group("gloo")
+    answers = []
+    for step in range(3):
+        if step == 1 and dist.get_rank() == 1:
+            os.kill(os.getpid(), signal.SIGUSR1)  # only rank 1 is signalled
+            time.sleep(0.05)
+        answers.append(slurm.preemption_requested())
+    print("ANSWERS", dist.get_rank(), answers, flush=True)
+    dist.destroy_process_group()
+""")
+
+
+def test_preemption_flag_is_agreed_by_all_ranks(tmp_path):
+    script = tmp_path / "w.py"
+    script.write_text(_SYNC_WORKER)
+    port = str(29000 + os.getpid() % 500)
+    procs = [subprocess.Popen([PY, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                                   "MASTER_PORT": port})
+             for r in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err
+    for r, (out, _) in enumerate(outs):
+        assert f"ANSWERS {r} [False, True, True]" in out
+
+
+def test_launcher_config_validation_and_parameters():
+    from dinov2.utils.config import ConfigError
+
+    cfg = slurm.SlurmLauncherConfig(nodes=2, gpus_per_node=8, tasks_per_node=3, cpus_per_task=10, mem_gb=200,
+                                    partition="learn", timeout_min=60, additional_parameters={"exclusive": "user"})
+    cfg.validate()
+    p = cfg.executor_parameters()
+    assert p["tasks_per_node"] == 8 and p["gpus_per_node"] == 8 and p["nodes"] == 2
+    assert p["slurm_partition"] == "learn" and p["slurm_signal_delay_s"] == 120 and p["mem_gb"] == 200
+    assert p["slurm_additional_parameters"] == {"requeue": True, "exclusive": "user"}
+    assert "slurm_account" not in p
+    with pytest.raises(ConfigError, match="slurm.nodes"):
+        slurm.SlurmLauncherConfig(nodes=0).validate()
+    with pytest.raises(ConfigError, match="signal_delay_s"):
+        slurm.SlurmLauncherConfig(timeout_min=1, signal_delay_s=120).validate()
+
+
+def test_training_job_exit_codes_and_checkpoint(tmp_path, monkeypatch):
+    for var in ("SLURM_PROCID", "RANK"):
+        monkeypatch.delenv(var, raising=False)
+    ok = slurm.TrainingJob([PY, "-c", "import os; assert os.environ['DINOV2_REQUEUE'] == 'external'"], tmp_path)
+    assert ok()["returncode"] == 0
+    with pytest.raises(SystemExit) as exc:  # preempted: no result, submitit waits for the requeued run
+        slurm.TrainingJob([PY, "-c", "raise SystemExit(75)"], tmp_path)()
+    assert exc.value.code == slurm.REQUEUED_EXIT_CODE
+    with pytest.raises(RuntimeError, match="exited with status 3"):
+        slurm.TrainingJob([PY, "-c", "raise SystemExit(3)"], tmp_path)()
+    job = slurm.TrainingJob(["x", "y"], tmp_path, env={"A": "1"})
+    job._proc = subprocess.Popen([PY, "-c", "pass"])  # a live handle never goes into the pickle
+    again = pickle.loads(pickle.dumps(job))
+    assert again._proc is None and again.argv == ["x", "y"] and again.env == {"A": "1"}
+    delayed = job.checkpoint()
+    assert delayed.function.argv == ["x", "y"] and delayed.function.run_dir == str(tmp_path)
+
+
+def test_scripts_reject_bad_usage():
+    for script in (CLUSTER_SCRIPT, TRAIN_SBATCH):
+        assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    r = subprocess.run(["bash", str(CLUSTER_SCRIPT), "sideways"], capture_output=True, text=True,
+                       env={**os.environ, "SLURM_LOCAL_DIR": "/tmp/unused-slurm-local-test"})
+    assert r.returncode == 2 and "usage" in r.stderr
+    r = subprocess.run(["bash", str(TRAIN_SBATCH)], capture_output=True, text=True)
+    assert r.returncode == 2 and "usage" in r.stderr
+    r = subprocess.run(["bash", str(TRAIN_SBATCH), "/no/such.yaml"], capture_output=True, text=True)
+    assert r.returncode == 2 and "config file not found" in r.stderr
+
+
+# ============================================================================ the cluster
+@dataclass
+class Cluster:
+    dir: Path
+    conf: Path
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    if shutil.which("sbatch") is None and (os.geteuid() != 0 or shutil.which("apt-get") is None):
+        pytest.skip("SLURM is not installed and cannot be installed here (needs root and apt-get)")
+    d = tmp_path_factory.mktemp("slurm-local")
+    env = {**os.environ, "SLURM_LOCAL_DIR": str(d)}
+    t0 = time.time()
+    up = subprocess.run(["bash", str(CLUSTER_SCRIPT), "up"], env=env, capture_output=True, text=True, timeout=900)
+    if up.returncode == 3:
+        pytest.skip(f"SLURM cannot be installed here: {up.stderr.strip()}")
+    assert up.returncode == 0, up.stderr
+    conf = d / "etc" / "slurm.conf"
+    assert f"export SLURM_CONF={conf}" in up.stdout
+    print(f"\n[slurm] cluster up in {time.time() - t0:.1f}s ({d})")
+    try:
+        yield Cluster(d, conf)
+    finally:
+        t0 = time.time()
+        down = subprocess.run(["bash", str(CLUSTER_SCRIPT), "down"], env=env, capture_output=True, text=True,
+                              timeout=300)
+        print(f"\n[slurm] cluster down in {time.time() - t0:.1f}s: {down.stderr.strip()}")
+
+
+@pytest.fixture
+def cluster(slurm_cluster, monkeypatch):
+    """The session's cluster, with SLURM_CONF set for this test (sbatch, sacct, submitit)."""
+    monkeypatch.setenv("SLURM_CONF", str(slurm_cluster.conf))
+    return slurm_cluster
+
+
+def _run(cmd: list[str], **kw) -> str:
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=kw.pop("timeout", 120), **kw)
+    assert r.returncode == 0, f"{cmd} failed ({r.returncode}): {r.stderr}"
+    return r.stdout
+
+
+def sbatch(*args: str, env: dict | None = None) -> str:
+    return _run(["sbatch", "--parsable", *args], env={**os.environ, **(env or {})}).strip().split(";")[0]
+
+
+def job_history(job_id: str) -> list[str]:
+    """States of every run of the job (requeues included), oldest first, from accounting."""
+    out = _run(["sacct", "-n", "-X", "-P", "-D", "-j", job_id, "-o", "State"])
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+def wait_job(job_id: str, timeout: float = 240) -> str:
+    """Wait until the job has left the queue and accounting shows a final state; return it."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        queued = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True,
+                                text=True).stdout.strip()
+        if not queued:
+            hist = job_history(job_id)
+            if hist and hist[-1] in FINAL_STATES:
+                return hist[-1]
+        time.sleep(0.5)
+    subprocess.run(["scancel", job_id])
+    raise AssertionError(f"job {job_id} did not finish in {timeout}s (history {job_history(job_id)})")
+
+
+def wait_for(pred, timeout: float, what: str, poll: float = 0.2):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.mark.slurm
+def test_cluster_runs_batch_and_array_jobs_with_accounting(cluster, tmp_path):
+    t0 = time.time()
+    env = {**os.environ, "SLURM_LOCAL_DIR": str(cluster.dir)}
+    up = subprocess.run(["bash", str(CLUSTER_SCRIPT), "up"], env=env, capture_output=True, text=True, timeout=120)
+    assert up.returncode == 0 and f"SLURM_CONF={cluster.conf}" in up.stdout  # idempotent
+    status = subprocess.run(["bash", str(CLUSTER_SCRIPT), "status"], env=env, capture_output=True, text=True)
+    assert status.returncode == 0 and "slurmdbd: running" in status.stdout and "idle" in status.stdout
+
+    single = sbatch("-o", str(tmp_path / "one-%j.out"), "--wrap", "echo hello from $SLURM_JOB_ID")
+    array = sbatch("-o", str(tmp_path / "arr-%A_%a.out"), "--array=0-3",
+                   "--wrap", f"echo $((SLURM_ARRAY_TASK_ID * SLURM_ARRAY_TASK_ID)) > {tmp_path}/sq-$SLURM_ARRAY_TASK_ID")
+    two = sbatch("-n", "2", "-o", str(tmp_path / "two-%j.out"), "--wrap", "srun hostname")
+    assert wait_job(single) == "COMPLETED" and wait_job(array) == "COMPLETED" and wait_job(two) == "COMPLETED"
+    assert (tmp_path / f"one-{single}.out").read_text().strip() == f"hello from {single}"
+    assert [int((tmp_path / f"sq-{i}").read_text()) for i in range(4)] == [0, 1, 4, 9]
+    assert (tmp_path / f"two-{two}.out").read_text().split() == [socket.gethostname()] * 2
+    tasks = _run(["sacct", "-n", "-X", "-P", "-j", array, "-o", "JobID,State"]).split()
+    assert sorted(tasks) == [f"{array}_{i}|COMPLETED" for i in range(4)]
+    print(f"\n[slurm] batch + 4-task array + 2-task srun: {time.time() - t0:.1f}s")
+
+
+@pytest.mark.slurm
+def test_submitit_job_states_come_from_sacct(cluster, tmp_path):
+    import submitit
+
+    t0 = time.time()
+    ex = submitit.AutoExecutor(folder=str(tmp_path / "sub"), cluster="slurm")
+    ex.update_parameters(timeout_min=5, cpus_per_task=1, mem_gb=1, slurm_array_parallelism=4)
+    # Functions the job can import (this test module is not importable from the job's process).
+    jobs = ex.map_array(pow, [1, 2, 3], [2, 2, 2])
+    bad = ex.submit(math.sqrt, -1)
+    sleeper = ex.submit(time.sleep, 4)
+    # Live states come from sacct (without slurmdbd submitit reads UNKNOWN for everything).
+    seen = wait_for(lambda: {sleeper.watcher.get_state(sleeper.job_id, mode="force")} & {"RUNNING"}, 60,
+                    "submitit to report RUNNING")
+    assert seen == {"RUNNING"}
+    assert [j.result() for j in jobs] == [1, 4, 9]
+    with pytest.raises(submitit.core.utils.FailedJobError, match="math domain error"):
+        bad.result()
+    assert sleeper.result() is None
+    for j in [*jobs, bad, sleeper]:
+        wait_job(j.job_id)
+    watcher = sleeper.watcher
+    watcher.clear()  # forget cached states: ask accounting again
+    assert [watcher.get_state(j.job_id, mode="force") for j in jobs] == ["COMPLETED"] * 3
+    assert watcher.get_state(bad.job_id, mode="force") == "FAILED"
+    assert watcher.get_state(sleeper.job_id, mode="force") == "COMPLETED"
+    print(f"\n[slurm] submitit 3-task array + failing job + sleeping job: {time.time() - t0:.1f}s")
+
+
+# ---------------------------------------------------------------------------- preemption, toy trainer
+# A minimal loop that follows the documented hook exactly, with gloo collectives and a JSON
+# "checkpoint", so the requeue machinery is tested independently of the real trainer.
+TOY_TRAINER = textwrap.dedent("""
+    import json, os, sys, time
+    from pathlib import Path
+    import torch, torch.distributed as dist
+    from dinov2.train import slurm
+    slurm.install_preemption_handler()
+    assert sys.argv[1] == "-c"
+    opts = dict(a.split("=", 1) for a in sys.argv[3:])
+    out, steps, step_s = Path(opts["out"]), int(opts["steps"]), float(opts["step_s"])
+    ws = int(os.environ.get("WORLD_SIZE", "1"))
+    if ws > 1:
+        dist.init_process_group("gloo")
+    rank = dist.get_rank() if ws > 1 else 0
+    ck = out / "ckpt.json"
+    start = json.loads(ck.read_text())["step"] if ck.exists() else 0
+    def event(msg):
+        with open(out / f"events-rank{rank}.log", "a") as f:
+            f.write(f"{msg} restart={os.environ.get('SLURM_RESTART_COUNT', '0')}\\n")
+    def save(step):
+        if rank == 0:
+            tmp = ck.with_suffix(".tmp"); tmp.write_text(json.dumps({"step": step})); os.replace(tmp, ck)
+        if ws > 1:
+            dist.barrier()
+    event(f"start step={start} world={ws}")
+    for step in range(start, steps):
+        t = torch.ones(1) * (rank + 1)
+        if ws > 1:
+            dist.all_reduce(t)
+        time.sleep(step_s)
+        if (step + 1) % 5 == 0:
+            save(step + 1)
+        if slurm.preemption_requested():
+            save(step + 1)
+            event(f"preempted step={step + 1}")
+            slurm.requeue_and_exit()
+    save(steps)
+    event(f"done step={steps} sum={t.item():.0f}")
+""")
+
+
+def _events(run: Path, rank: int) -> list[str]:
+    path = run / f"events-rank{rank}.log"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def _check_toy_resumed(run: Path, steps: int) -> None:
+    for rank in range(2):
+        ev = _events(run, rank)
+        assert len(ev) == 4, ev
+        assert ev[0] == "start step=0 world=2 restart=0"
+        stop = int(re.match(r"preempted step=(\d+) restart=0", ev[1])[1])
+        assert 0 < stop < steps
+        assert ev[2] == f"start step={stop} world=2 restart=1"  # resumed where it stopped
+        assert ev[3] == f"done step={steps} sum=3 restart=1"
+
+
+@pytest.mark.slurm
+def test_sbatch_toy_preemption_usr1_requeues_and_resumes(cluster, tmp_path):
+    t0 = time.time()
+    run = tmp_path / "run"
+    run.mkdir()
+    (tmp_path / "toy.py").write_text(TOY_TRAINER)
+    (tmp_path / "c.yaml").write_text("{}\n")
+    job = sbatch("-n", "2", "-o", str(run / "sbatch-%j.out"), str(TRAIN_SBATCH), str(tmp_path / "c.yaml"),
+                 f"out={run}", "steps=40", "step_s=0.2",
+                 env={"TRAIN_CMD": f"{PY} {tmp_path / 'toy.py'}", "RUN_DIR": str(run)})
+    wait_for(lambda: (run / "ckpt.json").exists(), 120, "the first checkpoint")
+    # What SLURM does `signal_delay_s` before the time limit (--signal=USR1@120): USR1 to the steps.
+    _run(["scancel", "--signal=USR1", job])
+    assert wait_job(job) == "COMPLETED"
+    assert job_history(job) == ["REQUEUED", "COMPLETED"]
+    _check_toy_resumed(run, 40)
+    launches = (run / "slurm" / "launches.log").read_text()
+    assert "restart 0" in launches and "restart 1" in launches and "exited with status 0" in launches
+    print(f"\n[slurm] sbatch toy run with USR1 preemption → requeue → resume: {time.time() - t0:.1f}s")
+
+
+@pytest.mark.slurm
+def test_submitit_training_job_preemption_requeues_and_resumes(cluster, tmp_path):
+    import submitit
+
+    t0 = time.time()
+    run = tmp_path / "run"
+    run.mkdir()
+    (tmp_path / "toy.py").write_text(TOY_TRAINER)
+    ex = submitit.AutoExecutor(folder=str(run / "submitit"), cluster="slurm")
+    ex.update_parameters(tasks_per_node=2, cpus_per_task=1, mem_gb=1, timeout_min=30, slurm_signal_delay_s=60,
+                         slurm_additional_parameters={"requeue": True})
+    job = ex.submit(slurm.TrainingJob([PY, str(tmp_path / "toy.py"), "-c", "x", f"out={run}", "steps=40",
+                                       "step_s=0.2"], run))
+    wait_for(lambda: (run / "ckpt.json").exists(), 120, "the first checkpoint")
+    job._interrupt()  # submitit's simulated preemption: SIGTERM then SIGUSR2 to the tasks
+    results = job.results()
+    assert [r["rank"] for r in results] == [0, 1] and all(r["returncode"] == 0 for r in results)
+    assert wait_job(job.job_id) == "COMPLETED"
+    assert job_history(job.job_id) == ["REQUEUED", "COMPLETED"]
+    _check_toy_resumed(run, 40)
+    print(f"\n[slurm] submitit toy run with preemption → requeue → resume: {time.time() - t0:.1f}s")
