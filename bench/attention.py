@@ -7,7 +7,8 @@ student batch: B images x (2 global 224 crops + 8 local 98 crops), i.e.
 
 Methods:
   packed     our ``Attention`` on all crops' tokens concatenated into one [T, D]
-             tensor (one qkv/proj matmul), SDPA once per equal-length crop group;
+             tensor (one qkv/proj matmul), SDPA once per equal-length crop group
+             (tokens stay packed between blocks, so packing is not timed);
   per-group  the same module called separately on the [2B,257,D] and [8B,50,D]
              batches (no packing);
   dense-mask each image's 10 crops packed into one 914-token sequence, one SDPA
@@ -35,8 +36,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dinov2.models.drop_path import TokenLayout  # noqa: E402
-from dinov2.models.layers import Attention  # noqa: E402
+from dinov2.models.drop_path import TokenLayout
+from dinov2.models.layers import Attention
 
 METHODS = ("packed", "per-group", "dense-mask")
 
@@ -56,28 +57,42 @@ def dense_block_mask(global_tokens: int, local_tokens: int) -> torch.Tensor:
     return ids.unsqueeze(0) == ids.unsqueeze(1)  # [L, L], True = may attend
 
 
-def run_method(method: str, attn: Attention, global_x: torch.Tensor, local_x: torch.Tensor, mask: torch.Tensor | None):
-    """One forward; returns (global_out, local_out) in the unpacked shapes."""
+def to_layout(method: str, global_x: torch.Tensor, local_x: torch.Tensor):
+    """The crops' tokens in the layout each method keeps them in between blocks."""
+    dim = global_x.shape[-1]
     if method == "packed":
-        layout = TokenLayout(((global_x.shape[0], global_x.shape[1]), (local_x.shape[0], local_x.shape[1])))
-        flat = torch.cat([global_x.reshape(-1, global_x.shape[-1]), local_x.reshape(-1, local_x.shape[-1])])
-        out = attn(flat, layout)
-        g, l_ = out.split(layout.group_token_counts)
-        return g.view_as(global_x), l_.view_as(local_x)
+        return torch.cat([global_x.reshape(-1, dim), local_x.reshape(-1, dim)])
     if method == "per-group":
-        return attn(global_x), attn(local_x)
+        return [global_x, local_x]
     if method == "dense-mask":
         # Per image: its 2 global crops then its 8 local crops, one sequence of 2*257 + 8*50 tokens.
         batch = global_x.shape[0] // 2
-        dim = global_x.shape[-1]
-        seq = torch.cat([global_x.view(batch, -1, dim), local_x.view(batch, -1, dim)], dim=1)
-        heads, head_dim = attn.num_heads, attn.head_dim
-        q, k, v = attn.qkv(seq).view(batch, seq.shape[1], 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        out = attn.proj(out.transpose(1, 2).reshape(batch, seq.shape[1], dim))
-        split = 2 * global_x.shape[1]
-        return out[:, :split].reshape_as(global_x), out[:, split:].reshape_as(local_x)
+        return torch.cat([global_x.reshape(batch, -1, dim), local_x.reshape(batch, -1, dim)], dim=1)
     raise ValueError(method)
+
+
+def from_layout(method: str, out, global_x: torch.Tensor, local_x: torch.Tensor):
+    """Back to ([2B, Ng, D], [8B, Nl, D]) to compare methods."""
+    if method == "packed":
+        g, l_ = out.split([global_x[..., 0].numel(), local_x[..., 0].numel()])
+        return g.view_as(global_x), l_.view_as(local_x)
+    if method == "per-group":
+        return tuple(out)
+    split = 2 * global_x.shape[1]
+    return out[:, :split].reshape_as(global_x), out[:, split:].reshape_as(local_x)
+
+
+def run_method(method: str, attn: Attention, tokens, layout: TokenLayout, mask: torch.Tensor | None):
+    """One attention-layer forward on ``tokens`` (in ``method``'s layout)."""
+    if method == "packed":
+        return attn(tokens, layout)
+    if method == "per-group":
+        return [attn(x) for x in tokens]
+    batch, seq_len, dim = tokens.shape
+    heads, head_dim = attn.num_heads, attn.head_dim
+    q, k, v = attn.qkv(tokens).view(batch, seq_len, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return attn.proj(out.transpose(1, 2).reshape(batch, seq_len, dim))
 
 
 def setup(args):
@@ -85,37 +100,45 @@ def setup(args):
     attn = Attention(args.dim, args.heads)
     global_x, local_x = make_inputs(args.batch, args.dim, args.global_size, args.local_size, args.patch)
     mask = dense_block_mask(global_x.shape[1], local_x.shape[1])
-    return attn, global_x, local_x, mask
+    layout = TokenLayout((tuple(global_x.shape[:2]), tuple(local_x.shape[:2])))
+    return attn, global_x, local_x, mask, layout
 
 
 def child(args) -> None:
     torch.set_num_threads(args.threads)
-    attn, global_x, local_x, mask = setup(args)
-    global_x.requires_grad_(True)
-    local_x.requires_grad_(True)
+    attn, global_x, local_x, mask, layout = setup(args)
+    tokens = to_layout(args.method, global_x, local_x)
+    leaves = tokens if isinstance(tokens, list) else [tokens]
+    for leaf in leaves:
+        leaf.requires_grad_(True)
     mask = mask if args.method == "dense-mask" else None
+    del global_x, local_x
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
     def step(backward: bool) -> None:
-        outs = run_method(args.method, attn, global_x, local_x, mask)
+        out = run_method(args.method, attn, tokens, layout, mask)
         if backward:
-            (outs[0].sum() + outs[1].sum()).backward()
+            sum(o.sum() for o in (out if isinstance(out, list) else [out])).backward()
             attn.zero_grad(set_to_none=True)
-            global_x.grad = local_x.grad = None
+            for leaf in leaves:
+                leaf.grad = None
 
     step(backward=True)  # warm-up (also reaches the steady-state memory high-water mark)
     timings = {}
     for backward in (False, True):
-        samples = []
+        wall, cpu = [], []
         for _ in range(args.iters):
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             if backward:
                 step(True)
             else:
                 with torch.no_grad():
                     step(False)
-            samples.append(time.perf_counter() - start)
-        timings["fwd_bwd" if backward else "fwd"] = sorted(samples)[len(samples) // 2] * 1e3
+            wall.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - start_cpu)
+        name = "fwd_bwd" if backward else "fwd"
+        timings[name] = sorted(wall)[len(wall) // 2] * 1e3
+        timings[name + "_cpu"] = sorted(cpu)[len(cpu) // 2] * 1e3
     peak_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 1024  # ru_maxrss is KiB
     print(json.dumps({"method": args.method, **timings, "peak_mib": peak_mib}))
 
@@ -123,12 +146,13 @@ def child(args) -> None:
 def check_equal(args) -> float:
     """Max abs difference of every method's outputs vs per-group, on a small batch."""
     small = argparse.Namespace(**{**vars(args), "batch": 2})
-    attn, global_x, local_x, mask = setup(small)
+    attn, global_x, local_x, mask, layout = setup(small)
     with torch.no_grad():
-        ref = run_method("per-group", attn, global_x, local_x, None)
+        ref = run_method("per-group", attn, [global_x, local_x], layout, None)
         worst = 0.0
         for method in ("packed", "dense-mask"):
-            outs = run_method(method, attn, global_x, local_x, mask)
+            out = run_method(method, attn, to_layout(method, global_x, local_x), layout, mask)
+            outs = from_layout(method, out, global_x, local_x)
             worst = max(worst, *[(a - b).abs().max().item() for a, b in zip(outs, ref)])
     return worst
 
@@ -141,7 +165,7 @@ def main() -> None:
     parser.add_argument("--patch", type=int, default=14)
     parser.add_argument("--global-size", type=int, default=224)
     parser.add_argument("--local-size", type=int, default=98)
-    parser.add_argument("--iters", type=int, default=5, help="timed iterations per mode (median reported)")
+    parser.add_argument("--iters", type=int, default=3, help="timed iterations per mode (median reported)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)  # internal: child process
     args = parser.parse_args()
@@ -166,13 +190,16 @@ def main() -> None:
           f"{platform.processor() or platform.machine()}")
     print(f"# outputs agree with per-group to max abs diff {max_diff:.1e} (batch 2)")
     base = results["dense-mask"]
-    print(f"| method | fwd ms | fwd+bwd ms | peak MiB | fwd+bwd speed-up vs dense | memory vs dense |")
-    print("|---|---|---|---|---|---|")
+    print("# wall = median elapsed ms; cpu = median process CPU ms (all threads; less sensitive to other load)")
+    print("| method | fwd wall | fwd cpu | fwd+bwd wall | fwd+bwd cpu | peak MiB "
+          "| fwd+bwd speed-up vs dense (wall / cpu) | memory vs dense |")
+    print("|---|---|---|---|---|---|---|---|")
     for method in METHODS:
         r = results[method]
         mem_ratio = r["peak_mib"] / base["peak_mib"] if base["peak_mib"] > 0 else float("nan")
-        print(f"| {method} | {r['fwd']:.0f} | {r['fwd_bwd']:.0f} | {r['peak_mib']:.0f} | "
-              f"{base['fwd_bwd'] / r['fwd_bwd']:.2f}x | {mem_ratio:.2f}x |")
+        print(f"| {method} | {r['fwd']:.0f} | {r['fwd_cpu']:.0f} | {r['fwd_bwd']:.0f} | {r['fwd_bwd_cpu']:.0f} "
+              f"| {r['peak_mib']:.0f} | {base['fwd_bwd'] / r['fwd_bwd']:.2f}x / "
+              f"{base['fwd_bwd_cpu'] / r['fwd_bwd_cpu']:.2f}x | {mem_ratio:.2f}x |")
 
 
 if __name__ == "__main__":

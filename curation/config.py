@@ -24,6 +24,8 @@ from .dedup import DedupConfig
 from .embed import EmbedderConfig
 from .ingest import DEFAULT_MAX_BYTES
 from .jobs import ExecutorConfig
+from .retrieve import QuerySetConfig as RetrieveQuerySetConfig
+from .retrieve import METHODS as RETRIEVE_METHODS
 from .retrieve import RetrieveConfig
 from .write import WriteConfig
 
@@ -39,7 +41,12 @@ class EmbedStageConfig:
 
 @dataclass
 class QuerySetConfig:
+    """A curated query set: its images and how retrieval uses it."""
+
     inputs: list[str] = field(default_factory=list)  # patterns: tars, folders, parquet lists
+    method: str = "auto"  # auto | sample | cluster | none (see curation/retrieve.py)
+    k: int = 0  # sample-based neighbours per query; 0 = retrieve.sample_k
+    max_per_set: int = 0  # 0 = retrieve.max_per_set
 
 
 @dataclass
@@ -55,7 +62,13 @@ class CurationConfig:
     retrieve: RetrieveConfig = field(default_factory=RetrieveConfig)
     write: WriteConfig = field(default_factory=WriteConfig)
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
-    seed: int = 0
+    seed: int = 0  # order of the written images (write.shuffle)
+
+    def retrieve_config(self) -> RetrieveConfig:
+        """The retrieve stage's config with the per-set options of ``query_sets`` filled in."""
+        sets = [RetrieveQuerySetConfig(name=name, method=qs.method, k=qs.k, max_per_set=qs.max_per_set)
+                for name, qs in sorted(self.query_sets.items())]
+        return dataclasses.replace(self.retrieve, query_sets=sets)
 
     def validate(self) -> None:
         if not self.output_dir:
@@ -75,6 +88,12 @@ class CurationConfig:
         for name, qs in self.query_sets.items():
             if not qs.inputs:
                 raise ConfigError(f"key 'query_sets.{name}.inputs': no input patterns")
+            if qs.method not in RETRIEVE_METHODS:
+                raise ConfigError(f"key 'query_sets.{name}.method': must be one of {RETRIEVE_METHODS}, got {qs.method!r}")
+            if qs.k < 0 or qs.max_per_set < 0:
+                raise ConfigError(f"key 'query_sets.{name}': k and max_per_set must be >= 0 (0 = retrieve default)")
+        if self.retrieve.query_sets:
+            raise ConfigError("key 'retrieve.query_sets': give per-set options under query_sets.<name> instead")
         for name, emb in self.embedders.items():
             _sub_validate(emb, f"embedders.{name}")
         for stage in ("dedup", "decontaminate", "retrieve"):
@@ -88,8 +107,9 @@ class CurationConfig:
                 raise ConfigError(f"key '{stage}.embedder': required when several embedders are configured")
         if self.embed.max_pixels < 1 or self.embed.max_bytes < 1 or self.embed.num_workers < 0:
             raise ConfigError("key 'embed': max_pixels and max_bytes must be >= 1, num_workers >= 0")
-        for stage in ("dedup", "decontaminate", "retrieve", "write", "executor"):
+        for stage in ("dedup", "decontaminate", "write", "executor"):
             _sub_validate(getattr(self, stage), stage)
+        _sub_validate(self.retrieve_config(), "retrieve")
 
 
 def _sub_validate(obj, prefix: str) -> None:

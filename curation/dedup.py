@@ -217,7 +217,8 @@ def phash_edges(phash: np.ndarray, valid: np.ndarray | None, max_distance: int,
             pa_, pb_ = both[:, 0], both[:, 1]
             ea.append(first_row[pa_])
             eb.append(first_row[pb_])
-    return np.concatenate(ea).astype(np.int64), np.concatenate(eb).astype(np.int64)
+    a, b = np.concatenate(ea).astype(np.int64), np.concatenate(eb).astype(np.int64)
+    return np.minimum(a, b), np.maximum(a, b)
 
 
 @dataclass

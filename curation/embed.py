@@ -30,10 +30,11 @@ import os
 import re
 import time
 from collections import Counter, deque
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -44,6 +45,7 @@ from PIL import Image
 from curation.ingest import DEFAULT_MAX_BYTES, InputReader, Item, expand_inputs
 from curation.phash import phash
 from dinov2.data.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image
+from dinov2.utils.config import ConfigError
 from dinov2.utils.io import atomic_save_npy, atomic_write_parquet
 
 log = logging.getLogger(__name__)
@@ -108,8 +110,10 @@ class EmbedderConfig:
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
 
     def validate(self) -> None:
-        def bad(msg: str) -> EmbedError:
-            return EmbedError(f"embedder config: {msg}")
+        """Cross-field checks (called by ``load_config`` and ``load_embedder``)."""
+
+        def bad(msg: str) -> ConfigError:
+            return ConfigError(f"embedder config: {msg}")
 
         if self.kind not in KINDS:
             raise bad(f"kind {self.kind!r} not in {KINDS}")
@@ -155,8 +159,7 @@ def preprocess(image: Image.Image, image_size: int, resize_size: int | None = No
         small = image.resize((s, s), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
     else:
         small = image.resize((s, s), Image.Resampling.BICUBIC, reducing_gap=3.0)
-    arr = np.asarray(small, dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+    return torch.from_numpy(np.array(small, dtype=np.uint8)).permute(2, 0, 1)  # one copy, writable
 
 
 # ----------------------------------------------------------------------------- embedders
@@ -259,7 +262,7 @@ def load_embedder(cfg: EmbedderConfig) -> Embedder:
         def forward(x: torch.Tensor, _m=model) -> torch.Tensor:
             return _m.extract_features(x).mean(dim=(2, 3))
 
-    for p in getattr(model, "parameters", lambda: [])():
+    for p in getattr(model, "parameters", list)():
         p.requires_grad_(False)
     return Embedder(cfg, forward, model, device)
 

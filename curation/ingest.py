@@ -31,9 +31,9 @@ import os
 import re
 import stat
 import tarfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 IMAGE_EXTS = frozenset({"jpg", "jpeg", "jfif", "png", "webp", "bmp", "gif", "tif", "tiff"})
 META_EXTS = frozenset({"json", "txt", "cls"})
@@ -291,7 +291,7 @@ class InputReader:
         self._fd: int | None = None
         self._items: list[Item] | None = None
 
-    def __enter__(self) -> "InputReader":
+    def __enter__(self) -> InputReader:  # noqa: PYI034 - py3.10 has no typing.Self
         return self
 
     def __exit__(self, *exc) -> None:
@@ -335,7 +335,7 @@ class InputReader:
         damage: tuple[int, str, str] | None = None  # (offset, member name, detail)
         with open(self.input_path, "rb") as f:
             try:
-                tf = tarfile.open(fileobj=f, mode="r:")
+                tf = tarfile.open(fileobj=f, mode="r:")  # noqa: SIM115 - f is closed by the with
             except (tarfile.TarError, EOFError, OSError) as exc:
                 if file_size == 0:
                     return [self._whole_input_error("empty file (0 bytes)")]

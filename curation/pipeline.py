@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -235,6 +236,7 @@ def run_stage(cfg: CurationConfig, stage: str, progress: bool = True) -> Any:
         return None
     _mark_stage(cfg, stage, complete=False)
     print(f"[curate] {stage}: running on cluster={cfg.executor.cluster}", flush=True)
+    t0 = time.time()
     ex = cfg.executor
     logs = _logs(cfg, stage)
     result: Any
@@ -254,7 +256,7 @@ def run_stage(cfg: CurationConfig, stage: str, progress: bool = True) -> Any:
         result = jobs.run_tasks(ex, logs, "write-finalize", task_write_finalize, [(cfg,)], ["write finalize"],
                                 gather=True, progress=progress)[0]
     _mark_stage(cfg, stage, complete=True)
-    print(f"[curate] {stage}: done", flush=True)
+    print(f"[curate] {stage}: done in {time.time() - t0:.1f} s", flush=True)
     return result
 
 

@@ -263,3 +263,43 @@ def resolve_embedder(out_dir: str | Path, source: str, name: str = "") -> str:
             "set the stage's 'embedder' option"
         )
     return found.pop()
+
+
+def write_embed_shard(out_dir: str | Path, source: str, shard_id: str, records: pd.DataFrame,
+                      embeddings: dict[str, np.ndarray]) -> Path:
+    """Write one shard in the ARCHITECTURE layout (tests and tools; embed.py has the real writer).
+
+    ``records`` needs ``key`` (and may give any other column); rows with
+    ``status == "ok"`` (default) get consecutive ``emb_row`` values and must match
+    the rows of each ``embeddings[name]`` array ([n_ok, D], stored as float16).
+    """
+    from dinov2.utils.io import atomic_save_npy, atomic_write_parquet
+
+    df = records.copy().reset_index(drop=True)
+    if "key" not in df.columns:
+        raise ValueError("records need a 'key' column")
+    n = len(df)
+    defaults = {"source": source, "shard_id": shard_id, "input_path": "", "member": None, "ext": "jpg",
+                "url": None, "caption": None, "sha256": None, "phash": None, "width": None, "height": None,
+                "orig_mode": "RGB", "status": "ok", "reason": None, "detail": None, "byte_offset": 0,
+                "byte_size": 0}
+    for col, val in defaults.items():
+        if col not in df.columns:
+            df[col] = [val] * n
+    df["id"] = [f"{source}/{shard_id}/{k}" for k in df["key"]]
+    ok = (df["status"] == "ok").to_numpy()
+    df["emb_row"] = np.where(ok, np.cumsum(ok) - 1, -1).astype(np.int64)
+    df["phash"] = pd.array(df["phash"], dtype="Int64")
+    folder = Path(out_dir) / "embed" / source
+    for name, emb in embeddings.items():
+        emb = np.asarray(emb)
+        if emb.shape[0] != int(ok.sum()):
+            raise ValueError(f"embeddings '{name}' have {emb.shape[0]} rows for {int(ok.sum())} ok records")
+        emb = normalize_rows(emb).astype(np.float16)
+        atomic_save_npy(folder / f"{shard_id}.{name}.npy", emb)
+    cols = ["id", "source", "shard_id", "input_path", "member", "key", "ext", "url", "caption", "sha256",
+            "phash", "width", "height", "orig_mode", "status", "reason", "detail", "emb_row", "byte_offset",
+            "byte_size"]
+    path = folder / f"{shard_id}.parquet"
+    atomic_write_parquet(path, df[cols])
+    return path

@@ -484,10 +484,14 @@ def funnel_counts(manifest: pd.DataFrame) -> dict[str, int]:
     }
 
 
+FUNNEL_ORDER = ("inputs", "decoded", "after_dedup", "after_decontamination", "retrieved", "written")
+
+
 def format_funnel(funnel: dict[str, int]) -> str:
-    width = max(len(k) for k in funnel)
+    keys = [k for k in FUNNEL_ORDER if k in funnel]  # summary.json stores keys sorted; print in flow order
+    width = max(len(k) for k in keys)
     total = max(funnel.get("inputs", 0), 1)
-    return "\n".join(f"  {k:<{width}} {v:>12,d}  ({100.0 * v / total:5.1f}%)" for k, v in funnel.items())
+    return "\n".join(f"  {k:<{width}} {funnel[k]:>12,d}  ({100.0 * funnel[k] / total:5.1f}%)" for k in keys)
 
 
 def write_stage(out_dir: str | Path, cfg: WriteConfig, seed: int = 0, **plan_kw: Any) -> dict:

@@ -19,9 +19,9 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-import badcorpus  # noqa: E402
+import badcorpus
 
-from curation.embed import (  # noqa: E402
+from curation.embed import (
     EMBED_SCHEMA,
     EmbedderConfig,
     EmbedError,
@@ -31,7 +31,8 @@ from curation.embed import (  # noqa: E402
     preprocess,
     task_shards,
 )
-from curation.ingest import read_bytes  # noqa: E402
+from curation.ingest import read_bytes
+from dinov2.utils.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 96  # small model input keeps CPU tests fast; EfficientNet accepts any size
@@ -254,12 +255,12 @@ _CHILD = textwrap.dedent(
     E.embed_stage("pool", [pattern], {"eff": E.EmbedderConfig(**eval(sys.argv[4]))}, out, progress=False)
     """
 )
-_CFG = dict(kind="efficientnet_lite0", image_size=64, batch_size=3, device="cpu")
+_CFG = {"kind": "efficientnet_lite0", "image_size": 64, "batch_size": 3, "device": "cpu"}
 
 
 def _run_child(mode: str, pattern: str, out: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, "-c", _CHILD, mode, pattern, str(out), repr(_CFG)], env=env,
+    return subprocess.run([sys.executable, "-c", _CHILD, mode, pattern, str(out), repr(_CFG)], env=env, check=False,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -351,10 +352,12 @@ def test_dinov2_embedder_pooling(tmp_path):
 
 
 def test_config_and_name_errors(tmp_path, lite0):
-    with pytest.raises(EmbedError, match="kind 'clip'"):
+    with pytest.raises(ConfigError, match="kind 'clip'"):
         load_embedder(EmbedderConfig(kind="clip"))
-    with pytest.raises(EmbedError, match="needs a checkpoint"):
+    with pytest.raises(ConfigError, match="needs a checkpoint"):
         load_embedder(EmbedderConfig(kind="dinov2"))
+    with pytest.raises(ConfigError, match="pooling"):
+        load_config(EmbedderConfig, None, ["kind=efficientnet_lite0", "pooling=cls_avgpool"])
     with pytest.raises(EmbedError, match="checkpoint not found"):
         load_embedder(EmbedderConfig(kind="torchscript", checkpoint=str(tmp_path / "x.pt")))
     with pytest.raises(ValueError, match="source"):

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from curation.ingest import InputError, InputReader, expand_inputs, expand_braces, read_bytes, split_key
+from curation.ingest import InputError, InputReader, expand_braces, expand_inputs, read_bytes, split_key
 from curation.phash import hamming, phash, phash_bits
 
 

@@ -85,6 +85,11 @@ def test_batches_shapes_and_determinism(shards):
     assert batch["collated_masks"].shape == (8, 16)
     assert [x["sample_index"] for x in a] == [0, 4, 8, 12, 16]
     assert [x["next_sample"] for x in a] == [4, 8, 12, 16, 20]
+    # Iterating again continues after the last batch handed out.
+    loader = build_train_loader(cfg)
+    first, second = _take(loader, 2), _take(loader, 3)
+    assert all(_same(x, y) for x, y in zip(first + second, a))
+    assert loader.state_dict() == {"next_sample": 20}
     other = _take(build_train_loader(_cfg(shards, seed=12)), 5)
     assert [x["keys"] for x in other] != [x["keys"] for x in a]
 

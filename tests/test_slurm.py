@@ -414,3 +414,190 @@ def test_submitit_training_job_preemption_requeues_and_resumes(cluster, tmp_path
     assert job_history(job.job_id) == ["REQUEUED", "COMPLETED"]
     _check_toy_resumed(run, 40)
     print(f"\n[slurm] submitit toy run with preemption → requeue → resume: {time.time() - t0:.1f}s")
+
+
+# ---------------------------------------------------------------------------- the real trainer
+TINY_TRAIN = REPO / "configs" / "train" / "tiny.yaml"
+TRAIN_STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def train_shards(tmp_path_factory) -> str:
+    """Two WebDataset shards of 24 JPEG crops of scikit-image's sample photos."""
+    import numpy as np
+    from PIL import Image
+    from skimage import data
+
+    root = tmp_path_factory.mktemp("train-shards")
+    photos = [getattr(data, n)() for n in ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry",
+                                           "retina")]
+    rng = np.random.default_rng(0)
+    for s in range(2):
+        with tarfile.open(root / f"shard-{s:06d}.tar", "w") as tf:
+            for i in range(24):
+                img = photos[(s * 24 + i) % len(photos)]
+                h, w = img.shape[:2]
+                side = int(min(h, w) * rng.uniform(0.4, 0.9))
+                y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+                buf = io.BytesIO()
+                Image.fromarray(img[y:y + side, x:x + side]).resize((96, 96)).save(buf, "JPEG", quality=90)
+                info = tarfile.TarInfo(f"s{s}_{i:04d}.jpg")
+                info.size, info.mtime = len(buf.getvalue()), 0
+                tf.addfile(info, io.BytesIO(buf.getvalue()))
+    return str(root / "shard-{000000..000001}.tar")
+
+
+def tiny_train_overrides(run: Path, shards: str) -> list[str]:
+    """A 2-block, 64-dim ViT on 42/28 px crops, 4 images per rank: seconds per step on this CPU."""
+    return [
+        f"train.output_dir={run}", f"optim.max_steps={TRAIN_STEPS}", "train.progress=false",
+        "train.tensorboard=false", "model.depth=2", "model.embed_dim=64", "model.num_heads=2",
+        "model.drop_path_rate=0.0", "head.dino_out_dim=256", "head.dino_hidden_dim=64", "head.dino_bottleneck_dim=32",
+        "head.ibot_out_dim=256", "optim.epoch_length=4", "optim.epochs=5", "optim.warmup_epochs=1",
+        "optim.freeze_last_layer_epochs=0.5", "data.batch_size=4", "data.crops.global_crops_size=42",
+        "data.crops.local_crops_size=28", "data.crops.local_crops_number=2", "data.num_workers=0",
+        "data.streams_per_rank=1", "checkpoint.every_n_steps=2", "checkpoint.keep_last=0", "compute.device=cpu",
+        f"data.sources=[{{pattern: '{shards}'}}]",
+    ]
+
+
+def _ckpt_done(run: Path, step: int) -> bool:
+    return (run / "ckpt" / f"step_{step:06d}" / "meta.json").exists()
+
+
+def _teacher(run: Path, step: int) -> dict:
+    from dinov2.train.checkpoint import load_teacher_backbone_state
+
+    return load_teacher_backbone_state(run / "ckpt" / f"step_{step:06d}")
+
+
+@pytest.fixture(scope="module")
+def sbatch_training(train_shards, slurm_cluster, tmp_path_factory):
+    """`sbatch -n 2 slurm/train.sbatch` (gloo), preempted by `scontrol requeue` after its first
+    checkpoint; returns the run folder and job id once the requeued job has finished."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SLURM_CONF", str(slurm_cluster.conf))
+    try:
+        t0 = time.time()
+        run = tmp_path_factory.mktemp("sbatch-train") / "run"
+        job = sbatch("-n", "2", "-o", str(run.parent / "sbatch-%j.out"), str(TRAIN_SBATCH), str(TINY_TRAIN),
+                     *tiny_train_overrides(run, train_shards), env={"PATH": f"{Path(PY).parent}:{os.environ['PATH']}"})
+        wait_for(lambda: _ckpt_done(run, 2), 300, "the step-2 checkpoint")
+        _run(["scontrol", "requeue", job])  # what a preempting scheduler does (PreemptMode=REQUEUE)
+        state = wait_job(job, timeout=400)
+        wall = time.time() - t0
+    finally:
+        mp.undo()
+    print(f"\n[slurm] sbatch 2-task tiny training, requeued once, {TRAIN_STEPS} steps: {wall:.1f}s")
+    return {"run": run, "job": job, "state": state}
+
+
+@pytest.mark.slurm
+def test_sbatch_training_two_tasks_requeued_resumes_to_completion(cluster, sbatch_training):
+    run, job = sbatch_training["run"], sbatch_training["job"]
+    assert sbatch_training["state"] == "COMPLETED", (run / "slurm" / f"job-{job}.log").read_text()[-3000:]
+    assert job_history(job) == ["REQUEUED", "COMPLETED"]
+    launches = (run / "slurm" / "launches.log").read_text()
+    assert "restart 0: 2 tasks" in launches and "restart 1: 2 tasks" in launches
+    log = (run / "slurm" / f"job-{job}.log").read_text()
+    assert re.search(r"resumed from .*step_0000\d\d", log), log[-3000:]
+    assert f"trained steps" in log and _ckpt_done(run, TRAIN_STEPS)
+
+
+@pytest.mark.slurm
+def test_submitit_launcher_cancel_resubmit_resumes_with_same_result(cluster, sbatch_training, train_shards,
+                                                                    tmp_path):
+    """`launcher=slurm` path: submit, `scancel` after the first checkpoint, submit again → it
+    resumes and ends with exactly the weights of the sbatch run (interrupted differently)."""
+    from dinov2.train.config import load_train_config
+
+    t0 = time.time()
+    run = tmp_path / "run"
+    overrides = tiny_train_overrides(run, train_shards)
+    cfg = load_train_config(TINY_TRAIN, overrides)
+    resources = slurm.SlurmLauncherConfig(tasks_per_node=2, cpus_per_task=1, timeout_min=30)
+    first = slurm.submit_training(cfg, overrides, slurm=resources, python=PY)
+    wait_for(lambda: _ckpt_done(run, 2), 300, "the step-2 checkpoint")
+    _run(["scancel", first.job_id])
+    assert wait_job(first.job_id) == "CANCELLED"
+    assert not _ckpt_done(run, TRAIN_STEPS)
+    second = slurm.submit_training(cfg, overrides, slurm=resources, python=PY)
+    results = second.results()
+    assert [r["returncode"] for r in results] == [0, 0]
+    assert wait_job(second.job_id) == "COMPLETED"
+    log = second.stderr() or ""
+    assert re.search(r"resumed from .*step_0000\d\d", log), log[-3000:]
+    assert (run / "slurm" / "config.yaml").is_file() and (run / "slurm" / f"submit-{second.job_id}.json").is_file()
+    ref, got = _teacher(sbatch_training["run"], TRAIN_STEPS), _teacher(run, TRAIN_STEPS)
+    assert ref.keys() == got.keys()
+    for k in ref:
+        assert torch_allclose(ref[k], got[k]), k
+    print(f"\n[slurm] submitit launcher: run, scancel, resubmit, resume, {TRAIN_STEPS} steps: {time.time() - t0:.1f}s")
+
+
+def torch_allclose(a, b) -> bool:
+    import torch
+
+    return bool(torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-6))
+
+
+# ---------------------------------------------------------------------------- curation on SLURM
+@pytest.fixture(scope="module")
+def curation_world(tmp_path_factory):
+    import torch
+
+    from curation.synth import CrawlSpec, build_crawl, load_photos
+    from dinov2.models import build_model
+    from dinov2.models.checkpoint import save_official
+
+    root = tmp_path_factory.mktemp("curate-slurm")
+    data = root / "data"
+    spec = CrawlSpec(n_base=16, n_eval_per_photo=1, n_query_per_photo=2, n_heldout_per_photo=1, n_junk=2,
+                     images_per_shard=8, min_out_side=48, max_out_side=80)
+    build_crawl(load_photos(limit=6, max_side=160), data, spec, seed=0)
+    torch.manual_seed(0)
+    ckpt = save_official(build_model("vit_tiny", img_size=56, depth=2), data / "vit_tiny_random.pth")
+    args = ["-c", str(REPO / "configs" / "curation" / "tiny.yaml"), "--no-progress", f"inputs=[{data / 'crawl'}/*.tar]",
+            f"eval_sets.photos=[{data / 'eval'}]", f"query_sets.q.inputs=[{data / 'query'}]",
+            f"embedders.tiny.checkpoint={ckpt}", "executor.write_tasks=2"]
+    return {"root": root, "args": args}
+
+
+def _curate(args: list[str], env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run([PY, "-m", "curation.cli", "run", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+    assert proc.returncode == 0, f"curate run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def _final_files(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((out / "final").iterdir())
+            if p.suffix in (".tar", ".parquet") or p.name == "summary.json"}
+
+
+@pytest.mark.slurm
+def test_curate_run_on_slurm_matches_local_executor(cluster, curation_world):
+    """`curate run executor.cluster=slurm`: array jobs through the cluster, final outputs
+    byte-identical to the submitit LocalExecutor's."""
+    root, args = curation_world["root"], curation_world["args"]
+    t0 = time.time()
+    # Both at once: the local run's processes overlap the SLURM jobs' queueing and start-up.
+    local = subprocess.Popen([PY, "-m", "curation.cli", "run", *args, f"output_dir={root / 'local'}",
+                              "executor.cluster=local"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    on_slurm = _curate([*args, f"output_dir={root / 'slurm'}", "executor.cluster=slurm", "executor.cpus_per_task=1",
+                        "executor.mem_gb=1", "executor.gather_cpus_per_task=1", "executor.gather_mem_gb=2"])
+    out, err = local.communicate(timeout=600)
+    assert local.returncode == 0, f"local curate run failed:\n{out[-3000:]}\n{err[-5000:]}"
+    wall = time.time() - t0
+    ref, got = _final_files(root / "local"), _final_files(root / "slurm")
+    assert any(name.endswith(".tar") for name in ref) and "manifest.parquet" in ref
+    assert got.keys() == ref.keys()
+    for name in ref:
+        assert got[name] == ref[name], f"final/{name} differs between the SLURM and the local executor"
+    # The sharded stages really ran as SLURM job arrays, and accounting saw every task finish.
+    rows = _run(["sacct", "-n", "-X", "-P", "-S", "now-1hour", "-o", "JobID,JobName,State"]).split()
+    arrays = [r for r in rows if re.match(r"^\d+_\d+\|", r)]
+    assert arrays and all(r.endswith("|COMPLETED") for r in arrays), rows
+    print(f"\n[slurm] curate run on SLURM ({len(arrays)} array tasks) and locally, side by side: {wall:.1f}s "
+          f"({on_slurm.stdout.count('already complete')} stages skipped)")

@@ -18,6 +18,7 @@ needed), crop+resize in one PIL call, colour ops on the small crops, fused to-te
 """
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import math
@@ -135,20 +136,41 @@ def _resized_crop_box(rng: np.random.Generator, width: int, height: int, scale, 
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-_IDENTITY_LUT = list(range(256))
+def _rotate_hue(rgb: np.ndarray, turns: float) -> np.ndarray:
+    """Exact HSV hue rotation of float RGB rows in [0, 1] (same formula as torchvision's tensor path)."""
+    hi, lo = rgb.max(-1), rgb.min(-1)
+    chroma = hi - lo
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    safe = np.where(chroma > 0, chroma, 1.0)
+    h = np.where(hi == r, ((g - b) / safe) % 6.0, np.where(hi == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0))
+    k = (h[..., None] + 6.0 * turns + np.array([5.0, 3.0, 1.0])) % 6.0
+    return hi[..., None] - chroma[..., None] * np.clip(np.minimum(k, 4.0 - k), 0.0, 1.0)
+
+
+_HUE_LUT_SIZE = 17
+
+
+@functools.lru_cache(maxsize=256)
+def _hue_lut(shift: int) -> ImageFilter.Color3DLUT:
+    """3-D colour lookup table (17^3 nodes, trilinear) for a hue rotation of ``shift``/256 turn."""
+    grid = np.linspace(0.0, 1.0, _HUE_LUT_SIZE)
+    b, g, r = np.meshgrid(grid, grid, grid, indexing="ij")  # Pillow's order: red varies fastest
+    nodes = np.stack([r, g, b], -1).reshape(-1, 3)
+    table = _rotate_hue(nodes, shift / 256.0).astype(np.float32).reshape(-1)
+    return ImageFilter.Color3DLUT(_HUE_LUT_SIZE, table, channels=3)
 
 
 def _hue_shift(img: Image.Image, hue: float) -> Image.Image:
-    """Rotate hue by ``hue`` (fraction of a turn) in PIL's 8-bit HSV (as the reference's PIL path).
+    """Rotate hue by ``hue`` (fraction of a turn), as ColorJitter's HSV hue shift.
 
-    One lookup-table pass over the HSV image (H shifted, S and V unchanged) instead of
-    split/shift/merge.
+    The shift is quantised to 1/256 turn (as in the reference's 8-bit PIL HSV path) and applied
+    through a cached 3-D lookup table: one interpolating C pass instead of two HSV conversions
+    (about 2x faster; within ~5/255 of the exact float result, like PIL's own HSV path).
     """
-    shift = round(hue * 255) % 256
+    shift = round(hue * 256) % 256
     if shift == 0:
         return img
-    lut = [(i + shift) % 256 for i in range(256)] + _IDENTITY_LUT + _IDENTITY_LUT
-    return img.convert("HSV").point(lut).convert("RGB")
+    return img.filter(_hue_lut(shift))
 
 
 def decode_for_crops(data: bytes, min_area: int, max_pixels: int = DEFAULT_MAX_PIXELS,

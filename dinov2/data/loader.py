@@ -251,16 +251,23 @@ class TrainLoader:
     """Iterable of collated batches plus the bad-sample counters (summed over workers).
 
     Each batch also carries ``sample_index`` (its first rank-local sample) and ``next_sample``
-    (pass it as ``start_sample`` to resume right after this batch).
+    (pass it as ``start_sample`` to resume right after this batch; ``state_dict()`` returns the
+    value for the last batch handed out).  Iterating again continues after that batch.
     """
 
     def __init__(self, dataset: MultiCropBatches, loader: DataLoader):
         self.dataset = dataset
         self.loader = loader
         self._worker_counters: dict[int, dict[str, int]] = {}
+        self._earlier_counts: Counter = Counter()  # from previous iterations' workers
         self.next_sample = dataset.start_batch * dataset.cfg.batch_size
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        # A new iteration continues right after the last batch handed out (workers restart there).
+        self.dataset.start_batch = self.next_sample // self.dataset.cfg.batch_size
+        for c in self._worker_counters.values():  # new workers count from zero again
+            self._earlier_counts.update(c)
+        self._worker_counters.clear()
         empty_run = 0
         limit = self.dataset.cfg.max_consecutive_empty_batches
         for batch in self.loader:
@@ -277,9 +284,13 @@ class TrainLoader:
             empty_run = 0
             yield batch
 
+    def state_dict(self) -> dict[str, int]:
+        """What a checkpoint needs to resume this rank's stream exactly."""
+        return {"next_sample": self.next_sample}
+
     def bad_sample_counts(self) -> dict[str, int]:
         """Problems seen so far by reason (decode reasons, truncated_tar, no_image, …)."""
-        total: Counter = Counter()
+        total: Counter = Counter(self._earlier_counts)
         for c in self._worker_counters.values():
             total.update(c)
         return dict(total)

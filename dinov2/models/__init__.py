@@ -16,11 +16,11 @@ from .vit import (
 
 __all__ = [
     "ARCHITECTURES",
+    "XFORMERS_AVAILABLE",
     "CheckpointError",
     "DinoVisionTransformer",
     "DropPath",
     "TokenLayout",
-    "XFORMERS_AVAILABLE",
     "attention_backend",
     "build_model",
     "export_official",

@@ -16,8 +16,8 @@ with packing, per crop group.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -40,7 +40,7 @@ class TokenLayout:
                 raise ValueError(f"TokenLayout group sizes must be positive, got {self.groups}")
 
     @classmethod
-    def single(cls, batch: int, seq_len: int) -> "TokenLayout":
+    def single(cls, batch: int, seq_len: int) -> TokenLayout:
         return cls(((int(batch), int(seq_len)),))
 
     @property

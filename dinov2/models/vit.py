@@ -10,7 +10,7 @@ group on its own.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +43,7 @@ def interpolate_pos_embed(
     ``pos_embed`` itself when the grid already matches, else a float32 table.
     """
     num_patches = pos_embed.shape[1] - 1
-    side = int(round(math.sqrt(num_patches)))
+    side = round(math.sqrt(num_patches))
     if side * side != num_patches:
         raise ValueError(f"position table has {num_patches} patch entries, not a square grid")
     if grid_height == side and grid_width == side:
@@ -319,28 +319,28 @@ class DinoVisionTransformer(nn.Module):
 # (e.g. ``vit_tiny(depth=2)`` for quick CPU runs).
 def vit_tiny(patch_size: int = 14, **kwargs) -> DinoVisionTransformer:
     """ViT-Ti: dim 192, depth 12, 3 heads (for small CPU runs)."""
-    return DinoVisionTransformer(patch_size=patch_size, **{**dict(embed_dim=192, depth=12, num_heads=3), **kwargs})
+    return DinoVisionTransformer(patch_size=patch_size, **({"embed_dim": 192, "depth": 12, "num_heads": 3} | kwargs))
 
 
 def vit_small(patch_size: int = 14, **kwargs) -> DinoVisionTransformer:
     """ViT-S: dim 384, depth 12, 6 heads."""
-    return DinoVisionTransformer(patch_size=patch_size, **{**dict(embed_dim=384, depth=12, num_heads=6), **kwargs})
+    return DinoVisionTransformer(patch_size=patch_size, **({"embed_dim": 384, "depth": 12, "num_heads": 6} | kwargs))
 
 
 def vit_base(patch_size: int = 14, **kwargs) -> DinoVisionTransformer:
     """ViT-B: dim 768, depth 12, 12 heads."""
-    return DinoVisionTransformer(patch_size=patch_size, **{**dict(embed_dim=768, depth=12, num_heads=12), **kwargs})
+    return DinoVisionTransformer(patch_size=patch_size, **({"embed_dim": 768, "depth": 12, "num_heads": 12} | kwargs))
 
 
 def vit_large(patch_size: int = 14, **kwargs) -> DinoVisionTransformer:
     """ViT-L: dim 1024, depth 24, 16 heads."""
-    return DinoVisionTransformer(patch_size=patch_size, **{**dict(embed_dim=1024, depth=24, num_heads=16), **kwargs})
+    return DinoVisionTransformer(patch_size=patch_size, **({"embed_dim": 1024, "depth": 24, "num_heads": 16} | kwargs))
 
 
 def vit_giant2(patch_size: int = 14, **kwargs) -> DinoVisionTransformer:
     """ViT-g/14 of DINOv2: dim 1536, depth 40, 24 heads, fused SwiGLU (inner width 4096)."""
     kwargs.setdefault("ffn_layer", "swiglufused")
-    return DinoVisionTransformer(patch_size=patch_size, **{**dict(embed_dim=1536, depth=40, num_heads=24), **kwargs})
+    return DinoVisionTransformer(patch_size=patch_size, **({"embed_dim": 1536, "depth": 40, "num_heads": 24} | kwargs))
 
 
 ARCHITECTURES = {

@@ -307,7 +307,8 @@ class SlurmLauncherConfig:
         return self.gpus_per_node if self.gpus_per_node > 0 else self.tasks_per_node
 
     def executor_parameters(self) -> dict[str, Any]:
-        """Keyword arguments for ``submitit.AutoExecutor.update_parameters``."""
+        """Keyword arguments for ``submitit.AutoExecutor.update_parameters`` (``max_num_timeout`` goes
+        to the AutoExecutor constructor as ``slurm_max_num_timeout``)."""
         params: dict[str, Any] = {
             "name": self.job_name,
             "nodes": self.nodes,
@@ -315,7 +316,6 @@ class SlurmLauncherConfig:
             "cpus_per_task": self.cpus_per_task,
             "timeout_min": self.timeout_min,
             "slurm_signal_delay_s": self.signal_delay_s,
-            "slurm_max_num_timeout": self.max_num_timeout,
             "slurm_additional_parameters": {"requeue": True, **dict(self.additional_parameters)},
         }
         if self.gpus_per_node > 0:
@@ -479,7 +479,8 @@ def submit_training(cfg: Any, overrides: Sequence[str] = (), *, slurm: SlurmLaun
     atomic_write_text(config_file, OmegaConf.to_yaml(OmegaConf.create(data)))
 
     argv = training_command(config_file, python=python)
-    executor = submitit.AutoExecutor(folder=str(slurm_dir / "submitit"), cluster=cluster)
+    executor = submitit.AutoExecutor(folder=str(slurm_dir / "submitit"), cluster=cluster,
+                                     **({"slurm_max_num_timeout": slurm.max_num_timeout} if cluster == "slurm" else {}))
     if cluster == "slurm":
         executor.update_parameters(**slurm.executor_parameters())
     job = executor.submit(TrainingJob(argv, run_dir))

@@ -90,8 +90,20 @@ class _DataSource:
                     self._counters_fn = attr if callable(attr) else (lambda a=attr: a)
                     break
         self._it: Iterator = iter(self._iterable)
+        # Pull the first batch now: lazy iterators start their DataLoader (and draw its worker seed
+        # from torch's global RNG) on the first next(); the caller isolates that RNG use.
+        self._first: dict[str, Any] | None = self._pull()
+
+    def _pull(self) -> dict[str, Any]:
+        try:
+            return next(self._it)
+        except StopIteration:
+            raise RuntimeError("the training data stream ended (the loader should be infinite)") from None
 
     def next(self) -> dict[str, Any]:
+        if self._first is not None:
+            first, self._first = self._first, None
+            return first
         try:
             return next(self._it)
         except StopIteration:
@@ -189,7 +201,11 @@ def run_training(cfg: TrainConfig, batch_source: BatchSourceFn | None = None,
 
     logger = MetricsLogger(run_dir, enabled=info.is_main, tensorboard=cfg.train.tensorboard)
     logger.truncate_after(start_step)
-    data = _DataSource(cfg, info, start_sample, batch_source)
+    # Creating the DataLoader iterator draws from torch's global RNG (worker base seed): do it in a
+    # forked RNG with a fixed seed so a resumed run's RNG stream (drop path …) matches the original.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed * 100_003 + 17 + info.rank)
+        data = _DataSource(cfg, info, start_sample, batch_source)
 
     pbar = None
     if info.is_main and cfg.train.progress:
@@ -213,8 +229,12 @@ def run_training(cfg: TrainConfig, batch_source: BatchSourceFn | None = None,
             out = arch.forward_loss(batch, vals["teacher_temp"])
             out.loss.backward()
             if step < freeze_iters:
-                for p in last_layer:  # frozen last layer: no gradient, no Adam moment update
-                    p.grad = None
+                # Frozen last layer: zero gradient (and LR 0).  Zeros rather than None keep every
+                # parameter in the optimizer state from step 1, so a checkpoint taken during the
+                # freeze resumes exactly.
+                for p in last_layer:
+                    if p.grad is not None:
+                        p.grad.zero_()
             norms = arch.clip_gradients(cfg.optim.clip_grad)
 
             names = sorted(out.terms)

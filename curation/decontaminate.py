@@ -1,0 +1,146 @@
+"""Relative deduplication against evaluation sets (DINOv2 §3: threshold 0.45, whole component).
+
+Every ok pool image is compared with every image of the ``eval-<name>`` sources
+(the eval embeddings are indexed — exact Flat below 1e5 images — and the pool is
+streamed through it shard by shard, so memory stays bounded by the eval set).
+A pool image is contaminated when its best cosine to an eval image is ≥
+``threshold``; the WHOLE dedup component of a contaminated image is dropped
+(``via_component``), because its near-copies carry the same eval content.
+
+Output ``OUT/decontaminate/decisions.parquet`` (one row per ok pool image):
+``id, contaminated, eval_set, eval_id, eval_sim, via_component``.  ``eval_sim`` is
+the image's own best similarity to any eval image (NaN without eval sets);
+``eval_set``/``eval_id`` name the eval image that caused the drop (the image's own
+match, or for ``via_component`` rows the best match inside its component), null
+when clean.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from curation.index import IndexConfig, as_vectors, build_index
+from curation.store import EmbeddingStore, Vectors, list_sources, resolve_embedder
+from dinov2.utils.io import atomic_write_json, atomic_write_parquet
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DecontamConfig:
+    embedder: str = ""  # "" = the only embedder present for the pool
+    threshold: float = 0.45  # cosine >= threshold to any eval image → contaminated (DINOv2: 0.45)
+    k: int = 1  # eval neighbours looked up per pool image (only the best one decides)
+    index: IndexConfig = field(default_factory=IndexConfig)
+
+    def validate(self) -> None:
+        from dinov2.utils.config import ConfigError
+
+        if not -1.0 <= self.threshold <= 1.0:
+            raise ConfigError(f"decontaminate.threshold must be a cosine in [-1, 1], got {self.threshold}")
+        if self.k < 1:
+            raise ConfigError("decontaminate.k must be >= 1")
+        self.index.validate()
+
+
+@dataclass
+class DecontamResult:
+    contaminated: np.ndarray  # bool per pool row
+    via_component: np.ndarray  # bool: dropped only because a component-mate matched
+    eval_row: np.ndarray  # eval row that caused the drop (-1 when clean)
+    best_eval_row: np.ndarray  # own best eval match (-1 when none)
+    best_eval_sim: np.ndarray  # own best cosine (NaN when no eval images)
+    stats: dict
+
+
+def decontaminate_core(pool: Vectors | np.ndarray, evals: Vectors | np.ndarray, cfg: DecontamConfig,
+                       component: np.ndarray | None = None) -> DecontamResult:
+    """Match pool rows against eval rows; spread contamination over ``component`` labels."""
+    pool, evals = as_vectors(pool), as_vectors(evals)
+    n = pool.n
+    best_row = np.full(n, -1, np.int64)
+    best_sim = np.full(n, np.nan, np.float32)
+    if evals.n and n:
+        if evals.dim != pool.dim:
+            raise ValueError(f"pool ({pool.dim}-d) and eval ({evals.dim}-d) embeddings differ in dimension")
+        index = build_index(evals, cfg.index)
+        for qrows, sims, nbrs in index.search_vectors(pool, max(1, cfg.k), desc="decontaminate"):
+            best_row[qrows] = nbrs[:, 0]
+            best_sim[qrows] = np.where(nbrs[:, 0] >= 0, sims[:, 0], np.nan)
+    own = np.nan_to_num(best_sim, nan=-np.inf) >= cfg.threshold
+    eval_row = np.where(own, best_row, -1)
+    contaminated = own.copy()
+    if component is not None and own.any():
+        component = np.asarray(component, np.int64)
+        if len(component) != n:
+            raise ValueError("component labels must have one entry per pool row")
+        comp_df = pd.DataFrame({"c": component[own], "sim": best_sim[own], "e": best_row[own]})
+        # the strongest match inside each contaminated component explains its mates' drop
+        strongest = comp_df.sort_values(["c", "sim", "e"], ascending=[True, False, True]).drop_duplicates("c")
+        by_comp = pd.Series(strongest["e"].to_numpy(), index=strongest["c"].to_numpy())
+        in_bad = np.isin(component, strongest["c"].to_numpy())
+        contaminated |= in_bad
+        via = in_bad & ~own
+        eval_row[via] = by_comp.reindex(component[via]).to_numpy(dtype=np.int64)
+    via_component = contaminated & ~own
+    stats = {"n": n, "n_eval": evals.n, "contaminated": int(contaminated.sum()),
+             "direct": int(own.sum()), "via_component": int(via_component.sum())}
+    return DecontamResult(contaminated, via_component, eval_row, best_row, best_sim, stats)
+
+
+def decisions_path(out_dir: str | Path) -> Path:
+    return Path(out_dir) / "decontaminate" / "decisions.parquet"
+
+
+def run_decontaminate(out_dir: str | Path, cfg: DecontamConfig | None = None, *, overwrite: bool = False) -> Path:
+    """Stage 3: pool vs ``eval-*`` embeddings + dedup components → decisions parquet."""
+    cfg = cfg or DecontamConfig()
+    out = decisions_path(out_dir)
+    if out.exists() and not overwrite:
+        log.info("decontamination already done: %s", out)
+        return out
+    embedder = resolve_embedder(out_dir, "pool", cfg.embedder)
+    pool = EmbeddingStore(out_dir, "pool", embedder)
+    eval_sources = list_sources(out_dir, "eval-")
+    evals = EmbeddingStore(out_dir, eval_sources, embedder) if eval_sources else None
+    component = None
+    dedup_file = Path(out_dir) / "dedup" / "decisions.parquet"
+    if dedup_file.exists():
+        dd = pq.read_table(dedup_file, columns=["id", "component"]).to_pandas()
+        comp = pd.Series(dd["component"].to_numpy(), index=dd["id"].to_numpy())
+        mapped = comp.reindex(pool.ids)
+        # ids missing from dedup (should not happen) become singleton components
+        component = np.where(mapped.isna(), -1 - np.arange(pool.n), mapped.fillna(0)).astype(np.int64)
+    else:
+        log.warning("no dedup decisions at %s: decontaminating images individually", dedup_file)
+    if evals is not None:
+        res = decontaminate_core(pool.vectors, evals.vectors, cfg, component)
+        eval_ids = evals.ids
+        eval_sets = evals.meta["source"].astype(str).str.removeprefix("eval-").to_numpy(dtype=object)
+    else:
+        res = decontaminate_core(pool.vectors, np.zeros((0, max(pool.dim, 1)), np.float32), cfg, component)
+        eval_ids = eval_sets = np.zeros(0, dtype=object)
+
+    def names(arr, rows):
+        return [arr[r] if r >= 0 else None for r in rows.tolist()]
+
+    table = pa.table({
+        "id": pa.array(pool.ids.tolist(), pa.string()),
+        "contaminated": pa.array(res.contaminated, pa.bool_()),
+        "eval_set": pa.array(names(eval_sets, res.eval_row), pa.string()),
+        "eval_id": pa.array(names(eval_ids, res.eval_row), pa.string()),
+        "eval_sim": pa.array(res.best_eval_sim, pa.float32()),
+        "via_component": pa.array(res.via_component, pa.bool_()),
+    })
+    stats = dict(res.stats, embedder=embedder, eval_sources=eval_sources, threshold=cfg.threshold,
+                 shard_problems=[vars(p) for p in pool.problems + (evals.problems if evals else [])])
+    atomic_write_json(out.parent / "stats.json", stats)
+    atomic_write_parquet(out, table)
+    log.info("decontamination: %d of %d pool images contaminated", res.stats["contaminated"], pool.n)
+    return out

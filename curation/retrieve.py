@@ -1,0 +1,288 @@
+"""Retrieval / balancing of the deduplicated, decontaminated pool (DINOv2 §3, Vo et al. 2024).
+
+Candidates = pool images kept by dedup and not contaminated.  Per curated query
+set (``query-<name>`` sources):
+- sample-based (a): the k nearest candidates of every query image (DINOv2: k=4,
+  32 for ImageNet-1k); used by ``auto`` for sets with ≥ ``sample_min_queries`` images;
+- cluster-based (b): FAISS k-means on the candidates (``n_clusters``); from every
+  cluster holding MORE than ``min_queries_per_cluster`` query images, ``per_cluster``
+  random candidates (all when fewer), at most ``max_per_set`` per set.
+Optionally (c) hierarchical k-means + balanced sampling of all candidates to a
+target size (curation/hkmeans.py); its selection is added to (a)/(b).  With no
+query sets, (c) alone decides — or, without (c), every candidate is kept.
+All random choices derive from ``seed`` (and the set name / cluster id), so
+reruns select the same images.
+
+Outputs ``OUT/retrieve/selection.parquet`` (one row per candidate): ``id, selected,
+query_sets (comma-separated or null), method (comma-separated: sample | cluster |
+hkmeans | all; null when not selected), best_query_id, best_query_sim (sample-based
+hits), cluster (level-0 k-means cluster, else hk leaf cluster, else -1), hk_path``;
+and ``OUT/retrieve/clusters.json`` with cluster sizes before/after selection.
+"""
+from __future__ import annotations
+
+import logging
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from curation.hkmeans import HKMeansConfig, balanced_sample, hierarchical_kmeans, size_ratio
+from curation.index import IndexConfig, as_vectors, assign, build_index, kmeans
+from curation.store import EmbeddingStore, Vectors, list_sources, resolve_embedder
+from dinov2.utils.io import atomic_write_json, atomic_write_parquet
+
+log = logging.getLogger(__name__)
+
+METHODS = ("auto", "sample", "cluster", "none")
+
+
+@dataclass
+class QuerySetConfig:
+    name: str = ""  # query set name (the source is "query-<name>")
+    method: str = "auto"  # auto | sample | cluster | none
+    k: int = 0  # sample-based neighbours per query; 0 = RetrieveConfig.sample_k
+    max_per_set: int = 0  # 0 = RetrieveConfig.max_per_set
+
+
+@dataclass
+class RetrieveConfig:
+    embedder: str = ""  # "" = the only embedder present for the pool
+    query_sets: list[QuerySetConfig] = field(default_factory=list)  # overrides; unlisted sets use defaults
+    default_method: str = "auto"
+    sample_min_queries: int = 1_000_000  # auto: sample-based for sets at least this large (DINOv2), else cluster
+    sample_k: int = 4
+    n_clusters: int = 0  # cluster-based k-means size; 0 = auto (~1 cluster per 50 candidates)
+    min_queries_per_cluster: int = 3  # use clusters holding MORE than this many query images
+    per_cluster: int = 10_000
+    max_per_set: int = 1_000_000
+    kmeans_niter: int = 20
+    keep_all_without_queries: bool = True  # no query sets and no hkmeans → select every candidate
+    hkmeans: HKMeansConfig = field(default_factory=HKMeansConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    seed: int = 0
+
+    def validate(self) -> None:
+        from dinov2.utils.config import ConfigError
+
+        for qs in self.query_sets:
+            if not qs.name:
+                raise ConfigError("retrieve.query_sets entries need a 'name'")
+            if qs.method not in METHODS:
+                raise ConfigError(f"retrieve.query_sets[{qs.name}].method must be one of {METHODS}")
+        if self.default_method not in METHODS:
+            raise ConfigError(f"retrieve.default_method must be one of {METHODS}")
+        if self.sample_k < 1 or self.per_cluster < 1 or self.max_per_set < 1:
+            raise ConfigError("retrieve.sample_k, per_cluster and max_per_set must be >= 1")
+        self.hkmeans.validate()
+        self.index.validate()
+
+    def for_set(self, name: str, n_queries: int) -> tuple[str, int, int]:
+        """(method, k, cap) for a query set, resolving overrides and ``auto``."""
+        qs = next((q for q in self.query_sets if q.name == name), QuerySetConfig(name=name))
+        method = qs.method if qs.method != "auto" else self.default_method
+        if method == "auto":
+            method = "sample" if n_queries >= self.sample_min_queries else "cluster"
+        return method, qs.k or self.sample_k, qs.max_per_set or self.max_per_set
+
+
+@dataclass
+class QuerySet:
+    name: str
+    vectors: Vectors | np.ndarray
+    ids: np.ndarray  # query image ids (for best_query_id)
+
+
+@dataclass
+class RetrieveResult:
+    rows: np.ndarray  # candidate global rows (sorted)
+    selected: np.ndarray
+    query_sets: np.ndarray  # object: comma-joined names or None
+    method: np.ndarray  # object
+    best_query_id: np.ndarray  # object
+    best_query_sim: np.ndarray  # float32, NaN when none
+    cluster: np.ndarray  # int64
+    hk_path: np.ndarray  # object
+    clusters: dict  # summary for clusters.json
+
+
+def _stable_seed(*parts) -> list[int]:
+    return [zlib.crc32(str(p).encode()) for p in parts]
+
+
+def _join(sets: list[set[str]]) -> np.ndarray:
+    return np.array([",".join(sorted(s)) if s else None for s in sets], dtype=object)
+
+
+def retrieve_core(pool: Vectors | np.ndarray, candidates: np.ndarray | None, query_sets: list[QuerySet],
+                  cfg: RetrieveConfig) -> RetrieveResult:
+    """Select candidates (boolean mask over pool rows; None = all) for the query sets."""
+    pool = as_vectors(pool)
+    mask = np.ones(pool.n, bool) if candidates is None else np.asarray(candidates, bool)
+    rows = np.flatnonzero(mask).astype(np.int64)
+    n = len(rows)
+    pos = np.full(pool.n, -1, np.int64)
+    pos[rows] = np.arange(n)
+    hit_sets: list[set[str]] = [set() for _ in range(n)]
+    hit_methods: list[set[str]] = [set() for _ in range(n)]
+    best_sim = np.full(n, -np.inf, np.float32)
+    best_qid = np.full(n, None, dtype=object)
+    cluster = np.full(n, -1, np.int64)
+    hk_path = np.full(n, None, dtype=object)
+    info: dict = {"candidates": n, "per_set": {}}
+    plans = [(qs, *cfg.for_set(qs.name, as_vectors(qs.vectors).n)) for qs in query_sets]
+    plans = [p for p in plans if p[1] != "none"]
+
+    def mark(sel_pos: np.ndarray, name: str, method: str) -> None:
+        for p in sel_pos.tolist():
+            hit_sets[p].add(name)
+            hit_methods[p].add(method)
+
+    index = None
+    if n and any(m == "sample" for _, m, _, _ in plans):
+        index = build_index(pool, cfg.index, mask)
+    km_labels = None
+    if n and any(m == "cluster" for _, m, _, _ in plans):
+        k = min(cfg.n_clusters or max(1, n // 50), n)
+        centroids = kmeans(pool, k, mask=mask, niter=cfg.kmeans_niter, seed=cfg.seed)
+        arows, km_labels, _ = assign(pool, centroids, mask)
+        assert np.array_equal(arows, rows)
+        cluster = km_labels.copy()
+        info["kmeans"] = {"n_clusters": int(len(centroids)),
+                          "sizes_before": np.bincount(km_labels, minlength=len(centroids)).tolist()}
+    for qs, method, k, cap in plans:
+        qv = as_vectors(qs.vectors)
+        if qv.n == 0 or n == 0:
+            info["per_set"][qs.name] = {"method": method, "n_queries": qv.n, "selected": 0}
+            continue
+        chosen = np.zeros(0, np.int64)
+        set_info: dict = {"method": method, "n_queries": qv.n}
+        if method == "sample":
+            got = []
+            for qrows, sims, nbrs in index.search_vectors(qv, k, desc=f"retrieve {qs.name}"):
+                valid = nbrs >= 0
+                p = pos[nbrs[valid]]
+                s = sims[valid]
+                qid = np.repeat(np.asarray(qs.ids, dtype=object)[qrows], valid.sum(1))
+                # best hit per candidate: highest similarity, ties → smallest query id
+                hits = pd.DataFrame({"p": p, "s": s, "q": qid}).sort_values(
+                    ["p", "s", "q"], ascending=[True, False, True], kind="stable").drop_duplicates("p")
+                hp, hs, hq = hits["p"].to_numpy(), hits["s"].to_numpy(np.float32), hits["q"].to_numpy(object)
+                better = hs > best_sim[hp]
+                best_sim[hp[better]] = hs[better]
+                best_qid[hp[better]] = hq[better]
+                got.append(np.unique(p))
+            chosen = np.unique(np.concatenate(got)) if got else chosen
+        else:  # cluster-based
+            _, qlab, _ = assign(qv, centroids)
+            qcount = np.bincount(qlab, minlength=len(centroids))
+            eligible = np.flatnonzero(qcount > cfg.min_queries_per_cluster)
+            order = np.argsort(km_labels, kind="stable")
+            bounds = np.searchsorted(km_labels[order], np.arange(len(centroids) + 1))
+            picks = []
+            for c in eligible.tolist():
+                members = order[bounds[c] : bounds[c + 1]]
+                if len(members) > cfg.per_cluster:
+                    members = np.random.default_rng(_stable_seed(cfg.seed, qs.name, c)).choice(
+                        members, cfg.per_cluster, replace=False)
+                picks.append(members)
+            chosen = np.unique(np.concatenate(picks)) if picks else chosen
+            set_info["eligible_clusters"] = int(len(eligible))
+        if len(chosen) > cap:
+            rng = np.random.default_rng(_stable_seed(cfg.seed, qs.name, "cap"))
+            chosen = np.sort(rng.choice(chosen, cap, replace=False))
+        mark(chosen, qs.name, method)
+        set_info["selected"] = int(len(chosen))
+        info["per_set"][qs.name] = set_info
+    selected = np.array([bool(s) for s in hit_sets], dtype=bool) if n else np.zeros(0, bool)
+    if cfg.hkmeans.enabled and n:
+        hk = hierarchical_kmeans(pool, cfg.hkmeans, mask)
+        assert np.array_equal(hk.rows, rows)
+        target = cfg.hkmeans.target_size or int(round(cfg.hkmeans.target_fraction * n))
+        pick = balanced_sample(hk, min(target, n), seed=cfg.hkmeans.seed)
+        for p in np.flatnonzero(pick).tolist():
+            hit_methods[p].add("hkmeans")
+        selected |= pick
+        hk_path = hk.paths()
+        leaf, top = hk.labels[0], hk.top_label()
+        if km_labels is None:
+            cluster = leaf.copy()
+        k_leaf, k_top = len(hk.centroids[0]), len(hk.centroids[-1])
+        info["hkmeans"] = {
+            "levels": [len(c) for c in hk.centroids], "target": int(target), "selected": int(pick.sum()),
+            "leaf_sizes_before": np.bincount(leaf, minlength=k_leaf).tolist(),
+            "leaf_sizes_after": np.bincount(leaf[pick], minlength=k_leaf).tolist(),
+            "top_sizes_before": np.bincount(top, minlength=k_top).tolist(),
+            "top_sizes_after": np.bincount(top[pick], minlength=k_top).tolist(),
+            "leaf_max_min_ratio_before": size_ratio(leaf, k_leaf),
+            "leaf_max_min_ratio_after": size_ratio(leaf[pick], k_leaf),
+        }
+    if not plans and not cfg.hkmeans.enabled and cfg.keep_all_without_queries:
+        selected[:] = True
+        for m in hit_methods:
+            m.add("all")
+    if km_labels is not None:
+        info["kmeans"]["sizes_after"] = np.bincount(km_labels[selected], minlength=info["kmeans"]["n_clusters"]).tolist()
+    method = _join(hit_methods)
+    method[~selected] = None
+    info["selected"] = int(selected.sum())
+    best = np.where(np.isfinite(best_sim), best_sim, np.nan).astype(np.float32)
+    return RetrieveResult(rows, selected, _join(hit_sets), method, best_qid, best, cluster, hk_path, info)
+
+
+def selection_path(out_dir: str | Path) -> Path:
+    return Path(out_dir) / "retrieve" / "selection.parquet"
+
+
+def candidate_mask(out_dir: str | Path, ids: np.ndarray) -> np.ndarray:
+    """Pool rows kept by dedup and not contaminated (decontamination optional)."""
+    out_dir = Path(out_dir)
+    dedup_file = out_dir / "dedup" / "decisions.parquet"
+    if not dedup_file.exists():
+        raise FileNotFoundError(f"retrieval needs the dedup decisions: {dedup_file} is missing (run dedup first)")
+    dd = pq.read_table(dedup_file, columns=["id", "kept"]).to_pandas()
+    keep = pd.Series(dd["kept"].to_numpy(), index=dd["id"].to_numpy()).reindex(ids).fillna(False).to_numpy(bool)
+    dc_file = out_dir / "decontaminate" / "decisions.parquet"
+    if dc_file.exists():
+        dc = pq.read_table(dc_file, columns=["id", "contaminated"]).to_pandas()
+        bad = pd.Series(dc["contaminated"].to_numpy(), index=dc["id"].to_numpy()).reindex(ids).fillna(False)
+        keep &= ~bad.to_numpy(bool)
+    else:
+        log.warning("no decontamination decisions at %s: eval near-copies are not removed", dc_file)
+    return keep
+
+
+def run_retrieve(out_dir: str | Path, cfg: RetrieveConfig | None = None, *, overwrite: bool = False) -> Path:
+    """Stage 4: candidates + ``query-*`` embeddings → selection.parquet + clusters.json."""
+    cfg = cfg or RetrieveConfig()
+    out = selection_path(out_dir)
+    if out.exists() and not overwrite:
+        log.info("retrieval already done: %s", out)
+        return out
+    embedder = resolve_embedder(out_dir, "pool", cfg.embedder)
+    pool = EmbeddingStore(out_dir, "pool", embedder)
+    mask = candidate_mask(out_dir, pool.ids)
+    query_sets = []
+    for source in list_sources(out_dir, "query-"):
+        qstore = EmbeddingStore(out_dir, source, embedder)
+        query_sets.append(QuerySet(source.removeprefix("query-"), qstore.vectors, qstore.ids))
+    res = retrieve_core(pool.vectors, mask, query_sets, cfg)
+    ids = pool.ids[res.rows]
+    table = pa.table({
+        "id": pa.array(ids.tolist(), pa.string()),
+        "selected": pa.array(res.selected, pa.bool_()),
+        "query_sets": pa.array(res.query_sets.tolist(), pa.string()),
+        "method": pa.array(res.method.tolist(), pa.string()),
+        "best_query_id": pa.array(res.best_query_id.tolist(), pa.string()),
+        "best_query_sim": pa.array(res.best_query_sim, pa.float32()),
+        "cluster": pa.array(res.cluster, pa.int64()),
+        "hk_path": pa.array(res.hk_path.tolist(), pa.string()),
+    })
+    atomic_write_json(out.parent / "clusters.json", dict(res.clusters, embedder=embedder))
+    atomic_write_parquet(out, table)
+    log.info("retrieval: selected %d of %d candidates", res.clusters["selected"], len(ids))
+    return out
