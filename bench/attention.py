@@ -21,6 +21,7 @@ and weights allocated), i.e. the high-water mark of the work itself.
     python bench/attention.py                 # batch 16 (the issue's setting)
     python bench/attention.py --batch 4 --iters 2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -157,9 +158,23 @@ def check_equal(args) -> float:
     return worst
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=16, help="images per batch (each: 2 global + 8 local crops)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--batch", type=int, default=16, help="images per batch (each: 2 global + 8 local crops)"
+    )
     parser.add_argument("--dim", type=int, default=384)
     parser.add_argument("--heads", type=int, default=6)
     parser.add_argument("--patch", type=int, default=14)
@@ -185,21 +200,29 @@ def main() -> None:
     g_tokens = (args.global_size // args.patch) ** 2 + 1
     l_tokens = (args.local_size // args.patch) ** 2 + 1
     print(f"# one attention layer (qkv + attention + proj), dim {args.dim}, {args.heads} heads, fp32, CPU")
-    print(f"# batch {args.batch}: {2 * args.batch}x{g_tokens} + {8 * args.batch}x{l_tokens} tokens; "
-          f"median of {args.iters}; torch {torch.__version__}, {args.threads} threads, "
-          f"{platform.processor() or platform.machine()}")
+    print(
+        f"# batch {args.batch}: {2 * args.batch}x{g_tokens} + {8 * args.batch}x{l_tokens} tokens; "
+        f"median of {args.iters}; torch {torch.__version__}, {args.threads} threads, "
+        f"{cpu_name()}"
+    )
     print(f"# outputs agree with per-group to max abs diff {max_diff:.1e} (batch 2)")
     base = results["dense-mask"]
-    print("# wall = median elapsed ms; cpu = median process CPU ms (all threads; less sensitive to other load)")
-    print("| method | fwd wall | fwd cpu | fwd+bwd wall | fwd+bwd cpu | peak MiB "
-          "| fwd+bwd speed-up vs dense (wall / cpu) | memory vs dense |")
+    print(
+        "# wall = median elapsed ms; cpu = median process CPU ms (all threads; less sensitive to other load)"
+    )
+    print(
+        "| method | fwd wall | fwd cpu | fwd+bwd wall | fwd+bwd cpu | peak MiB "
+        "| fwd+bwd speed-up vs dense (wall / cpu) | memory vs dense |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for method in METHODS:
         r = results[method]
         mem_ratio = r["peak_mib"] / base["peak_mib"] if base["peak_mib"] > 0 else float("nan")
-        print(f"| {method} | {r['fwd']:.0f} | {r['fwd_cpu']:.0f} | {r['fwd_bwd']:.0f} | {r['fwd_bwd_cpu']:.0f} "
-              f"| {r['peak_mib']:.0f} | {base['fwd_bwd'] / r['fwd_bwd']:.2f}x / "
-              f"{base['fwd_bwd_cpu'] / r['fwd_bwd_cpu']:.2f}x | {mem_ratio:.2f}x |")
+        print(
+            f"| {method} | {r['fwd']:.0f} | {r['fwd_cpu']:.0f} | {r['fwd_bwd']:.0f} | {r['fwd_bwd_cpu']:.0f} "
+            f"| {r['peak_mib']:.0f} | {base['fwd_bwd'] / r['fwd_bwd']:.2f}x / "
+            f"{base['fwd_bwd_cpu'] / r['fwd_bwd_cpu']:.2f}x | {mem_ratio:.2f}x |"
+        )
 
 
 if __name__ == "__main__":

@@ -21,9 +21,9 @@ import hashlib
 import json
 import tarfile
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import pandas as pd
 import pyarrow.parquet as pq
@@ -119,6 +119,7 @@ def _check_shards(final: Path, summary: dict, manifest: pd.DataFrame, decode: bo
     for name in sorted(on_disk - set(listed)):
         c.fail(f"{name}: on disk but not in summary.json")
     kept = manifest[manifest["decision"] == "kept"].set_index(["output_shard", "output_key"])
+    kept = kept[~kept.index.duplicated()]  # duplicates are reported by the manifest check
     by_shard = manifest[manifest["decision"] == "kept"].groupby("output_shard").size().to_dict()
     for name in sorted(set(by_shard) - set(listed)):
         c.fail(f"{name}: the manifest assigns {by_shard[name]} images to it but summary.json lists no such shard")

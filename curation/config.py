@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -24,8 +25,8 @@ from .dedup import DedupConfig
 from .embed import EmbedderConfig
 from .ingest import DEFAULT_MAX_BYTES
 from .jobs import ExecutorConfig
-from .retrieve import QuerySetConfig as RetrieveQuerySetConfig
 from .retrieve import METHODS as RETRIEVE_METHODS
+from .retrieve import QuerySetConfig as RetrieveQuerySetConfig
 from .retrieve import RetrieveConfig
 from .write import WriteConfig
 
@@ -144,7 +145,10 @@ def load_curation_config(path: str | Path | None = None, overrides: Sequence[str
             path = Path(path)
             if not path.is_file():
                 raise ConfigError(f"config file not found: {path}")
-            file_cfg = OmegaConf.load(path) or OmegaConf.create({})
+            try:
+                file_cfg = OmegaConf.load(path) or OmegaConf.create({})
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
             cfg = OmegaConf.merge(cfg, file_cfg)
         for item in overrides:
             key, value = _parse_override(item)

@@ -417,6 +417,8 @@ def embed_shard(
     Skips the shard when its parquet already exists (unless ``overwrite``).  Bad
     items become rows with ``status="error"`` and a reason; nothing about the
     input's content can make this raise (model/config problems do).
+    ``num_workers`` decode threads (0 counts as 1); ``max_bytes`` caps the encoded
+    size read per item (larger → ``too_large``).
     """
     _validate_names(source, embedders)
     names = sorted(embedders)

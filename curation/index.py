@@ -375,6 +375,7 @@ def build_index(vectors: Vectors | np.ndarray, cfg: IndexConfig | None = None,
             index = faiss.IndexIVFFlat(quantizer, d, plan.nlist, faiss.METRIC_INNER_PRODUCT)
         else:
             index = faiss.IndexIVFPQ(quantizer, d, plan.nlist, plan.pq_m, 8, faiss.METRIC_INNER_PRODUCT)
+            index.pq.cp.niter = cfg.kmeans_niter  # codebook k-means: FAISS's 25 iterations are slow on CPU
         # The quantizer already holds nlist trained centroids, so train() only fits PQ codebooks.
         index.train(train)
         index.nprobe = plan.nprobe

@@ -204,10 +204,6 @@ class Item:
     detail: str | None = None
     id_key: str = ""  # key made unique within the input (``key#2`` for repeats); used in ids
 
-    @property
-    def ok_so_far(self) -> bool:
-        return self.reason is None
-
 
 def split_key(name: str) -> tuple[str, str]:
     """``"a.b.c.jpg"`` → ``("a.b.c", "jpg")``; only the final extension is split off."""
@@ -317,7 +313,7 @@ class InputReader:
                         self._items = self._folder_items()
                     else:
                         self._items = self._parquet_items()
-                except OSError as exc:
+                except Exception as exc:  # noqa: BLE001 - a bad input must never stop the job
                     self._items = [self._whole_input_error(f"{type(exc).__name__}: {exc}")]
             _assign_unique_ids(self._items)
         return self._items

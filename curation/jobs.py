@@ -14,9 +14,10 @@ from __future__ import annotations
 import math
 import re
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 CLUSTERS = ("local", "slurm", "debug")
 
@@ -88,6 +89,8 @@ def make_executor(cfg: ExecutorConfig, folder: str | Path, name: str, gather: bo
         "nodes": 1,
         "tasks_per_node": 1,
     }
+    if params["gpus_per_node"] == 0:
+        params.pop("gpus_per_node")  # clusters without GPU GRES reject even `--gpus-per-node=0`
     if cfg.cluster == "slurm":
         params["slurm_array_parallelism"] = cfg.array_parallelism
         if cfg.slurm_partition:
@@ -99,7 +102,7 @@ def make_executor(cfg: ExecutorConfig, folder: str | Path, name: str, gather: bo
         params.pop("mem_gb")
         params.pop("cpus_per_task")
         if cfg.cluster == "debug":
-            params.pop("gpus_per_node")
+            params.pop("gpus_per_node", None)
     ex.update_parameters(**params)
     return ex
 

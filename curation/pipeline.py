@@ -17,8 +17,9 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from dinov2.utils.config import ConfigError, to_dict, to_yaml
 from dinov2.utils.io import atomic_write_json, atomic_write_text

@@ -286,6 +286,7 @@ def write_embed_shard(out_dir: str | Path, source: str, shard_id: str, records: 
     for col, val in defaults.items():
         if col not in df.columns:
             df[col] = [val] * n
+    df["status"] = df["status"].fillna("ok")
     df["id"] = [f"{source}/{shard_id}/{k}" for k in df["key"]]
     ok = (df["status"] == "ok").to_numpy()
     df["emb_row"] = np.where(ok, np.cumsum(ok) - 1, -1).astype(np.int64)

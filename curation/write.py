@@ -23,9 +23,10 @@ import io
 import json
 import math
 import tarfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -231,6 +232,9 @@ def build_plan(
     for c in MANIFEST_COLUMNS:
         if c not in df.columns:
             df[c] = None
+    # Left joins turn integer columns with gaps into floats; keep them integers (nullable).
+    for c in ("width", "height", "component", "component_size", "cluster", "byte_offset", "byte_size"):
+        df[c] = pd.to_numeric(df[c], errors="coerce").round().astype("Int64")
     extra = ["ext", "url", "caption", "byte_offset", "byte_size", "output_pos"]
     return df[list(MANIFEST_COLUMNS) + [c for c in extra if c in df.columns]].sort_values("id", kind="stable").reset_index(drop=True)
 
@@ -356,25 +360,24 @@ def write_one_shard(out_dir: str | Path, name: str, rows: pd.DataFrame, verify_s
     reader = _SourceReader()
     count = 0
     try:
-        with atomic_open(tar_path, "wb") as f:
-            with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tf:
-                for row in rows.to_dict("records"):
-                    try:
-                        data = reader.read(row["input_path"], int(row["byte_offset"]), int(row["byte_size"]))
-                    except OSError as exc:
-                        failed[row["id"]] = ["source_unreadable", f"{row['input_path']}: {exc}"]
-                        continue
-                    if len(data) != int(row["byte_size"]):
-                        failed[row["id"]] = ["source_changed", f"read {len(data)} of {row['byte_size']} bytes"]
-                        continue
-                    if verify_sha256 and hashlib.sha256(data).hexdigest() != row["sha256"]:
-                        failed[row["id"]] = ["sha256_mismatch", f"source bytes of {row['member']} changed"]
-                        continue
-                    ext = _output_ext(row.get("ext"), data)
-                    members = sorted([(f"{row['output_key']}.{ext}", data), (f"{row['output_key']}.json", _sample_json(row))])
-                    for member_name, payload in members:
-                        _tar_add(tf, member_name, payload)
-                    count += 1
+        with atomic_open(tar_path, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+            for row in rows.to_dict("records"):
+                try:
+                    data = reader.read(row["input_path"], int(row["byte_offset"]), int(row["byte_size"]))
+                except OSError as exc:
+                    failed[row["id"]] = ["source_unreadable", f"{row['input_path']}: {exc}"]
+                    continue
+                if len(data) != int(row["byte_size"]):
+                    failed[row["id"]] = ["source_changed", f"read {len(data)} of {row['byte_size']} bytes"]
+                    continue
+                if verify_sha256 and hashlib.sha256(data).hexdigest() != row["sha256"]:
+                    failed[row["id"]] = ["sha256_mismatch", f"source bytes of {row['member']} changed"]
+                    continue
+                ext = _output_ext(row.get("ext"), data)
+                members = sorted([(f"{row['output_key']}.{ext}", data), (f"{row['output_key']}.json", _sample_json(row))])
+                for member_name, payload in members:
+                    _tar_add(tf, member_name, payload)
+                count += 1
     finally:
         reader.close()
     record = {

@@ -168,6 +168,17 @@ def test_img2dataset_shard_columns_and_metadata(tmp_path, lite0):
         assert row["status"] == "ok" and row["orig_mode"] == "RGB" and row["phash"] is not None
 
 
+def test_pixel_limit_and_shard_without_ok_items(tmp_path, lite0):
+    write_img2dataset_shards(tmp_path / "crawl", n_shards=1, per_shard=3)
+    stats = embed_shard("pool", "s000000", tmp_path / "crawl" / "00000.tar", {"eff": lite0}, tmp_path / "out",
+                        max_pixels=70 * 70)  # every crop is at least 80×80
+    assert stats.reasons == {"too_large": 3} and stats.n_ok == 0
+    emb = np.load(tmp_path / "out" / "embed" / "pool" / "s000000.eff.npy")
+    assert emb.shape == (0, 1280) and emb.dtype == np.float16  # D known even with no rows
+    rows = pq.read_table(tmp_path / "out" / "embed" / "pool" / "s000000.parquet").to_pylist()
+    assert all(r["emb_row"] == -1 and r["sha256"] and "exceeds" in r["detail"] for r in rows)
+
+
 def test_folder_and_parquet_list_sources(tmp_path, lite0):
     images = _crops(5, seed=1)
     folder = tmp_path / "eval_photos"
@@ -305,6 +316,15 @@ def test_lite0_embeddings_find_copies(tmp_path, lite0):
     sims = emb[len(names):] @ emb[: len(names)].T
     assert (sims.argmax(axis=1) == np.arange(len(names))).all(), sims
     assert np.diag(sims).min() > 0.8
+
+
+def test_bf16_autocast_close_to_fp32(lite0):
+    bf16 = load_embedder(EmbedderConfig(kind="efficientnet_lite0", image_size=SIZE, device="cpu", dtype="bf16"))
+    assert bf16.autocast_dtype == torch.bfloat16 and lite0.autocast_dtype is None  # auto on CPU = fp32
+    batch = torch.stack([lite0.preprocess(im) for im in _crops(4, seed=9)])
+    a, b = lite0.embed(batch), bf16.embed(batch)
+    assert b.dtype == np.float32 and np.isfinite(b).all()
+    assert (a * b).sum(1).min() > 0.97
 
 
 def test_torchscript_embedder_matches_eager(tmp_path):

@@ -182,6 +182,7 @@ def test_write_manifest_shards_and_audit(tmp_path):
                     meta = json.loads(payload)
                     assert meta["id"] == row["id"] and meta["url"].startswith("https://example.com/")
                     assert meta["query_sets"] == "q" and meta["cluster"] in (0, 1)
+                    assert isinstance(meta["cluster"], int) and (meta["width"], meta["height"]) == (96, 64)
                 else:
                     assert hashlib.sha256(payload).hexdigest() == row["sha256"]
     # The dotted key's original png/jpg bytes made it through.

@@ -54,7 +54,7 @@ def test_same_seed_same_crops_different_seed_different(astronaut):
 
 def test_per_crop_probabilities_match_config_not_inverted():
     aug = DataAugmentationDINO()
-    n = 3000
+    n = 10000
     counts = {k: np.zeros(6) for k in ("global1", "global2", "local")}
     totals = {"global1": 0, "global2": 0, "local": 0}
     rng = np.random.default_rng(123)

@@ -180,3 +180,15 @@ def test_all_bad_source_fails_clearly_instead_of_hanging(tmp_path):
     assert loader.next_sample == 10  # positions still advanced past the empty batches
     counts = loader.bad_sample_counts()
     assert counts["empty_batch"] == 5 and counts["empty"] >= 1
+
+
+def test_reference_sizes_end_to_end(shards):
+    cfg = DataConfig(sources=[SourceConfig(pattern=shards["a"])], batch_size=2, num_workers=0,
+                     streams_per_rank=1, shuffle_buffer=4)  # defaults: 2 x 224, 8 x 98, /14 patches
+    batch = _take(build_train_loader(cfg), 1)[0]
+    assert batch["collated_global_crops"].shape == (4, 3, 224, 224)
+    assert batch["collated_local_crops"].shape == (16, 3, 98, 98)
+    masks = batch["collated_masks"]
+    assert masks.shape == (4, 256)
+    assert int((masks.sum(-1) > 0).sum()) == 2  # half of the 2B global crops are masked
+    assert batch["upperbound"] >= int(batch["n_masked_patches"])

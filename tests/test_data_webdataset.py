@@ -215,3 +215,17 @@ def test_fast_header_reader_matches_tarfile(tmp_path, sign_digits, fmt):
         f, s = scan_shard(str(tmp_path / "cut.tar")), scan_shard(str(tmp_path / "cut.tar"), use_tarfile=True)
         assert f.refs == s.refs, cut
         assert bool(f.problems) == bool(s.problems), cut
+
+
+def test_random_corruption_never_raises(tmp_path, sign_digits):
+    photos = _photo_bytes(sign_digits, 3)
+    write_tar_shard(str(tmp_path / "ok.tar"), [(f"k.{i}.jpg", p) for i, p in enumerate(photos)])
+    data = (tmp_path / "ok.tar").read_bytes()
+    rng = np.random.default_rng(0)
+    for trial in range(150):
+        bad = bytearray(data)
+        for pos in rng.integers(0, 3 * 512, size=int(rng.integers(1, 6))):  # hit the headers
+            bad[int(pos)] = int(rng.integers(0, 256))
+        (tmp_path / "bad.tar").write_bytes(bytes(bad[: int(rng.integers(0, len(bad) + 1))]))
+        scan = scan_shard(str(tmp_path / "bad.tar"))
+        assert len(scan.refs) <= 3, trial

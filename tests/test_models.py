@@ -1,4 +1,5 @@
 """ViT backbone: official layout, forward API, drop path, init, checkpoint wrappers and errors."""
+
 from __future__ import annotations
 
 import argparse
@@ -37,7 +38,9 @@ def random_images(batch: int, height: int, width: int, seed: int = 0) -> torch.T
 def dino2021_state(patch: int, dim: int, depth: int) -> dict[str, torch.Tensor]:
     """A DINO (2021)-style backbone state dict: no LayerScale, no mask_token, 224 grid."""
     torch.manual_seed(patch)
-    model = DinoVisionTransformer(img_size=224, patch_size=patch, embed_dim=dim, depth=depth, init_values=None)
+    model = DinoVisionTransformer(
+        img_size=224, patch_size=patch, embed_dim=dim, depth=depth, init_values=None
+    )
     state = export_official(model)
     del state["mask_token"]
     return dict(state)
@@ -55,7 +58,9 @@ def official_shapes(dim, depth, hidden, swiglu, registers, patch=14, grid=37):
         p = f"blocks.{i}."
         shapes.update({p + "norm1.weight": (dim,), p + "norm1.bias": (dim,)})
         shapes.update({p + "attn.qkv.weight": (3 * dim, dim), p + "attn.qkv.bias": (3 * dim,)})
-        shapes.update({p + "attn.proj.weight": (dim, dim), p + "attn.proj.bias": (dim,), p + "ls1.gamma": (dim,)})
+        shapes.update(
+            {p + "attn.proj.weight": (dim, dim), p + "attn.proj.bias": (dim,), p + "ls1.gamma": (dim,)}
+        )
         shapes.update({p + "norm2.weight": (dim,), p + "norm2.bias": (dim,)})
         if swiglu:
             shapes.update({p + "mlp.w12.weight": (2 * hidden, dim), p + "mlp.w12.bias": (2 * hidden,)})
@@ -92,7 +97,10 @@ def test_official_layout_keys_shapes_and_order(arch, registers):
     inferred = infer_architecture({k: torch.empty(s, device="meta") for k, s in expected.items()})
     assert inferred["embed_dim"] == dim and inferred["depth"] == depth and inferred["patch_size"] == 14
     assert inferred["num_register_tokens"] == registers and inferred["img_size"] == 518
-    assert inferred["ffn_layer"] == ("swiglufused" if swiglu else "mlp") and inferred["ffn_hidden_features"] == hidden
+    assert (
+        inferred["ffn_layer"] == ("swiglufused" if swiglu else "mlp")
+        and inferred["ffn_hidden_features"] == hidden
+    )
     if arch == "vit_giant2":
         assert sum(p.numel() for p in model.parameters()) > 1.1e9
 
@@ -119,6 +127,19 @@ def test_forward_modes_and_intermediate_layers():
     assert torch.equal(raw[0], features["x_prenorm"][:, 1:])
     with pytest.raises(ValueError, match="outside"):
         model.get_intermediate_layers(images, n=[4])
+    # Masks may be given flat [B, N] or as the [B, h, w] patch grid; masked patches change the output.
+    grid_masks = torch.zeros(2, 3, 5, dtype=torch.bool)
+    grid_masks[0, 1, 2:] = True
+    with torch.no_grad():
+        masked_grid = model.forward_features(images, grid_masks)["x_norm_patchtokens"]
+        masked_flat = model.forward_features(images, grid_masks.flatten(1).int())["x_norm_patchtokens"]
+    assert torch.equal(masked_grid, masked_flat)
+    assert max_diff(masked_grid[0], features["x_norm_patchtokens"][0]) > 1e-3
+    assert torch.equal(masked_grid[1], features["x_norm_patchtokens"][1])
+    with pytest.raises(ValueError, match="does not match the patch grid"):
+        model.forward_features(images, torch.zeros(2, 14, dtype=torch.bool))
+    with pytest.raises(TypeError, match="pass masks as a list"):
+        model.forward_features([images], grid_masks)
     with pytest.raises(ValueError, match="not a multiple of the patch size"):
         model(torch.zeros(1, 3, 50, 56))
 
@@ -144,11 +165,15 @@ def test_efficient_drop_path_expectation_and_skipped_work():
     standard_error = (expected - x).abs().max() * math.sqrt(1 / 0.6) / math.sqrt(trials)
     assert max_diff(total / trials, expected) < 6 * standard_error
     # Rows of dropped samples are untouched; kept rows get the residual scaled by B / kept.
-    out = drop_add_residual_subset(x[:8], TokenLayout.single(4, 2), lambda t, lay: torch.ones_like(t), rate=0.5)
+    out = drop_add_residual_subset(
+        x[:8], TokenLayout.single(4, 2), lambda t, lay: torch.ones_like(t), rate=0.5
+    )
     per_sample = (out - x[:8]).view(4, 2, 4)[:, 0, 0]
     assert sorted(per_sample.tolist()) == [0.0, 0.0, 2.0, 2.0]
     # At least one sample is kept even at a very high rate.
-    out = drop_add_residual_subset(x[:3], TokenLayout.single(1, 3), lambda t, lay: torch.ones_like(t), rate=0.95)
+    out = drop_add_residual_subset(
+        x[:3], TokenLayout.single(1, 3), lambda t, lay: torch.ones_like(t), rate=0.95
+    )
     assert torch.allclose(out - x[:3], torch.ones(3, 4))
 
 
@@ -223,9 +248,16 @@ def test_load_pretrained_unwraps_training_checkpoints(tmp_path):
         expected = reference(images)
 
     head = {"head.mlp.0.weight": torch.randn(4, 192), "head.last_layer.weight_g": torch.ones(4, 1)}
-    teacher = {f"module.backbone.{k}": v for k, v in state.items()} | {f"module.{k}": v for k, v in head.items()}
+    teacher = {f"module.backbone.{k}": v for k, v in state.items()} | {
+        f"module.{k}": v for k, v in head.items()
+    }
     student = {f"backbone.{k}": torch.zeros_like(v) for k, v in state.items()}
-    dino_checkpoint = {"student": student, "teacher": teacher, "epoch": 100, "args": argparse.Namespace(arch="vit_small")}
+    dino_checkpoint = {
+        "student": student,
+        "teacher": teacher,
+        "epoch": 100,
+        "args": argparse.Namespace(arch="vit_small"),
+    }
     torch.save(dino_checkpoint, tmp_path / "checkpoint.pth")
     # DINOv2 training layout: model.{teacher,student}.backbone with chunked blocks.
     chunked = {}
@@ -235,7 +267,11 @@ def test_load_pretrained_unwraps_training_checkpoints(tmp_path):
             key = f"blocks.{index // 2}.{index}." + key.split(".", 2)[2]  # chunks of 2 blocks
         chunked[f"teacher.backbone.{key}"] = value
         chunked[f"student.backbone.{key}"] = torch.zeros_like(value)
-    cases = [tmp_path / "checkpoint.pth", {"model": chunked, "iteration": 5}, {"state_dict": {f"_orig_mod.{k}": v for k, v in state.items()}}]
+    cases = [
+        tmp_path / "checkpoint.pth",
+        {"model": chunked, "iteration": 5},
+        {"state_dict": {f"_orig_mod.{k}": v for k, v in state.items()}},
+    ]
     for case in cases:
         with torch.no_grad():
             assert max_diff(load_pretrained(case)(images), expected) == 0.0, case
@@ -251,10 +287,15 @@ def test_load_pretrained_reports_bad_files_clearly(tmp_path):
     with pytest.raises(CheckpointError, match="empty"):
         load_pretrained(tmp_path / "empty.pth")
     (tmp_path / "garbage.pth").write_bytes(b"this is not a checkpoint" * 10)
-    with pytest.raises(CheckpointError, match="garbage.pth"):
+    with pytest.raises(CheckpointError, match="garbage.pth: not a PyTorch checkpoint"):
         load_pretrained(tmp_path / "garbage.pth")
+    torch.save(state, tmp_path / "full.pth")
+    data = (tmp_path / "full.pth").read_bytes()
+    (tmp_path / "truncated.pth").write_bytes(data[: len(data) // 2])  # e.g. an interrupted download
+    with pytest.raises(CheckpointError, match="truncated.pth: not a readable PyTorch checkpoint"):
+        load_pretrained(tmp_path / "truncated.pth")
     torch.save({"model": state, "extra": torch.nn.Linear(2, 2)}, tmp_path / "pickled_module.pth")
-    with pytest.raises(CheckpointError, match="weights_only"):
+    with pytest.raises(CheckpointError, match="weights_only.*torch.nn.modules.linear.Linear"):
         load_pretrained(tmp_path / "pickled_module.pth")
     torch.save([1, 2, 3], tmp_path / "list.pth")
     with pytest.raises(CheckpointError, match="not a state dict.*list"):
@@ -272,7 +313,9 @@ def test_load_pretrained_reports_bad_files_clearly(tmp_path):
     with pytest.raises(CheckpointError, match=r"unexpected keys: 'blocks.0.attn.q_norm.weight'"):
         load_pretrained(extra)
     wrong = dict(state, **{"blocks.1.mlp.fc2.weight": torch.zeros(192, 100)})
-    with pytest.raises(CheckpointError, match=r"shape mismatches: 'blocks.1.mlp.fc2.weight: file \(192, 100\)"):
+    with pytest.raises(
+        CheckpointError, match=r"shape mismatches: 'blocks.1.mlp.fc2.weight: file \(192, 100\)"
+    ):
         load_pretrained(wrong)
     gap = {k: v for k, v in state.items() if not k.startswith("blocks.0.")}
     with pytest.raises(CheckpointError, match="missing|not contiguous"):

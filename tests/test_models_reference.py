@@ -1,4 +1,5 @@
 """ViT backbone vs an independent reference forward: official checkpoints, interpolation, packing, DINO."""
+
 from __future__ import annotations
 
 import math
@@ -33,7 +34,9 @@ def photo_batch(height: int, width: int, count: int = 2) -> torch.Tensor:
     batch = []
     for image in images:
         t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().unsqueeze(0) / 255.0
-        batch.append(F.interpolate(t, size=(height, width), mode="bilinear", antialias=True, align_corners=False))
+        batch.append(
+            F.interpolate(t, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+        )
     return (torch.cat(batch) - MEAN) / STD
 
 
@@ -77,7 +80,10 @@ def reference_pos_embed(pos_embed, grid_h, grid_w, offset, antialias):
     grid = pos_embed[:, 1:].float().reshape(1, m, m, dim).permute(0, 3, 1, 2)
     if offset:
         grid = F.interpolate(
-            grid, scale_factor=((grid_h + offset) / m, (grid_w + offset) / m), mode="bicubic", antialias=antialias
+            grid,
+            scale_factor=((grid_h + offset) / m, (grid_w + offset) / m),
+            mode="bicubic",
+            antialias=antialias,
         )
     else:
         grid = F.interpolate(grid, size=(grid_h, grid_w), mode="bicubic", antialias=antialias)
@@ -207,7 +213,9 @@ def test_pos_embed_interpolation_matches_official_formula(size, registers):
         assert ours.data_ptr() == model.pos_embed.data_ptr()  # skipped when the grid matches
     else:
         # The two official flavours really differ, so the test distinguishes them.
-        other = reference_pos_embed(model.pos_embed.detach(), height // 14, width // 14, 0.1 - offset, not antialias)
+        other = reference_pos_embed(
+            model.pos_embed.detach(), height // 14, width // 14, 0.1 - offset, not antialias
+        )
         assert max_diff(ours, other) > 1e-4
 
 
@@ -217,7 +225,10 @@ def test_pos_embed_interpolation_is_fp32_and_cast_to_tokens():
     assert resized.dtype == torch.float32
     assert max_diff(resized, reference_pos_embed(pos.half(), 7, 5, 0.1, False)) == 0.0
     model = vit_tiny(depth=1, img_size=224)
-    assert model.interpolate_pos_encoding(torch.zeros(1, 1, 192, dtype=torch.bfloat16), 98, 98).dtype == torch.bfloat16
+    assert (
+        model.interpolate_pos_encoding(torch.zeros(1, 1, 192, dtype=torch.bfloat16), 98, 98).dtype
+        == torch.bfloat16
+    )
 
 
 # ------------------------------------------------------------------- packing
@@ -257,10 +268,11 @@ def test_packed_forward_equals_per_group_outputs_and_grads():
     assert max_diff(packed_input_grads[1], local_crops.grad) < 1e-6
 
 
-
 # ------------------------------------------------------------- DINO (2021)
 def dino2021_state(patch: int, dim: int, depth: int, seed: int) -> dict[str, torch.Tensor]:
-    model = meta_model(DinoVisionTransformer, img_size=224, patch_size=patch, embed_dim=dim, depth=depth, init_values=None)
+    model = meta_model(
+        DinoVisionTransformer, img_size=224, patch_size=patch, embed_dim=dim, depth=depth, init_values=None
+    )
     state = randomized_state(model, seed=seed)
     del state["mask_token"]  # DINO (2021) backbones have none
     return state
@@ -283,5 +295,3 @@ def test_load_pretrained_dino2021_backbones(tmp_path, patch, dim, heads):
             ref = reference_forward(state, images, patch, heads, offset=0.1, antialias=False)
         assert_close(ours["x_norm_clstoken"], ref["x_norm_clstoken"])
         assert_close(ours["x_norm_patchtokens"], ref["x_norm_patchtokens"])
-
-

@@ -8,7 +8,6 @@ SLURM cannot be installed (not root, or no apt-get).  The others are plain unit 
 from __future__ import annotations
 
 import io
-import json
 import math
 import os
 import pickle
@@ -34,6 +33,11 @@ TRAIN_SBATCH = REPO / "slurm" / "train.sbatch"
 PY = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv" / "bin" / "python").exists() else sys.executable
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL",
                 "DEADLINE", "PREEMPTED"}
+
+
+def _sh(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    """subprocess.run that never raises on a non-zero status: callers assert with the output."""
+    return subprocess.run(cmd, check=False, **kw)
 
 
 # ============================================================================ unit tests (no cluster)
@@ -174,13 +178,13 @@ def test_training_job_exit_codes_and_checkpoint(tmp_path, monkeypatch):
 
 def test_scripts_reject_bad_usage():
     for script in (CLUSTER_SCRIPT, TRAIN_SBATCH):
-        assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
-    r = subprocess.run(["bash", str(CLUSTER_SCRIPT), "sideways"], capture_output=True, text=True,
+        assert _sh(["bash", "-n", str(script)]).returncode == 0
+    r = _sh(["bash", str(CLUSTER_SCRIPT), "sideways"], capture_output=True, text=True,
                        env={**os.environ, "SLURM_LOCAL_DIR": "/tmp/unused-slurm-local-test"})
     assert r.returncode == 2 and "usage" in r.stderr
-    r = subprocess.run(["bash", str(TRAIN_SBATCH)], capture_output=True, text=True)
+    r = _sh(["bash", str(TRAIN_SBATCH)], capture_output=True, text=True)
     assert r.returncode == 2 and "usage" in r.stderr
-    r = subprocess.run(["bash", str(TRAIN_SBATCH), "/no/such.yaml"], capture_output=True, text=True)
+    r = _sh(["bash", str(TRAIN_SBATCH), "/no/such.yaml"], capture_output=True, text=True)
     assert r.returncode == 2 and "config file not found" in r.stderr
 
 
@@ -198,7 +202,7 @@ def slurm_cluster(tmp_path_factory):
     d = tmp_path_factory.mktemp("slurm-local")
     env = {**os.environ, "SLURM_LOCAL_DIR": str(d)}
     t0 = time.time()
-    up = subprocess.run(["bash", str(CLUSTER_SCRIPT), "up"], env=env, capture_output=True, text=True, timeout=900)
+    up = _sh(["bash", str(CLUSTER_SCRIPT), "up"], env=env, capture_output=True, text=True, timeout=900)
     if up.returncode == 3:
         pytest.skip(f"SLURM cannot be installed here: {up.stderr.strip()}")
     assert up.returncode == 0, up.stderr
@@ -209,7 +213,7 @@ def slurm_cluster(tmp_path_factory):
         yield Cluster(d, conf)
     finally:
         t0 = time.time()
-        down = subprocess.run(["bash", str(CLUSTER_SCRIPT), "down"], env=env, capture_output=True, text=True,
+        down = _sh(["bash", str(CLUSTER_SCRIPT), "down"], env=env, capture_output=True, text=True,
                               timeout=300)
         print(f"\n[slurm] cluster down in {time.time() - t0:.1f}s: {down.stderr.strip()}")
 
@@ -222,7 +226,7 @@ def cluster(slurm_cluster, monkeypatch):
 
 
 def _run(cmd: list[str], **kw) -> str:
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=kw.pop("timeout", 120), **kw)
+    r = _sh(cmd, capture_output=True, text=True, timeout=kw.pop("timeout", 120), **kw)
     assert r.returncode == 0, f"{cmd} failed ({r.returncode}): {r.stderr}"
     return r.stdout
 
@@ -241,23 +245,28 @@ def wait_job(job_id: str, timeout: float = 240) -> str:
     """Wait until the job has left the queue and accounting shows a final state; return it."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        queued = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True,
+        queued = _sh(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True,
                                 text=True).stdout.strip()
         if not queued:
             hist = job_history(job_id)
             if hist and hist[-1] in FINAL_STATES:
                 return hist[-1]
         time.sleep(0.5)
-    subprocess.run(["scancel", job_id])
+    _sh(["scancel", job_id])
     raise AssertionError(f"job {job_id} did not finish in {timeout}s (history {job_history(job_id)})")
 
 
-def wait_for(pred, timeout: float, what: str, poll: float = 0.2):
+def wait_for(pred, timeout: float, what: str, poll: float = 0.2, job_id: str | None = None, log: Path | None = None):
+    """Poll ``pred`` until truthy; with ``job_id``, fail at once if the job ends first."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         value = pred()
         if value:
             return value
+        if job_id is not None and not _sh(["squeue", "-h", "-j", job_id], capture_output=True,
+                                          text=True).stdout.strip():
+            tail = log.read_text()[-3000:] if log is not None and log.exists() else ""
+            raise AssertionError(f"job {job_id} ended ({job_history(job_id)}) before {what}\n{tail}")
         time.sleep(poll)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
@@ -266,9 +275,9 @@ def wait_for(pred, timeout: float, what: str, poll: float = 0.2):
 def test_cluster_runs_batch_and_array_jobs_with_accounting(cluster, tmp_path):
     t0 = time.time()
     env = {**os.environ, "SLURM_LOCAL_DIR": str(cluster.dir)}
-    up = subprocess.run(["bash", str(CLUSTER_SCRIPT), "up"], env=env, capture_output=True, text=True, timeout=120)
+    up = _sh(["bash", str(CLUSTER_SCRIPT), "up"], env=env, capture_output=True, text=True, timeout=120)
     assert up.returncode == 0 and f"SLURM_CONF={cluster.conf}" in up.stdout  # idempotent
-    status = subprocess.run(["bash", str(CLUSTER_SCRIPT), "status"], env=env, capture_output=True, text=True)
+    status = _sh(["bash", str(CLUSTER_SCRIPT), "status"], env=env, capture_output=True, text=True)
     assert status.returncode == 0 and "slurmdbd: running" in status.stdout and "idle" in status.stdout
 
     single = sbatch("-o", str(tmp_path / "one-%j.out"), "--wrap", "echo hello from $SLURM_JOB_ID")
@@ -319,16 +328,17 @@ def test_submitit_job_states_come_from_sacct(cluster, tmp_path):
 TOY_TRAINER = textwrap.dedent("""
     import json, os, sys, time
     from pathlib import Path
-    import torch, torch.distributed as dist
     from dinov2.train import slurm
     slurm.install_preemption_handler()
     assert sys.argv[1] == "-c"
     opts = dict(a.split("=", 1) for a in sys.argv[3:])
     out, steps, step_s = Path(opts["out"]), int(opts["steps"]), float(opts["step_s"])
     ws = int(os.environ.get("WORLD_SIZE", "1"))
-    if ws > 1:
+    use_dist = ws > 1 and opts.get("dist", "1") == "1"  # dist=0: independent ranks, no torch import
+    if use_dist:
+        import torch, torch.distributed as dist
         dist.init_process_group("gloo")
-    rank = dist.get_rank() if ws > 1 else 0
+    rank = int(os.environ.get("RANK", "0"))
     ck = out / "ckpt.json"
     start = json.loads(ck.read_text())["step"] if ck.exists() else 0
     def event(msg):
@@ -337,13 +347,15 @@ TOY_TRAINER = textwrap.dedent("""
     def save(step):
         if rank == 0:
             tmp = ck.with_suffix(".tmp"); tmp.write_text(json.dumps({"step": step})); os.replace(tmp, ck)
-        if ws > 1:
+        if use_dist:
             dist.barrier()
     event(f"start step={start} world={ws}")
+    total = rank + 1
     for step in range(start, steps):
-        t = torch.ones(1) * (rank + 1)
-        if ws > 1:
+        if use_dist:
+            t = torch.ones(1) * (rank + 1)
             dist.all_reduce(t)
+            total = int(t.item())
         time.sleep(step_s)
         if (step + 1) % 5 == 0:
             save(step + 1)
@@ -352,7 +364,7 @@ TOY_TRAINER = textwrap.dedent("""
             event(f"preempted step={step + 1}")
             slurm.requeue_and_exit()
     save(steps)
-    event(f"done step={steps} sum={t.item():.0f}")
+    event(f"done step={steps} sum={total}")
 """)
 
 
@@ -361,15 +373,19 @@ def _events(run: Path, rank: int) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
-def _check_toy_resumed(run: Path, steps: int) -> None:
+def _check_toy_resumed(run: Path, steps: int, synced: bool) -> None:
+    """Each rank: started at 0, stopped on the signal, restarted where rank 0 saved, finished."""
+    stops = []
     for rank in range(2):
         ev = _events(run, rank)
         assert len(ev) == 4, ev
         assert ev[0] == "start step=0 world=2 restart=0"
-        stop = int(re.match(r"preempted step=(\d+) restart=0", ev[1])[1])
-        assert 0 < stop < steps
-        assert ev[2] == f"start step={stop} world=2 restart=1"  # resumed where it stopped
-        assert ev[3] == f"done step={steps} sum=3 restart=1"
+        stops.append(int(re.match(r"preempted step=(\d+) restart=0", ev[1])[1]))
+        assert 0 < stops[-1] < steps
+        assert ev[2] == f"start step={stops[0]} world=2 restart=1", ev  # resumed from the checkpoint
+        assert ev[3] == f"done step={steps} sum={3 if synced else rank + 1} restart=1"
+    if synced:  # the all-reduced flag made both ranks stop at the same step
+        assert stops[0] == stops[1]
 
 
 @pytest.mark.slurm
@@ -380,14 +396,15 @@ def test_sbatch_toy_preemption_usr1_requeues_and_resumes(cluster, tmp_path):
     (tmp_path / "toy.py").write_text(TOY_TRAINER)
     (tmp_path / "c.yaml").write_text("{}\n")
     job = sbatch("-n", "2", "-o", str(run / "sbatch-%j.out"), str(TRAIN_SBATCH), str(tmp_path / "c.yaml"),
-                 f"out={run}", "steps=40", "step_s=0.2",
+                 f"out={run}", "steps=40", "step_s=0.2", "dist=1",
                  env={"TRAIN_CMD": f"{PY} {tmp_path / 'toy.py'}", "RUN_DIR": str(run)})
-    wait_for(lambda: (run / "ckpt.json").exists(), 120, "the first checkpoint")
+    wait_for(lambda: (run / "ckpt.json").exists(), 240, "the first checkpoint", job_id=job,
+             log=run / "slurm" / f"job-{job}.log")
     # What SLURM does `signal_delay_s` before the time limit (--signal=USR1@120): USR1 to the steps.
     _run(["scancel", "--signal=USR1", job])
     assert wait_job(job) == "COMPLETED"
     assert job_history(job) == ["REQUEUED", "COMPLETED"]
-    _check_toy_resumed(run, 40)
+    _check_toy_resumed(run, 40, synced=True)
     launches = (run / "slurm" / "launches.log").read_text()
     assert "restart 0" in launches and "restart 1" in launches and "exited with status 0" in launches
     print(f"\n[slurm] sbatch toy run with USR1 preemption → requeue → resume: {time.time() - t0:.1f}s")
@@ -405,14 +422,15 @@ def test_submitit_training_job_preemption_requeues_and_resumes(cluster, tmp_path
     ex.update_parameters(tasks_per_node=2, cpus_per_task=1, mem_gb=1, timeout_min=30, slurm_signal_delay_s=60,
                          slurm_additional_parameters={"requeue": True})
     job = ex.submit(slurm.TrainingJob([PY, str(tmp_path / "toy.py"), "-c", "x", f"out={run}", "steps=40",
-                                       "step_s=0.2"], run))
-    wait_for(lambda: (run / "ckpt.json").exists(), 120, "the first checkpoint")
+                                       "step_s=0.2", "dist=0"], run))
+    wait_for(lambda: (run / "ckpt.json").exists(), 240, "the first checkpoint", job_id=job.job_id,
+             log=run / "submitit" / f"{job.job_id}_0_log.err")
     job._interrupt()  # submitit's simulated preemption: SIGTERM then SIGUSR2 to the tasks
     results = job.results()
     assert [r["rank"] for r in results] == [0, 1] and all(r["returncode"] == 0 for r in results)
     assert wait_job(job.job_id) == "COMPLETED"
     assert job_history(job.job_id) == ["REQUEUED", "COMPLETED"]
-    _check_toy_resumed(run, 40)
+    _check_toy_resumed(run, 40, synced=False)
     print(f"\n[slurm] submitit toy run with preemption → requeue → resume: {time.time() - t0:.1f}s")
 
 
@@ -482,7 +500,8 @@ def sbatch_training(train_shards, slurm_cluster, tmp_path_factory):
         run = tmp_path_factory.mktemp("sbatch-train") / "run"
         job = sbatch("-n", "2", "-o", str(run.parent / "sbatch-%j.out"), str(TRAIN_SBATCH), str(TINY_TRAIN),
                      *tiny_train_overrides(run, train_shards), env={"PATH": f"{Path(PY).parent}:{os.environ['PATH']}"})
-        wait_for(lambda: _ckpt_done(run, 2), 300, "the step-2 checkpoint")
+        wait_for(lambda: _ckpt_done(run, 2), 300, "the step-2 checkpoint", job_id=job,
+                 log=run / "slurm" / f"job-{job}.log")
         _run(["scontrol", "requeue", job])  # what a preempting scheduler does (PreemptMode=REQUEUE)
         state = wait_job(job, timeout=400)
         wall = time.time() - t0
@@ -501,7 +520,7 @@ def test_sbatch_training_two_tasks_requeued_resumes_to_completion(cluster, sbatc
     assert "restart 0: 2 tasks" in launches and "restart 1: 2 tasks" in launches
     log = (run / "slurm" / f"job-{job}.log").read_text()
     assert re.search(r"resumed from .*step_0000\d\d", log), log[-3000:]
-    assert f"trained steps" in log and _ckpt_done(run, TRAIN_STEPS)
+    assert "trained steps" in log and _ckpt_done(run, TRAIN_STEPS)
 
 
 @pytest.mark.slurm
@@ -517,7 +536,8 @@ def test_submitit_launcher_cancel_resubmit_resumes_with_same_result(cluster, sba
     cfg = load_train_config(TINY_TRAIN, overrides)
     resources = slurm.SlurmLauncherConfig(tasks_per_node=2, cpus_per_task=1, timeout_min=30)
     first = slurm.submit_training(cfg, overrides, slurm=resources, python=PY)
-    wait_for(lambda: _ckpt_done(run, 2), 300, "the step-2 checkpoint")
+    wait_for(lambda: _ckpt_done(run, 2), 300, "the step-2 checkpoint", job_id=first.job_id,
+             log=run / "slurm" / "submitit" / f"{first.job_id}_0_log.err")
     _run(["scancel", first.job_id])
     assert wait_job(first.job_id) == "CANCELLED"
     assert not _ckpt_done(run, TRAIN_STEPS)
@@ -564,7 +584,7 @@ def curation_world(tmp_path_factory):
 
 
 def _curate(args: list[str], env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    proc = subprocess.run([PY, "-m", "curation.cli", "run", *args], cwd=REPO, capture_output=True, text=True,
+    proc = _sh([PY, "-m", "curation.cli", "run", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
     assert proc.returncode == 0, f"curate run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
@@ -596,7 +616,7 @@ def test_curate_run_on_slurm_matches_local_executor(cluster, curation_world):
     for name in ref:
         assert got[name] == ref[name], f"final/{name} differs between the SLURM and the local executor"
     # The sharded stages really ran as SLURM job arrays, and accounting saw every task finish.
-    rows = _run(["sacct", "-n", "-X", "-P", "-S", "now-1hour", "-o", "JobID,JobName,State"]).split()
+    rows = _run(["sacct", "-n", "-X", "-P", "-S", "now-3600", "-o", "JobID,JobName,State"]).split()
     arrays = [r for r in rows if re.match(r"^\d+_\d+\|", r)]
     assert arrays and all(r.endswith("|COMPLETED") for r in arrays), rows
     print(f"\n[slurm] curate run on SLURM ({len(arrays)} array tasks) and locally, side by side: {wall:.1f}s "

@@ -73,6 +73,9 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedIm
     """Decode ``data`` to an RGB PIL image or raise :class:`DecodeError`."""
     if not data:
         raise DecodeError("empty", "zero-byte file")
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+        # PIL's own bomb check would fire before ours; ours is the limit the caller asked for.
+        Image.MAX_IMAGE_PIXELS = max_pixels
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PIL's bomb warning: we check the size ourselves

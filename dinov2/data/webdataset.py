@@ -23,7 +23,8 @@ Members of one sample must be consecutive in the tar (the WebDataset convention)
 
 Damaged shards never stop a stream: a truncated tar is read up to the damage, the problem is
 counted, and the stream moves on to the next shard.  Only local, uncompressed tar files are read
-(offsets must be seekable).
+(offsets must be seekable).  Headers are parsed directly (ustar, GNU long names, pax), falling
+back to :mod:`tarfile` for rare member types; fast-forwarding runs at ~10-20k samples/s/stream.
 """
 from __future__ import annotations
 
@@ -233,7 +234,10 @@ def _members_fast(raw, file_size: int) -> Iterator[tuple[str, int, int]]:
         data_offset = offset + 512
         if flag in (b"0", b"\0", b"7"):
             if "size" in pax:
-                size = int(pax["size"])
+                try:
+                    size = int(pax["size"])
+                except ValueError:
+                    raise _TarDamage("tar_error", f"invalid pax size at byte {offset}") from None
             if "path" in pax:
                 name = pax["path"]
             elif long_name is not None:
@@ -311,6 +315,9 @@ def scan_shard(path: str, source: int = 0, use_tarfile: bool = False) -> ShardSc
             return _scan_members(path, source, _members_tarfile(raw, file_size))
     except OSError as exc:
         return ShardScan([], Counter(shard_unreadable=1), f"{path}: {exc}")
+    except Exception as exc:  # noqa: BLE001 - a malformed shard must never stop a rank
+        log.warning("shard problem: %s: %s: %s", path, type(exc).__name__, exc)
+        return ShardScan([], Counter(tar_error=1), f"{path}: {type(exc).__name__}: {exc}")
 
 
 def _scan_members(path: str, source: int, members: Iterator[tuple[str, int, int]]) -> ShardScan:

@@ -1,4 +1,5 @@
 """ViT backbones of DINO / DINOv2 (official parameter layout) and checkpoint loading."""
+
 from .checkpoint import CheckpointError, export_official, infer_architecture, load_pretrained, save_official
 from .drop_path import DropPath, TokenLayout
 from .layers import XFORMERS_AVAILABLE, attention_backend

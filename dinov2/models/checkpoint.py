@@ -17,6 +17,7 @@ Understood layouts:
 :func:`export_official` writes the official flat layout back (same key names,
 order and shapes as the released files).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,6 +65,13 @@ def read_checkpoint(path: str | Path) -> Any:
         raise CheckpointError(f"{path}: no such checkpoint file")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: file is empty")
+    with path.open("rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive (PK\x03\x04); pre-1.6 files are a raw pickle (protocol byte 0x80).
+    if not head.startswith((b"PK\x03\x04", b"\x80")):
+        raise CheckpointError(
+            f"{path}: not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle)"
+        )
     try:
         # DINO (2021) training checkpoints carry their argparse.Namespace; it is plain data.
         with torch.serialization.safe_globals([argparse.Namespace]):
@@ -71,7 +79,9 @@ def read_checkpoint(path: str | Path) -> Any:
     except pickle.UnpicklingError as exc:
         text = str(exc).strip()
         if "weights only load failed" not in text.lower():
-            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (UnpicklingError: {text})") from exc
+            raise CheckpointError(
+                f"{path}: not a readable PyTorch checkpoint (UnpicklingError: {text})"
+            ) from exc
         unsupported = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
         what = f" such as {unsupported.group(1)}" if unsupported else ""
         raise CheckpointError(
@@ -79,7 +89,9 @@ def read_checkpoint(path: str | Path) -> Any:
             "not just tensors; re-save it as a plain state dict"
         ) from exc
     except Exception as exc:  # torch.load raises many types on corrupt input (EOF, zip, index errors)
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from exc
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})"
+        ) from exc
 
 
 def _strip_segments(key: str) -> str:
@@ -98,7 +110,9 @@ def normalize_state_dict(obj: Any) -> OrderedDict[str, Tensor]:
     state = obj
     for _ in range(4):
         if not isinstance(state, Mapping):
-            raise CheckpointError(f"not a state dict: expected a mapping of names to tensors, got {type(state).__name__}")
+            raise CheckpointError(
+                f"not a state dict: expected a mapping of names to tensors, got {type(state).__name__}"
+            )
         if any(isinstance(v, Tensor) for v in state.values()):
             break
         for wrapper in WRAPPER_KEYS:
@@ -152,7 +166,9 @@ def infer_architecture(state: Mapping[str, Tensor]) -> dict[str, Any]:
 
     pos_embed = state["pos_embed"]
     if pos_embed.dim() != 3 or pos_embed.shape[0] != 1 or pos_embed.shape[-1] != embed_dim:
-        raise CheckpointError(f"pos_embed has shape {tuple(pos_embed.shape)}, expected [1, 1 + M*M, {embed_dim}]")
+        raise CheckpointError(
+            f"pos_embed has shape {tuple(pos_embed.shape)}, expected [1, 1 + M*M, {embed_dim}]"
+        )
     num_patches = pos_embed.shape[1] - 1
     side = round(math.sqrt(max(num_patches, 0)))
     if num_patches < 1 or side * side != num_patches:
@@ -169,7 +185,9 @@ def infer_architecture(state: Mapping[str, Tensor]) -> dict[str, Any]:
     elif "blocks.0.mlp.w12.weight" in state:
         ffn_layer, hidden = "swiglufused", state["blocks.0.mlp.w12.weight"].shape[0] // 2
     else:
-        raise CheckpointError("cannot tell the MLP kind: neither blocks.0.mlp.fc1.weight nor blocks.0.mlp.w12.weight")
+        raise CheckpointError(
+            "cannot tell the MLP kind: neither blocks.0.mlp.fc1.weight nor blocks.0.mlp.w12.weight"
+        )
 
     registers = state.get("register_tokens")
     num_register_tokens = int(registers.shape[1]) if registers is not None and registers.dim() == 3 else 0
@@ -220,11 +238,16 @@ def load_state_dict_strict(
     if problems:
         raise CheckpointError("checkpoint does not match the model: " + "; ".join(problems))
     if assign:
-        state = {k: v.float() if v.is_floating_point() and v.dtype != torch.float32 else v for k, v in state.items()}
+        state = {
+            k: v.float() if v.is_floating_point() and v.dtype != torch.float32 else v
+            for k, v in state.items()
+        }
     model.load_state_dict(state, strict=False, assign=assign)
 
 
-def load_pretrained(path_or_state_dict: str | Path | Mapping[str, Any], **overrides: Any) -> DinoVisionTransformer:
+def load_pretrained(
+    path_or_state_dict: str | Path | Mapping[str, Any], **overrides: Any
+) -> DinoVisionTransformer:
     """Build the backbone a checkpoint holds and load its weights (strict keys and shapes).
 
     ``overrides`` are constructor kwargs applied on top of the inferred ones

@@ -14,6 +14,7 @@ with packing, per crop group.
   is added back with ``index_add`` scaled by ``B / kept``, so the dropped
   samples cost no compute at all.  The expectation equals the plain residual.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable

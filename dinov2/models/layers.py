@@ -10,6 +10,7 @@ work on all rows at once, and only attention looks at the layout:
   crop group (batched, no mask), which on CPU is ~2.8x faster fwd+bwd than a
   dense block-diagonal boolean mask (see bench/RESULTS.md).
 """
+
 from __future__ import annotations
 
 import os
@@ -84,7 +85,9 @@ class Attention(nn.Module):
 
     def _attend(self, x: Tensor, layout: TokenLayout) -> Tensor:
         if x.shape[0] != layout.num_tokens:
-            raise ValueError(f"token tensor has {x.shape[0]} rows but the layout describes {layout.num_tokens}")
+            raise ValueError(
+                f"token tensor has {x.shape[0]} rows but the layout describes {layout.num_tokens}"
+            )
         qkv = self.qkv(x)
         if attention_backend(x.device) == "xformers":
             out = self._attend_xformers(qkv, layout)

@@ -7,6 +7,7 @@ norms, linear layers and MLPs run once over all crops, and attention stays
 block-diagonal (see :mod:`dinov2.models.layers`).  Results equal running each
 group on its own.
 """
+
 from __future__ import annotations
 
 import math
@@ -56,9 +57,13 @@ def interpolate_pos_embed(
         scale = ((grid_height + offset) / side, (grid_width + offset) / side)
         patch_pos = F.interpolate(patch_pos, scale_factor=scale, mode="bicubic", antialias=antialias)
     else:
-        patch_pos = F.interpolate(patch_pos, size=(grid_height, grid_width), mode="bicubic", antialias=antialias)
+        patch_pos = F.interpolate(
+            patch_pos, size=(grid_height, grid_width), mode="bicubic", antialias=antialias
+        )
     if patch_pos.shape[-2:] != (grid_height, grid_width):
-        raise RuntimeError(f"interpolated grid {tuple(patch_pos.shape[-2:])} != ({grid_height}, {grid_width})")
+        raise RuntimeError(
+            f"interpolated grid {tuple(patch_pos.shape[-2:])} != ({grid_height}, {grid_width})"
+        )
     patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, grid_height * grid_width, dim)
     return torch.cat((cls_pos, patch_pos), dim=1)  # fp32; the caller casts to the token dtype
 
@@ -103,7 +108,9 @@ class DinoVisionTransformer(nn.Module):
         if block_chunks:
             # Chunking only changes FSDP wrapping granularity in the reference code; here FSDP
             # wraps each block, and the state dict always uses flat ``blocks.N`` keys.
-            raise ValueError("block_chunks > 0 is not supported: blocks are kept flat (FSDP wraps each block)")
+            raise ValueError(
+                "block_chunks > 0 is not supported: blocks are kept flat (FSDP wraps each block)"
+            )
         if ffn_layer == "swiglu":
             ffn_layer = "swiglufused"  # same math; only the fused layout exists here
         num_heads = num_heads or default_num_heads(embed_dim)
@@ -191,6 +198,10 @@ class DinoVisionTransformer(nn.Module):
         batch, _, height, width = x.shape
         tokens = self.patch_embed(x)
         if masks is not None:
+            if masks.dim() == 3:  # [B, h, w] patch grid → [B, h*w]
+                masks = masks.flatten(1)
+            if masks.dtype != torch.bool:
+                masks = masks.bool()
             if masks.shape != tokens.shape[:2]:
                 raise ValueError(
                     f"masks shape {tuple(masks.shape)} does not match the patch grid {tuple(tokens.shape[:2])}"
@@ -209,7 +220,9 @@ class DinoVisionTransformer(nn.Module):
         flat = [g.reshape(-1, g.shape[-1]) for g in groups]
         return (flat[0] if len(flat) == 1 else torch.cat(flat)), layout
 
-    def _features_dict(self, prenorm: Tensor, normed: Tensor, masks: Tensor | None) -> dict[str, Tensor | None]:
+    def _features_dict(
+        self, prenorm: Tensor, normed: Tensor, masks: Tensor | None
+    ) -> dict[str, Tensor | None]:
         registers_end = 1 + self.num_register_tokens
         return {
             "x_norm_clstoken": normed[:, 0],
@@ -229,6 +242,10 @@ class DinoVisionTransformer(nn.Module):
         images = list(x)
         if not images:
             raise ValueError("forward_features got an empty list of image batches")
+        if isinstance(masks, Tensor):
+            raise TypeError(
+                "with a list of image batches, pass masks as a list (one entry or None per batch)"
+            )
         masks_list = [None] * len(images) if masks is None else list(masks)  # type: ignore[arg-type]
         if len(masks_list) != len(images):
             raise ValueError(f"got {len(images)} image batches but {len(masks_list)} masks")
@@ -308,7 +325,9 @@ class DinoVisionTransformer(nn.Module):
         outputs = [out[:, 1 + self.num_register_tokens :] for out in outputs]
         if reshape:
             grid_h, grid_w = height // self.patch_size, width // self.patch_size
-            outputs = [out.reshape(batch, grid_h, grid_w, -1).permute(0, 3, 1, 2).contiguous() for out in outputs]
+            outputs = [
+                out.reshape(batch, grid_h, grid_w, -1).permute(0, 3, 1, 2).contiguous() for out in outputs
+            ]
         if return_class_token:
             return tuple(zip(outputs, class_tokens))
         return tuple(outputs)
@@ -319,28 +338,38 @@ class DinoVisionTransformer(nn.Module):
 # (e.g. ``vit_tiny(depth=2)`` for quick CPU runs).
 def vit_tiny(patch_size: int = 14, **kwargs) -> DinoVisionTransformer:
     """ViT-Ti: dim 192, depth 12, 3 heads (for small CPU runs)."""
-    return DinoVisionTransformer(patch_size=patch_size, **({"embed_dim": 192, "depth": 12, "num_heads": 3} | kwargs))
+    return DinoVisionTransformer(
+        patch_size=patch_size, **({"embed_dim": 192, "depth": 12, "num_heads": 3} | kwargs)
+    )
 
 
 def vit_small(patch_size: int = 14, **kwargs) -> DinoVisionTransformer:
     """ViT-S: dim 384, depth 12, 6 heads."""
-    return DinoVisionTransformer(patch_size=patch_size, **({"embed_dim": 384, "depth": 12, "num_heads": 6} | kwargs))
+    return DinoVisionTransformer(
+        patch_size=patch_size, **({"embed_dim": 384, "depth": 12, "num_heads": 6} | kwargs)
+    )
 
 
 def vit_base(patch_size: int = 14, **kwargs) -> DinoVisionTransformer:
     """ViT-B: dim 768, depth 12, 12 heads."""
-    return DinoVisionTransformer(patch_size=patch_size, **({"embed_dim": 768, "depth": 12, "num_heads": 12} | kwargs))
+    return DinoVisionTransformer(
+        patch_size=patch_size, **({"embed_dim": 768, "depth": 12, "num_heads": 12} | kwargs)
+    )
 
 
 def vit_large(patch_size: int = 14, **kwargs) -> DinoVisionTransformer:
     """ViT-L: dim 1024, depth 24, 16 heads."""
-    return DinoVisionTransformer(patch_size=patch_size, **({"embed_dim": 1024, "depth": 24, "num_heads": 16} | kwargs))
+    return DinoVisionTransformer(
+        patch_size=patch_size, **({"embed_dim": 1024, "depth": 24, "num_heads": 16} | kwargs)
+    )
 
 
 def vit_giant2(patch_size: int = 14, **kwargs) -> DinoVisionTransformer:
     """ViT-g/14 of DINOv2: dim 1536, depth 40, 24 heads, fused SwiGLU (inner width 4096)."""
     kwargs.setdefault("ffn_layer", "swiglufused")
-    return DinoVisionTransformer(patch_size=patch_size, **({"embed_dim": 1536, "depth": 40, "num_heads": 24} | kwargs))
+    return DinoVisionTransformer(
+        patch_size=patch_size, **({"embed_dim": 1536, "depth": 40, "num_heads": 24} | kwargs)
+    )
 
 
 ARCHITECTURES = {

@@ -99,13 +99,12 @@ def preemption_requested(sync: bool = True) -> bool:
     checkpoint together even though SLURM's signals reach the ranks at slightly different times.
     """
     local = _STATE.signum is not None
-    if not sync:
+    # No process group can exist before torch.distributed was imported: skip the (slow) import.
+    if not sync or "torch.distributed" not in sys.modules:
         return local
-    try:
-        import torch
-        import torch.distributed as dist
-    except ImportError:  # pragma: no cover - torch is a dependency
-        return local
+    import torch
+    import torch.distributed as dist
+
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return local
     device = torch.device("cpu")
@@ -147,12 +146,11 @@ def requeue(job_id: str | None = None, timeout_s: float = 60.0) -> bool:
 
 
 def _global_rank() -> int:
-    try:
+    if "torch.distributed" in sys.modules:
         import torch.distributed as dist
+
         if dist.is_available() and dist.is_initialized():
             return dist.get_rank()
-    except ImportError:  # pragma: no cover
-        pass
     return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
 
 
@@ -171,14 +169,16 @@ def requeue_and_exit(exit_code: int = REQUEUED_EXIT_CODE) -> NoReturn:
             requeue()
         elif mode == "auto":
             logger.warning("checkpoint saved; not under SLURM, so run the same command again to resume")
-    try:
+    if "torch.distributed" in sys.modules:
         import torch.distributed as dist
-        if dist.is_available() and dist.is_initialized():
-            # Nobody leaves before rank 0's requeue went through: if all tasks ended first the job
-            # would complete and could no longer be requeued.
-            dist.barrier()
-    except (RuntimeError, OSError) as exc:  # the requeue may already be tearing ranks down
-        logger.warning("barrier before exit failed: %s", exc)
+
+        try:
+            if dist.is_available() and dist.is_initialized():
+                # Nobody leaves before rank 0's requeue went through: if all tasks ended first the
+                # job would complete and could no longer be requeued.
+                dist.barrier()
+        except (RuntimeError, OSError) as exc:  # the requeue may already be tearing ranks down
+            logger.warning("barrier before exit failed: %s", exc)
     raise SystemExit(exit_code)
 
 

@@ -1,0 +1,118 @@
+"""Training-step throughput on this machine: images/s and achieved FLOP/s relative to the FLOP/s of
+a 4096³ fp32 matmul measured in the same process.
+
+One step = teacher forward (2 global crops) + student packed forward/backward (2 global + local
+crops, heads, DINO + iBOT + KoLeo) + gradient clipping + AdamW + EMA update, exactly as in the
+trainer (SSLMetaArch.forward_loss, single process, fp32).  FLOPs of one step are counted with
+torch.utils.flop_counter.FlopCounterMode (matmuls, convolutions and attention; elementwise ops are
+not counted, so the ratio is a lower bound of the real utilisation).
+
+    .venv/bin/python bench/train_step.py [--steps 3] [--only tiny|vits14]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from dinov2.train.config import load_train_config  # noqa: E402
+from dinov2.train.ssl_meta_arch import SSLMetaArch, parallelize  # noqa: E402
+from dinov2.train.train import build_optimizer  # noqa: E402
+
+
+def matmul_flops_per_s(n: int = 4096, reps: int = 3) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def make_batch(B: int, gsize: int, lsize: int, n_local: int, patch: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    n = (gsize // patch) ** 2
+    masks = torch.rand(2 * B, n, generator=g) < 0.3
+    masks[B:] = False  # half of the samples masked, like the collate
+    return {
+        "collated_global_crops": torch.randn(2 * B, 3, gsize, gsize, generator=g),
+        "collated_local_crops": torch.randn(n_local * B, 3, lsize, lsize, generator=g),
+        "collated_masks": masks,
+    }
+
+
+def bench(name: str, config: str, batch: int, steps: int, precision: str = "fp32") -> dict:
+    cfg = load_train_config(REPO / "configs" / "train" / config, ["train.output_dir=/tmp/unused",
+                                                                    "model.drop_path_rate=0.0"])
+    c = cfg.data.crops
+    torch.manual_seed(0)
+    arch = SSLMetaArch(cfg.model, cfg.head, cfg.loss, c.global_crops_size)
+    parallelize(arch, torch.device("cpu"), precision, use_fsdp=False)
+    opt = build_optimizer(arch, cfg)
+    for grp in opt.param_groups:
+        grp["lr"] = 1e-4
+    data = make_batch(batch, c.global_crops_size, c.local_crops_size, c.local_crops_number, cfg.model.patch_size)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        out = arch.forward_loss(data, 0.05)
+        out.loss.backward()
+        arch.clip_gradients(3.0)
+        opt.step()
+        arch.update_teacher(0.99)
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc:
+        step()  # also the warm-up
+    flops = fc.get_total_flops()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    t = min(times)
+    return {"name": name, "batch": batch, "step_s": t, "images_per_s": batch / t, "gflop_per_step": flops / 1e9,
+            "achieved_flops": flops / t, "precision": precision}
+
+
+def main() -> None:
+    import os
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--only", choices=["tiny", "vits14"], default=None)
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    args = ap.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()}")
+    runs = []
+    if args.only in (None, "tiny"):
+        runs.append(("tiny (ViT dim 192 depth 6, 2×84 + 4×42, head 4096)", "tiny.yaml", 32))
+    if args.only in (None, "vits14"):
+        runs.append(("ViT-S/14 (2×224 + 8×98, head 65536)", "vits14.yaml", 4))
+    print("| config | precision | batch | step (s) | images/s | GFLOP/step | achieved GFLOP/s | matmul GFLOP/s "
+          "| ÷ matmul rate |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, config, batch in runs:
+        # The matmul baseline is measured right before and after each config (the machine is shared,
+        # so a baseline from another moment would not be comparable); their mean is the reference.
+        m0 = matmul_flops_per_s()
+        r = bench(name, config, batch, args.steps, args.precision)
+        m1 = matmul_flops_per_s()
+        peak = (m0 + m1) / 2
+        print(f"| {r['name']} | {r['precision']} | {r['batch']} | {r['step_s']:.2f} | {r['images_per_s']:.2f} | "
+              f"{r['gflop_per_step']:.1f} | {r['achieved_flops'] / 1e9:.1f} | {peak / 1e9:.1f} "
+              f"({m0 / 1e9:.0f}/{m1 / 1e9:.0f}) | {r['achieved_flops'] / peak:.2f} |", flush=True)
+    print(f"load average after: {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""FAISS index choice, IVF vs exact agreement, k-means, and the embed-output store (curation/index.py, store.py)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from curation.dedup import knn_graph
+from curation.index import (
+    IndexConfig, assign, build_index, gpu_available, kmeans, kmeans_array, plan_index, use_gpu,
+)
+from curation.store import EmbeddingStore, ShardedVectors, StoreError, list_sources, resolve_embedder, write_embed_shard
+
+
+def clustered(n: int, d: int = 64, n_clusters: int = 40, seed: int = 0, spread=(0.5, 1.5)) -> np.ndarray:
+    """Mixture of gaussians on the sphere (like real embeddings: dense modes, varied spread)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((n_clusters, d))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    lab = rng.integers(0, n_clusters, n)
+    spread = rng.uniform(*spread, n_clusters)
+    x = centres[lab] + spread[lab, None] * rng.standard_normal((n, d)) / math.sqrt(d)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_plan_index_sizes():
+    cfg = IndexConfig()
+    assert plan_index(50_000, 384, cfg).kind == "flat"
+    for n in (100_000, 1_000_000, 10_000_000):
+        p = plan_index(n, 384, cfg)
+        assert 4 * math.sqrt(n) - 1 <= p.nlist <= 16 * math.sqrt(n) + 1
+        assert 30 * p.nlist <= p.n_train <= 256 * p.nlist or p.n_train == n
+    assert plan_index(10_000_000, 384, cfg).kind == "ivfpq"  # 15 GB of float32 > 8 GB budget
+    pq = plan_index(10_000_000, 384, cfg)
+    assert 384 % pq.pq_m == 0 and pq.pq_m == 48
+    assert plan_index(200_000, 384, IndexConfig(kind="flat")).kind == "flat"
+    assert plan_index(1000, 384, IndexConfig(kind="ivf", nlist=10)).nlist == 10
+
+
+def test_gpu_setting_on_cpu_machine():
+    assert use_gpu("never") is False
+    if not gpu_available():
+        assert use_gpu("auto") is False
+        with pytest.raises(RuntimeError, match="no GPU"):
+            use_gpu("always")
+
+
+@pytest.mark.parametrize("kind", ["ivf", "ivfpq"])
+def test_ivf_agrees_with_flat(kind):
+    x = clustered(6_000)
+    q = x[:300]
+    flat = build_index(x, IndexConfig(kind="flat"))
+    ivf = build_index(x, IndexConfig(kind=kind, nprobe=16, pq_m=16))  # 16 bytes per 64-d vector
+    assert ivf.plan.kind == kind and ivf.ntotal == len(x)
+    fs, fi = flat.search(q, 10)
+    vs, vi = ivf.search(q, 10)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(fi.tolist(), vi.tolist())])
+    assert fi[:, 0].tolist() == list(range(300))  # self is the nearest neighbour
+    print(f"\n{kind} recall@10 vs flat: {recall:.3f}")
+    assert recall >= (0.9 if kind == "ivf" else 0.5)  # PQ distances are approximate
+    # masked index answers in global rows
+    mask = np.zeros(len(x), bool)
+    mask[::2] = True
+    m = build_index(x, IndexConfig(kind=kind), mask)
+    _, mi = m.search(q, 5)
+    assert (mi[mi >= 0] % 2 == 0).all()
+
+
+def test_knn_graph_ivf_matches_flat_edges():
+    x = clustered(8_000, seed=1, spread=(1.0, 2.0))
+    rng = np.random.default_rng(1)
+    dup = x[:300] + 0.1 * rng.standard_normal((300, x.shape[1])).astype(np.float32) / 8
+    x = np.concatenate([x, dup / np.linalg.norm(dup, axis=1, keepdims=True)])
+    g_flat = knn_graph(x, 16, 0.9, index_cfg=IndexConfig(kind="flat"))
+    for kind, floor in (("ivf", 0.99), ("ivfpq", 0.95)):
+        g = knn_graph(x, 16, 0.9, index_cfg=IndexConfig(kind=kind, pq_m=16))
+        exact = set(zip(g_flat.a.tolist(), g_flat.b.tolist()))
+        got = set(zip(g.a.tolist(), g.b.tolist()))
+        assert len(exact) >= 600
+        assert len(exact & got) / len(exact) >= floor, kind
+        assert got <= exact | {(b, a) for a, b in exact}  # PQ edges re-scored exactly: no false edges
+        assert np.all(g.sim >= 0.9)
+
+
+def test_kmeans_seeded_and_two_level():
+    x = clustered(6000, n_clusters=20)
+    c1 = kmeans(x, 20, seed=3)
+    c2 = kmeans(x, 20, seed=3)
+    assert np.array_equal(c1, c2)
+    assert np.allclose(np.linalg.norm(c1, axis=1), 1, atol=1e-5)
+    rows, labels, sims = assign(x, c1)
+    assert rows.tolist() == list(range(6000)) and labels.max() < 20 and (sims > 0).mean() > 0.95
+    # two-level k-means (used for large IVF nlist) gives exactly k centroids, near flat k-means quality
+    c_two = kmeans_array(x, 100, niter=10, seed=0, two_level_min_k=50)
+    c_flat = kmeans_array(x, 100, niter=10, seed=0, two_level_min_k=10**9)
+    assert c_two.shape == (100, x.shape[1])
+    q_two = assign(x, c_two)[2].mean()
+    q_flat = assign(x, c_flat)[2].mean()
+    assert q_two >= q_flat - 0.03
+    with pytest.raises(ValueError):
+        kmeans_array(x[:5], 10)
+
+
+def test_store_reads_layout_memmapped_and_skips_bad_shards(tmp_path):
+    rng = np.random.default_rng(0)
+    e0 = rng.standard_normal((5, 8)).astype(np.float32)
+    e1 = rng.standard_normal((3, 8)).astype(np.float32)
+    recs0 = pd.DataFrame({"key": [f"a.{i}" for i in range(5)], "width": 10, "height": 20})
+    recs1 = pd.DataFrame({"key": ["x", "bad", "y", "z"], "status": ["ok", "error", "ok", "ok"]})
+    write_embed_shard(tmp_path, "pool", "s000000", recs0, {"m": e0})
+    write_embed_shard(tmp_path, "pool", "s000001", recs1, {"m": e1})
+    # a shard whose embeddings do not match its parquet is skipped, not fatal
+    write_embed_shard(tmp_path, "pool", "s000002", pd.DataFrame({"key": ["q"]}), {"m": e1[:1]})
+    np.save(tmp_path / "embed" / "pool" / "s000002.m.npy", np.zeros((4, 8), np.float16))
+    write_embed_shard(tmp_path, "eval-foo", "s000000", pd.DataFrame({"key": ["e"]}), {"m": e1[:1]})
+    assert list_sources(tmp_path) == ["eval-foo", "pool"]
+    assert list_sources(tmp_path, "eval-") == ["eval-foo"]
+    assert resolve_embedder(tmp_path, "pool") == "m"
+    store = EmbeddingStore(tmp_path, "pool", "m")
+    assert store.n == 8 and store.dim == 8
+    assert store.ids.tolist() == [f"pool/s000000/a.{i}" for i in range(5)] + [
+        "pool/s000001/x", "pool/s000001/y", "pool/s000001/z"]
+    assert [p.shard_id for p in store.problems] == ["s000002"]
+    full = np.concatenate([e0, e1])
+    full /= np.linalg.norm(full, axis=1, keepdims=True)
+    got = store.vectors.load_all()
+    assert np.allclose(got, full, atol=2e-3)  # float16 storage
+    assert np.allclose(store.vectors.gather(np.array([7, 0, 5])), full[[7, 0, 5]], atol=2e-3)
+    assert isinstance(store.vectors, ShardedVectors)
+    assert isinstance(store.vectors._mmap(0), np.memmap)  # read through memory maps
+    blocks = list(store.vectors.iter_blocks(2))
+    assert np.concatenate([r for r, _ in blocks]).tolist() == list(range(8))
+    with pytest.raises(StoreError):
+        EmbeddingStore(tmp_path, "query-missing", "m")
+    with pytest.raises(StoreError, match="cannot infer"):
+        resolve_embedder(tmp_path, "nothing")
