@@ -70,7 +70,7 @@ def main() -> None:
     # The schedule spans the whole budget: 6 "epochs" of steps/6 iterations.
     epoch_len = max(1, steps // 6)
     cfg = load_train_config(REPO / "configs" / "train" / "tiny.yaml", [
-        f"train.output_dir={out / 'run'}", f"optim.epochs=6", f"optim.epoch_length={epoch_len}",
+        f"train.output_dir={out / 'run'}", "optim.epochs=6", f"optim.epoch_length={epoch_len}",
         f"optim.max_steps={steps}", "optim.warmup_epochs=1", "optim.freeze_last_layer_epochs=0.5",
         "loss.warmup_teacher_temp_epochs=2", "train.progress=false", "train.tensorboard=false",
         f'data.sources=[{{pattern: "{shard_dir}/shard-{{000000..{n_shards - 1:06d}}}.tar"}}]',

@@ -108,12 +108,15 @@ def check_stage(cfg: CurationConfig, stage: str) -> dict | None:
     if record.get("hash") == _hash(fp):
         return record
     old, new = _flatten(record.get("fingerprint", {})), _flatten(fp)
-    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    # Keys are "<stage>.<config key>"; show the config key the user would type.
+    changed = sorted({k.split(".", 1)[-1] for k in set(old) | set(new) if old.get(k) != new.get(k)})
     shown = ", ".join(changed[:8]) + (" …" if len(changed) > 8 else "")
+    later = STAGES[STAGES.index(stage):]
+    folders = [str(Path(cfg.output_dir) / s) for s in later] + [str(Path(cfg.output_dir) / "final")]
     raise StageConfigMismatch(
         f"stage '{stage}' already ran in {cfg.output_dir} with a different configuration "
         f"(changed: {shown}). Its results would no longer match the config. Use a new output_dir, "
-        f"or delete {Path(cfg.output_dir) / stage} (and the folders of the stages after it) to recompute."
+        f"or delete {', '.join(folders)} to recompute from '{stage}' on."
     )
 
 

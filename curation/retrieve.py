@@ -245,12 +245,12 @@ def candidate_mask(out_dir: str | Path, ids: np.ndarray) -> np.ndarray:
     if not dedup_file.exists():
         raise FileNotFoundError(f"retrieval needs the dedup decisions: {dedup_file} is missing (run dedup first)")
     dd = pq.read_table(dedup_file, columns=["id", "kept"]).to_pandas()
-    keep = pd.Series(dd["kept"].to_numpy(), index=dd["id"].to_numpy()).reindex(ids).fillna(False).to_numpy(bool)
+    keep = pd.Series(dd["kept"].to_numpy(), index=dd["id"].to_numpy()).reindex(ids).fillna(False).to_numpy(bool).copy()
     dc_file = out_dir / "decontaminate" / "decisions.parquet"
     if dc_file.exists():
         dc = pq.read_table(dc_file, columns=["id", "contaminated"]).to_pandas()
         bad = pd.Series(dc["contaminated"].to_numpy(), index=dc["id"].to_numpy()).reindex(ids).fillna(False)
-        keep &= ~bad.to_numpy(bool)
+        keep = keep & ~bad.to_numpy(bool)
     else:
         log.warning("no decontamination decisions at %s: eval near-copies are not removed", dc_file)
     return keep

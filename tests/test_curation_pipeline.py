@@ -174,12 +174,13 @@ def test_kill_and_rerun_equals_uninterrupted(world, reference):
 def test_changed_config_is_refused(world, reference, capsys):
     out = reference["out"]
     rc, _, err = curate_inproc(capsys, "run", *run_cfg(world, out, "dedup.threshold=0.5"))
-    assert rc == 2 and "dedup.threshold" in err and "already ran" in err
+    assert rc == 2 and "dedup.threshold" in err and "already ran" in err and "dedup.dedup" not in err
     rc, _, err = curate_inproc(capsys, "write", *run_cfg(world, out, "write.images_per_shard=3"))
     assert rc == 2 and "write.images_per_shard" in err
     # Executor settings do not change results: accepted, and every stage is skipped.
     rc, stdout, _ = curate_inproc(capsys, "run", *run_cfg(world, out, "executor.cluster=local",
-                                                          "executor.shards_per_task=3", "--no-audit"))
+                                                          "executor.shards_per_task=3", "embedders.tiny.batch_size=7",
+                                                          "embed.num_workers=2", "--no-audit"))
     assert rc == 0 and stdout.count("already complete") == 5
 
 

@@ -10,7 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from dinov2.eval.features import EvalTransform, EvalTransformConfig, extract_features, list_labeled, write_labeled_shards
+from dinov2.eval.features import (
+    EvalTransform,
+    EvalTransformConfig,
+    extract_features,
+    list_labeled,
+    write_labeled_shards,
+)
 from dinov2.eval.knn import knn_accuracy, knn_classify
 from dinov2.eval.linear import LinearProbeConfig, linear_probe
 

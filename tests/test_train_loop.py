@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_train_distributed import CONFIG, GSIZE, run, tiny_overrides
 
 from dinov2.train.checkpoint import list_checkpoints, load_teacher_backbone_state, read_checkpoint_tensors
 from dinov2.train.config import load_train_config
 from dinov2.train.ssl_meta_arch import NonFiniteLossError, SSLMetaArch
 from dinov2.utils.config import ConfigError
-from test_train_distributed import CONFIG, GSIZE, run, tiny_overrides
 
 
 def _labeled_folder(root: Path) -> Path:
@@ -81,7 +81,7 @@ def test_metrics_checkpoints_frozen_last_layer_and_eval(tmp_path):
 
     assert main(["export", str(out), str(tmp_path / "teacher.pth")]) == 0
     sd = torch.load(tmp_path / "teacher.pth", weights_only=True)
-    assert "blocks.0.ls1.gamma" in sd and "pos_embed" in sd and not any(k.startswith("backbone.") for k in sd)
+    assert "blocks.0.attn.qkv.weight" in sd and "pos_embed" in sd and not any(k.startswith("backbone.") for k in sd)
     model = load_pretrained(tmp_path / "teacher.pth")
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, teacher[k])
@@ -149,3 +149,27 @@ def test_real_loader_from_shards(tmp_path):
     res = run_training(cfg)
     assert res.final_step == 2
     assert all(np.isfinite(r["total_loss"]) for r in res.metrics)
+
+
+def test_activation_checkpointing_keeps_loss_and_gradients():
+    """AC changes memory, not math: same loss and gradients, same parameter names."""
+    from test_train_distributed import photo_batch_source
+
+    from dinov2.train.ssl_meta_arch import parallelize
+
+    cfg = load_train_config(CONFIG, tiny_overrides("/tmp/unused", 1) + ["model.drop_path_rate=0.2"])
+    batch = next(iter(photo_batch_source()(0, 1, 0)))
+    results = []
+    for ac in (False, True):
+        torch.manual_seed(0)
+        arch = SSLMetaArch(cfg.model, cfg.head, cfg.loss, GSIZE)
+        parallelize(arch, torch.device("cpu"), "fp32", use_fsdp=False, activation_checkpointing=ac)
+        torch.manual_seed(1)  # same drop-path draws
+        out = arch.forward_loss(batch, 0.04)
+        out.loss.backward()
+        results.append((out.loss.item(), {n: p.grad.clone() for n, p in arch.student.named_parameters()}))
+    (l0, g0), (l1, g1) = results
+    assert l1 == pytest.approx(l0, rel=1e-6)
+    assert g0.keys() == g1.keys()
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-7)

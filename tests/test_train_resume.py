@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from test_train_distributed import CONFIG, REPO, tiny_overrides
 
 from dinov2.train.checkpoint import read_checkpoint_tensors
-from test_train_distributed import CONFIG, REPO, tiny_overrides
 
 
 def _shards(root: Path) -> str:

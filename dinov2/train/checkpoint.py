@@ -131,7 +131,8 @@ def save_checkpoint(run_dir: str | Path, step: int, arch, optimizer, meta: dict[
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
-    dcp.save(_app_state(arch, optimizer), checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
+    with _quiet_single_process():
+        dcp.save(_app_state(arch, optimizer), checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
     torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
     barrier()
     if rank == 0:
@@ -159,7 +160,8 @@ def load_checkpoint(ckpt: str | Path, arch, optimizer, load_optimizer: bool = Tr
         "teacher": get_model_state_dict(arch.teacher),
         "centers": arch.center_state_dict(),
     }
-    dcp.load(state, checkpoint_id=str(ckpt), no_dist=not dist.is_initialized())
+    with _quiet_single_process():
+        dcp.load(state, checkpoint_id=str(ckpt), no_dist=not dist.is_initialized())
     set_model_state_dict(arch.student, state["student"])
     set_model_state_dict(arch.teacher, state["teacher"])
     if load_optimizer:
@@ -188,13 +190,25 @@ def read_checkpoint_tensors(ckpt: str | Path, prefix: str = "") -> dict[str, tor
             state[key] = torch.empty(item.size, dtype=item.properties.dtype)
     if not state:
         raise CheckpointError(f"{ckpt} holds no tensors under {prefix!r}")
-    dcp.load(state, storage_reader=reader, no_dist=True)
+    with _quiet_single_process():
+        dcp.load(state, storage_reader=reader, no_dist=True)
     return {k[len(prefix):]: v for k, v in state.items()}
 
 
 def load_teacher_backbone_state(ckpt: str | Path) -> dict[str, torch.Tensor]:
     """Full teacher backbone weights of a run/checkpoint folder (used by ``dinov2 export``)."""
     return read_checkpoint_tensors(ckpt, "teacher.backbone.")
+
+
+def _quiet_single_process():
+    """DCP warns that it runs in one process when no process group exists: that is intended here."""
+    import contextlib
+    import warnings
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(warnings.catch_warnings())
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    return stack
 
 
 def _fsync_dir(path: Path) -> None:

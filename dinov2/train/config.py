@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from dinov2.data.loader import DataConfig
+from dinov2.train.distill import DistillConfig, distill_config_errors
+from dinov2.train.phases import PhasesConfig, phases_config_errors
 from dinov2.utils.config import ConfigError, load_config
 
 
@@ -133,6 +135,8 @@ class TrainConfig:
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    phases: PhasesConfig = field(default_factory=PhasesConfig)  # high-resolution finishing (phases.py)
+    distill: DistillConfig = field(default_factory=DistillConfig)  # frozen-teacher distillation (distill.py)
 
     def validate(self) -> None:
         err = []
@@ -167,6 +171,7 @@ class TrainConfig:
             err.append("eval.every_n_steps > 0 needs eval.train_dir and eval.val_dir")
         if self.eval.crop_size % self.model.patch_size:
             err.append(f"eval.crop_size {self.eval.crop_size} is not a multiple of model.patch_size")
+        err += phases_config_errors(self) + distill_config_errors(self)
         if err:
             raise ConfigError("invalid training config: " + "; ".join(err))
         if self.data.sources:

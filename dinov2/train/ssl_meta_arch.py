@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from dinov2.loss.centering import SoftmaxCenter, sinkhorn_knopp
@@ -159,16 +158,20 @@ class SSLMetaArch(nn.Module):
 
     @torch.no_grad()
     def _teacher_targets(self, global_crops: torch.Tensor, masks: torch.Tensor | None, temp: float):
-        out = self.teacher["backbone"](global_crops, is_training=True)
+        # Distillation (dinov2.train.distill) attaches a frozen large teacher; self.teacher is then
+        # the student's EMA and only the frozen teacher produces targets.
+        teacher = getattr(self, "frozen_teacher", None)
+        teacher = self.teacher if teacher is None else teacher
+        out = teacher["backbone"](global_crops, is_training=True)
         cls = out["x_norm_clstoken"]
         masked = out["x_norm_patchtokens"][masks] if masks is not None else None
         if masked is not None and not self.separate_ibot_head:
             # One head call for CLS and masked patches (shared head), then split.
-            logits = self.teacher["dino_head"](torch.cat([cls, masked]))
+            logits = teacher["dino_head"](torch.cat([cls, masked]))
             cls_logits, patch_logits = logits[: cls.shape[0]], logits[cls.shape[0]:]
         else:
-            cls_logits = self.teacher["dino_head"](cls)
-            patch_logits = self.teacher["ibot_head"](masked) if masked is not None else None
+            cls_logits = teacher["dino_head"](cls)
+            patch_logits = teacher["ibot_head"](masked) if masked is not None else None
         cls_probs = self._center("dino", cls_logits.float(), temp)
         patch_probs = self._center("ibot", patch_logits.float(), temp) if patch_logits is not None else None
         return cls, cls_probs, patch_probs

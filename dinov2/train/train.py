@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -158,19 +157,30 @@ def _eval_during_training(arch: SSLMetaArch, cfg: TrainConfig, info: DistInfo, c
 
 
 def run_training(cfg: TrainConfig, batch_source: BatchSourceFn | None = None,
-                 info: DistInfo | None = None) -> TrainResult:
+                 info: DistInfo | None = None, phase: Any = None) -> TrainResult:
+    # Multi-phase runs (high-resolution finishing): dinov2.train.phases runs each phase through
+    # this function with a PhasePlan (its steps, schedules, data position, metrics tag).
+    if phase is None and cfg.phases.highres.steps > 0:
+        from dinov2.train.phases import run_phases
+
+        return run_phases(cfg, batch_source, info)
+    phase_name = phase.name if phase is not None else "main"
     info = info or init_distributed(cfg.compute.device)
     _set_threads(cfg)
     run_dir = Path(cfg.train.output_dir)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt_lib.remove_stale_tmp(run_dir)
-        atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+        atomic_write_text(run_dir / (phase.config_name if phase is not None else "config.yaml"), to_yaml(cfg))
     barrier()
 
     # Same seed on every rank for the initial weights (FSDP then keeps each rank's shard).
     _seed_all(cfg.train.seed)
     arch = SSLMetaArch(cfg.model, cfg.head, cfg.loss, global_crop_size(cfg))
+    if cfg.distill.teacher_checkpoint:
+        from dinov2.train.distill import attach_frozen_teacher
+
+        attach_frozen_teacher(arch, cfg)  # frozen large teacher; arch.teacher becomes the student EMA
     parallelize(arch, info.device, cfg.compute.precision, cfg.compute.fsdp,
                 cfg.compute.activation_checkpointing, cfg.compute.compile)
     optimizer = build_optimizer(arch, cfg)
@@ -178,13 +188,19 @@ def run_training(cfg: TrainConfig, batch_source: BatchSourceFn | None = None,
     global_batch = cfg.data.batch_size * info.world_size
     freeze_iters = int(round(cfg.optim.freeze_last_layer_epochs * cfg.optim.epoch_length))
     total_steps = cfg.total_steps
+    if phase is not None:
+        total_steps = phase.end_step
+        schedules = phase.schedules or schedules
+        freeze_iters = freeze_iters if phase.freeze_last_layer else 0
 
     latest = broadcast_object(str(ckpt_lib.latest_checkpoint(run_dir) or "") if info.is_main else None)
     start_step, start_sample = 0, 0
+    if phase is not None and phase.start_step > 0 and not latest:
+        raise RuntimeError(f"phase {phase.name!r} needs the checkpoint of step {phase.start_step}; none found")
     if latest:
         meta = ckpt_lib.load_checkpoint(latest, arch, optimizer)
         start_step = int(meta["step"])
-        start_sample = start_step * cfg.data.batch_size
+        start_sample = phase.data_sample(start_step) if phase is not None else start_step * cfg.data.batch_size
         if int(meta.get("world_size", info.world_size)) != info.world_size:
             log.warning("resuming a %s-rank checkpoint on %d ranks: weights/optimizer are resharded; the data "
                         "stream continues at step %d of the new rank layout", meta.get("world_size"),
@@ -261,6 +277,7 @@ def run_training(cfg: TrainConfig, batch_source: BatchSourceFn | None = None,
             if info.is_main and (step % cfg.train.log_every == 0 or step == total_steps):
                 row: dict[str, Any] = {
                     "step": step,
+                    "phase": phase_name,
                     "epoch": (step - 1) // cfg.optim.epoch_length,
                     **terms,
                     **vals,
@@ -285,20 +302,20 @@ def run_training(cfg: TrainConfig, batch_source: BatchSourceFn | None = None,
             if cfg.eval.every_n_steps > 0 and step % cfg.eval.every_n_steps == 0:
                 ev = _eval_during_training(arch, cfg, info, eval_cache)
                 if info.is_main:
-                    row = {"step": step, **{f"eval_{k}": v for k, v in ev.items()}}
+                    row = {"step": step, "phase": phase_name, **{f"eval_{k}": v for k, v in ev.items()}}
                     logger.log(row)
                     result.metrics.append(row)
 
             if step % cfg.checkpoint.every_n_steps == 0 or (step == total_steps and cfg.checkpoint.save_final):
                 # Rank-local samples consumed (the loader's start_sample on resume).
                 meta = {"data_sample": start_sample + (step - start_step) * cfg.data.batch_size,
-                        "global_batch": global_batch, "schedule": vals}
+                        "global_batch": global_batch, "schedule": vals, "phase": phase_name}
                 result.last_checkpoint = ckpt_lib.save_checkpoint(
                     run_dir, step, arch, optimizer, meta, cfg.checkpoint.keep_last)
         if cfg.eval.at_end and cfg.eval.train_dir and cfg.eval.val_dir:
             ev = _eval_during_training(arch, cfg, info, eval_cache)
             if info.is_main:
-                row = {"step": step, **{f"eval_{k}": v for k, v in ev.items()}}
+                row = {"step": step, "phase": phase_name, **{f"eval_{k}": v for k, v in ev.items()}}
                 logger.log(row)
                 result.metrics.append(row)
     finally:

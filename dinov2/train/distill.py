@@ -1,0 +1,159 @@
+"""Distillation of a frozen large teacher into a smaller student (DINOv2 paper, "distillation").
+
+Config (``distill.teacher_checkpoint: ""`` → normal SSL training)::
+
+    distill:
+      teacher_checkpoint: /ckpt/dinov2_vitg14_pretrain.pth   # official/exported .pth, or a run /
+                                                              # ckpt folder of ours
+      teacher_heads: auto        # auto | checkpoint | random_frozen
+
+The objective is the usual DINO + iBOT + KoLeo, with the targets computed by the frozen teacher
+(backbone + heads, never updated: no EMA, no gradient).  The student still keeps an EMA copy of
+itself — in distillation mode ``arch.teacher`` *is* that student EMA (same shapes as the student,
+updated by ``update_teacher`` as usual) — so checkpoints, evaluation during training and
+``dinov2 export`` (which read ``teacher.backbone.*``) all see the student EMA, the model the paper
+keeps.  The frozen teacher lives in ``arch.frozen_teacher`` and is *not* written into checkpoints:
+it is rebuilt deterministically from ``teacher_checkpoint`` on every (re)start.
+
+Teacher heads (the teacher-side DINO / iBOT projection heads that produce the prototype scores):
+
+* ``checkpoint`` — loaded from one of our training checkpoints (``teacher.dino_head.*`` and, if
+  present, ``teacher.ibot_head.*``): the reference setting, where the teacher keeps its own frozen
+  pretrained heads.  Their prototype count must equal ``head.dino_out_dim`` / ``head.ibot_out_dim``.
+* ``random_frozen`` — for backbone-only files (official checkpoints have no heads): heads of the
+  configured shape, initialised from a fixed seed (``train.seed``) and frozen.  Chosen over training
+  the teacher heads jointly because a head trained without its own EMA/SSL signal can drift or
+  collapse (nothing anchors it), whereas a fixed random MLP on the frozen teacher's features is a
+  stable, information-preserving target: the centred, sharpened prototype scores keep the
+  teacher's neighbourhood structure, which is what the student has to copy.  It is also
+  reproducible on resume without storing anything.
+* ``auto`` — ``checkpoint`` when the teacher source is a run/checkpoint folder holding heads whose
+  shapes fit, else ``random_frozen``.
+
+The teacher's patch size must equal the student's when iBOT is on (the masked patch targets are
+taken at the same grid positions).
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from dinov2.train.config import TrainConfig
+    from dinov2.train.ssl_meta_arch import SSLMetaArch
+
+log = logging.getLogger("dinov2.train.distill")
+
+_HEAD_MODES = ("auto", "checkpoint", "random_frozen")
+
+
+@dataclass
+class DistillConfig:
+    teacher_checkpoint: str = ""  # "" → no distillation
+    teacher_heads: str = "auto"  # auto | checkpoint | random_frozen
+
+
+def distill_config_errors(cfg: TrainConfig) -> list[str]:
+    d = cfg.distill
+    err: list[str] = []
+    if d.teacher_heads not in _HEAD_MODES:
+        err.append(f"distill.teacher_heads must be one of {'|'.join(_HEAD_MODES)}, got {d.teacher_heads!r}")
+    if d.teacher_checkpoint:
+        p = Path(d.teacher_checkpoint)
+        if not p.exists():
+            err.append(f"distill.teacher_checkpoint {d.teacher_checkpoint} does not exist")
+        elif d.teacher_heads == "checkpoint" and not p.is_dir():
+            err.append("distill.teacher_heads=checkpoint needs a run or checkpoint folder of ours as "
+                       "distill.teacher_checkpoint (weight files have no heads)")
+    return err
+
+
+def _head_shape(state: dict[str, torch.Tensor]) -> tuple[int, int, int, int, int]:
+    """(in_dim, out_dim, hidden_dim, bottleneck_dim, nlayers) of a DINOHead state dict."""
+    idx = sorted(int(m.group(1)) for k in state if (m := re.fullmatch(r"mlp\.(\d+)\.weight", k)))
+    if not idx:
+        raise ValueError("head state has no mlp.*.weight tensors")
+    first, last = state[f"mlp.{idx[0]}.weight"], state[f"mlp.{idx[-1]}.weight"]
+    ll = state.get("last_layer.weight", state.get("last_layer.weight_v"))
+    if ll is None:
+        raise ValueError("head state has no last_layer.weight")
+    hidden = first.shape[0] if len(idx) > 1 else 1
+    return first.shape[1], ll.shape[0], hidden, last.shape[0], len(idx)
+
+
+def _head_from_state(state: dict[str, torch.Tensor], what: str):
+    from dinov2.models.head import DINOHead
+
+    in_dim, out_dim, hidden, bottleneck, nlayers = _head_shape(state)
+    head = DINOHead(in_dim, out_dim, hidden if nlayers > 1 else 2048, bottleneck, nlayers)
+    head.load_state_dict(state, strict=True)
+    log.info("distill: %s loaded from the teacher checkpoint (in %d, out %d)", what, in_dim, out_dim)
+    return head
+
+
+def load_frozen_teacher(cfg: TrainConfig, use_ibot: bool, separate_ibot_head: bool) -> nn.ModuleDict:
+    """The frozen teacher: ``backbone``, ``dino_head`` and (if separate) ``ibot_head``."""
+    from dinov2.models.checkpoint import load_pretrained
+    from dinov2.models.head import DINOHead
+
+    d, h = cfg.distill, cfg.head
+    src = Path(d.teacher_checkpoint)
+    heads: dict[str, dict[str, torch.Tensor]] = {}
+    if src.is_dir():
+        from dinov2.train.checkpoint import read_checkpoint_tensors
+
+        tensors = read_checkpoint_tensors(src, "teacher.")
+        backbone = load_pretrained({k[len("backbone."):]: v for k, v in tensors.items() if k.startswith("backbone.")})
+        for name in ("dino_head", "ibot_head"):
+            sub = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+            if sub:
+                heads[name] = sub
+    else:
+        backbone = load_pretrained(src)
+    if use_ibot and backbone.patch_size != cfg.model.patch_size:
+        raise ValueError(f"distill: teacher patch size {backbone.patch_size} != student model.patch_size "
+                         f"{cfg.model.patch_size} (iBOT targets need the same patch grid; set loss.ibot_weight=0 "
+                         f"to distil across patch sizes)")
+    dim = backbone.embed_dim
+
+    wanted = {"dino_head": h.dino_out_dim}
+    if separate_ibot_head:
+        wanted["ibot_head"] = h.ibot_out_dim
+    mods: dict[str, nn.Module] = {"backbone": backbone}
+    for name, out_dim in wanted.items():
+        state = heads.get(name)
+        fits = state is not None and _head_shape(state)[:2] == (dim, out_dim)
+        if d.teacher_heads == "checkpoint" and not fits:
+            raise ValueError(f"distill.teacher_heads=checkpoint: {src} has no teacher {name} with input dim {dim} "
+                             f"and {out_dim} prototypes" + (f" (found {_head_shape(state)[:2]})" if state else ""))
+        if fits and d.teacher_heads != "random_frozen":
+            mods[name] = _head_from_state(state, name)
+        else:
+            # Fixed seed, isolated from the training RNG: identical on every rank and every restart.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.train.seed * 7919 + (1 if name == "ibot_head" else 0) + 12345)
+                if name == "dino_head":
+                    mods[name] = DINOHead(dim, out_dim, h.dino_hidden_dim, h.dino_bottleneck_dim, h.dino_nlayers)
+                else:
+                    mods[name] = DINOHead(dim, out_dim, h.ibot_hidden_dim, h.ibot_bottleneck_dim, h.ibot_nlayers)
+            log.info("distill: %s of the teacher is a frozen random head (seeded)", name)
+    teacher = nn.ModuleDict(mods)
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def attach_frozen_teacher(arch: SSLMetaArch, cfg: TrainConfig) -> None:
+    """Turn a freshly built ``SSLMetaArch`` into a distillation setup (before ``parallelize``)."""
+    arch.frozen_teacher = load_frozen_teacher(cfg, arch.use_ibot, arch.separate_ibot_head)
+    n_t = sum(p.numel() for p in arch.frozen_teacher.parameters())
+    n_s = sum(p.numel() for p in arch.student.parameters())
+    log.info("distill: frozen teacher %.1fM params → student %.1fM params (student EMA is exported)",
+             n_t / 1e6, n_s / 1e6)
