@@ -13,12 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-
 from dinov2.data.decode import DEFAULT_MAX_PIXELS
-from dinov2.utils.config import ConfigError, _describe, _parse_override
+from dinov2.utils.config import ConfigError, load_config
 
 from .decontaminate import DecontamConfig
 from .dedup import DedupConfig
@@ -124,48 +120,8 @@ def _sub_validate(obj, prefix: str) -> None:
         raise ConfigError(msg if prefix in msg else f"key '{prefix}': {msg}") from None
 
 
-# Fields whose keys are user-chosen names (dict-typed): new keys must be accepted.
-_NAMED_MAPS = ("eval_sets", "query_sets", "embedders")
 
 
 def load_curation_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> CurationConfig:
-    """Like ``dinov2.utils.config.load_config(CurationConfig, …)``, with named maps open.
-
-    The shared loader locks the whole config (struct mode), which also forbids new
-    keys in ``embedders``/``eval_sets``/``query_sets`` — whose keys are names the user
-    picks.  Here those maps accept new names while their VALUES stay typed and
-    locked (an unknown key inside an embedder is still an error naming it).
-    """
-    try:
-        cfg = OmegaConf.structured(CurationConfig)
-        OmegaConf.set_struct(cfg, True)
-        for name in _NAMED_MAPS:
-            OmegaConf.set_struct(cfg._get_node(name), False)
-        if path is not None:
-            path = Path(path)
-            if not path.is_file():
-                raise ConfigError(f"config file not found: {path}")
-            try:
-                file_cfg = OmegaConf.load(path) or OmegaConf.create({})
-            except yaml.YAMLError as exc:
-                raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
-            cfg = OmegaConf.merge(cfg, file_cfg)
-        for item in overrides:
-            key, value = _parse_override(item)
-            head, _, rest = key.partition(".")
-            if head in _NAMED_MAPS and "." in rest:
-                # `embedders.new.kind=x` on a name not in the file: create the entry from its defaults.
-                entry = rest.split(".", 1)[0]
-                node = cfg._get_node(head)
-                element_type = node._metadata.element_type if isinstance(node, DictConfig) else None
-                if entry not in node and dataclasses.is_dataclass(element_type):
-                    node[entry] = OmegaConf.structured(element_type)
-            OmegaConf.update(cfg, key, value, merge=True, force_add=False)
-        obj = OmegaConf.to_object(cfg)
-    except ConfigError:
-        raise
-    except OmegaConfBaseException as exc:
-        where = f" in {path}" if path is not None else ""
-        raise ConfigError(f"invalid config{where}: {_describe(exc)}") from None
-    obj.validate()
-    return obj
+    """Typed, validated curation config (named maps such as ``embedders`` accept new names)."""
+    return load_config(CurationConfig, path, overrides)

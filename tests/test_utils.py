@@ -54,6 +54,20 @@ def test_unknown_override_and_wrong_type_name_key():
         load_config(Outer, None, ["steps=0"])
 
 
+@dataclass
+class WithDict:
+    named: dict = field(default_factory=dict)
+    embedders: "dict[str, Inner]" = field(default_factory=dict)
+
+
+def test_new_entries_in_dict_nodes_get_schema_defaults():
+    cfg = load_config(WithDict, None, ["embedders.big.name=vit", "named.x=[1,2]"])
+    assert cfg.embedders["big"] == Inner(lr=0.1, name="vit")
+    assert cfg.named == {"x": [1, 2]}
+    with pytest.raises(ConfigError, match="embedders.big.bogus"):
+        load_config(WithDict, None, ["embedders.big.bogus=1"])
+
+
 def test_atomic_open_leaves_old_file_on_failure(tmp_path):
     target = tmp_path / "out.json"
     atomic_write_json(target, {"a": 1})

@@ -7,9 +7,11 @@ unknown keys and values of the wrong type are errors that name the offending key
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, TypeVar
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -22,7 +24,7 @@ class ConfigError(ValueError):
 
 def _describe(exc: OmegaConfBaseException) -> str:
     key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
-    msg = getattr(exc, "msg", None) or str(exc).splitlines()[0]
+    msg = (getattr(exc, "msg", None) or str(exc)).splitlines()[0]
     return f"key '{key}': {msg}" if key else msg
 
 
@@ -44,22 +46,27 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequ
         raise TypeError(f"{schema!r} is not a dataclass schema")
     try:
         cfg = OmegaConf.structured(schema)
-        OmegaConf.set_struct(cfg, True)
         if path is not None:
             path = Path(path)
             if not path.is_file():
                 raise ConfigError(f"config file not found: {path}")
-            file_cfg = OmegaConf.load(path)
-            if file_cfg is None:
-                file_cfg = OmegaConf.create({})
+            try:
+                file_cfg = OmegaConf.load(path) or OmegaConf.create({})
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
             cfg = OmegaConf.merge(cfg, file_cfg)
         for item in overrides:
             key, value = _parse_override(item)
+            nested: Any = value
+            for part in reversed(key.split(".")):
+                nested = {part: nested}
+            # Merging (rather than OmegaConf.update) lets `name.field=value` create a new entry of a
+            # dict-typed node (e.g. a new embedder) with its schema's defaults, while dataclass nodes
+            # stay closed: unknown keys there are errors.
             try:
-                OmegaConf.select(cfg, key, throw_on_missing=False)
-            except OmegaConfBaseException as exc:  # pragma: no cover - defensive
+                cfg = OmegaConf.merge(cfg, OmegaConf.create(nested))
+            except OmegaConfBaseException as exc:
                 raise ConfigError(f"override '{item}': {_describe(exc)}") from None
-            OmegaConf.update(cfg, key, value, merge=True, force_add=False)
         obj = OmegaConf.to_object(cfg)
     except ConfigError:
         raise
