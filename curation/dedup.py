@@ -24,6 +24,7 @@ to its representative: same sha256 → exact, phash within distance → phash, e
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -182,7 +183,7 @@ def phash_edges(phash: np.ndarray, valid: np.ndarray | None, max_distance: int,
         n_blocks = max_distance + 1
         bounds = np.linspace(0, 64, n_blocks + 1).astype(int)
         pairs_a, pairs_b = [], []
-        for lo, hi in zip(bounds[:-1], bounds[1:]):
+        for lo, hi in itertools.pairwise(bounds):
             key = (u >> np.uint64(lo)) & np.uint64((1 << (hi - lo)) - 1)
             order = np.argsort(key, kind="stable")
             ks = key[order]
@@ -230,6 +231,7 @@ class KnnGraph:
     nn_sim: np.ndarray
     requeried: int  # items that needed a larger k
     index_kind: str
+    nlist: int = 0
 
 
 def _drop_self(qrows: np.ndarray, sims: np.ndarray, nbrs: np.ndarray, k: int):
@@ -285,7 +287,7 @@ def knn_graph(vectors: Vectors | np.ndarray, k: int = 64, threshold: float = 0.6
                 "ij,ij->i", vectors.gather(a[c : c + 65536]), vectors.gather(b[c : c + 65536]))
         s = exact
     keep = s >= threshold
-    return KnnGraph(a[keep], b[keep], s[keep], nn_row, nn_sim, requeried, index.plan.kind)
+    return KnnGraph(a[keep], b[keep], s[keep], nn_row, nn_sim, requeried, index.plan.kind, index.plan.nlist)
 
 
 # ----------------------------------------------------------------------------- representatives
@@ -376,7 +378,7 @@ def dedup_core(vectors: Vectors | np.ndarray, cfg: DedupConfig, *, sha256=None, 
         edges_b.append(g.b)
         nn_row, nn_sim = g.nn_row, g.nn_sim
         graph = g
-        stats.update(near_edges=len(g.a), requeried=g.requeried, index_kind=g.index_kind)
+        stats.update(near_edges=len(g.a), requeried=g.requeried, index_kind=g.index_kind, nlist=g.nlist)
     else:
         nn_row, nn_sim = np.full(n, -1, np.int64), np.full(n, np.nan, np.float32)
         graph = None
@@ -408,7 +410,7 @@ def dedup_core(vectors: Vectors | np.ndarray, cfg: DedupConfig, *, sha256=None, 
         stats["semdedup_dropped"] = int(sd.sum())
     stats.update(
         search_s=round(t1 - t0, 3), total_s=round(time.perf_counter() - t0, 3),
-        components=int(len(np.unique(labels))) if n else 0, kept=int(kept.sum()),
+        components=len(np.unique(labels)) if n else 0, kept=int(kept.sum()),
     )
     return DedupResult(labels, sizes.astype(np.int64), kept, reason, rep, nn_row, nn_sim, stats, graph)
 

@@ -152,7 +152,7 @@ def retrieve_core(pool: Vectors | np.ndarray, candidates: np.ndarray | None, que
         arows, km_labels, _ = assign(pool, centroids, mask)
         assert np.array_equal(arows, rows)
         cluster = km_labels.copy()
-        info["kmeans"] = {"n_clusters": int(len(centroids)),
+        info["kmeans"] = {"n_clusters": len(centroids),
                           "sizes_before": np.bincount(km_labels, minlength=len(centroids)).tolist()}
     for qs, method, k, cap in plans:
         qv = as_vectors(qs.vectors)
@@ -191,18 +191,18 @@ def retrieve_core(pool: Vectors | np.ndarray, candidates: np.ndarray | None, que
                         members, cfg.per_cluster, replace=False)
                 picks.append(members)
             chosen = np.unique(np.concatenate(picks)) if picks else chosen
-            set_info["eligible_clusters"] = int(len(eligible))
+            set_info["eligible_clusters"] = len(eligible)
         if len(chosen) > cap:
             rng = np.random.default_rng(_stable_seed(cfg.seed, qs.name, "cap"))
             chosen = np.sort(rng.choice(chosen, cap, replace=False))
         mark(chosen, qs.name, method)
-        set_info["selected"] = int(len(chosen))
+        set_info["selected"] = len(chosen)
         info["per_set"][qs.name] = set_info
     selected = np.array([bool(s) for s in hit_sets], dtype=bool) if n else np.zeros(0, bool)
     if cfg.hkmeans.enabled and n:
         hk = hierarchical_kmeans(pool, cfg.hkmeans, mask)
         assert np.array_equal(hk.rows, rows)
-        target = cfg.hkmeans.target_size or int(round(cfg.hkmeans.target_fraction * n))
+        target = cfg.hkmeans.target_size or round(cfg.hkmeans.target_fraction * n)
         pick = balanced_sample(hk, min(target, n), seed=cfg.hkmeans.seed)
         for p in np.flatnonzero(pick).tolist():
             hit_methods[p].add("hkmeans")

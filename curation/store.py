@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
@@ -211,11 +212,10 @@ class EmbeddingStore:
         def skip(reason: str):
             log.warning("skipping embed shard %s/%s: %s", source, shard_id, reason)
             self.problems.append(ShardProblem(source, shard_id, reason))
-            return None
 
         try:
             table = pq.read_table(pq_path)
-        except Exception as exc:  # unreadable parquet: skip the shard, keep the job alive
+        except Exception as exc:  # noqa: BLE001 - unreadable parquet: skip the shard, keep the job alive
             return skip(f"unreadable parquet ({type(exc).__name__}: {exc})")
         missing = [c for c in ("id", "status", "emb_row") if c not in table.column_names]
         if missing:
@@ -236,7 +236,7 @@ class EmbeddingStore:
             return skip(f"missing embeddings file {npy_path.name}")
         try:
             arr = np.load(npy_path, mmap_mode="r", allow_pickle=False)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any unreadable .npy: skip the shard
             return skip(f"unreadable embeddings ({type(exc).__name__}: {exc})")
         if arr.ndim != 2 or arr.shape[0] != n_ok:
             return skip(f"embeddings shape {arr.shape} does not match {n_ok} ok rows")

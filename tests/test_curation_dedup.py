@@ -22,8 +22,15 @@ from PIL import Image
 
 from curation.decontaminate import DecontamConfig, decontaminate_core, run_decontaminate
 from curation.dedup import (
-    DedupConfig, SemDedupConfig, UnionFind, choose_representatives, connected_components, dedup_core,
-    exact_edges, phash_edges, run_dedup,
+    DedupConfig,
+    SemDedupConfig,
+    UnionFind,
+    choose_representatives,
+    connected_components,
+    dedup_core,
+    exact_edges,
+    phash_edges,
+    run_dedup,
 )
 from curation.store import EmbeddingStore, write_embed_shard
 
@@ -129,13 +136,13 @@ def planted_pool():
         group.append(1000 + j)
         kind.append("eval_copy")
     perm = rng.permutation(len(images))  # copies must not sit next to their sources
-    pick = lambda xs: [xs[i] for i in perm]  # noqa: E731
+    pick = lambda xs: [xs[i] for i in perm]
     return pick(images), pick(datas), np.array(pick(group)), pick(kind), eval_imgs
 
 
 @functools.lru_cache(maxsize=1)
 def planted_embeddings():
-    images, datas, group, kind, eval_imgs = planted_pool()
+    images, _datas, _group, _kind, eval_imgs = planted_pool()
     raw = embed_images(images + eval_imgs)
     mu = raw[: len(images)].mean(0)  # centring fitted on the pool
     emb = raw - mu
@@ -144,7 +151,7 @@ def planted_embeddings():
 
 
 def write_planted(out_dir: Path) -> None:
-    images, datas, group, kind, eval_imgs = planted_pool()
+    images, datas, _group, _kind, eval_imgs = planted_pool()
     pool_emb, eval_emb = planted_embeddings()
     recs = records_for([f"{i:06d}" for i in range(len(images))], images, datas)
     half = len(recs) // 2  # two shards, so global rows span shards
@@ -246,7 +253,7 @@ def test_dedup_core_small_synthetic_deterministic():
 
 @pytest.mark.slow
 def test_dedup_and_decontamination_on_real_photos(tmp_path):
-    images, datas, group, kinds, eval_imgs = planted_pool()
+    images, _datas, group, kinds, _eval_imgs = planted_pool()
     write_planted(tmp_path)
     cfg = DedupConfig(embedder=EMBEDDER, threshold=DEDUP_THRESHOLD)
     out = run_dedup(tmp_path, cfg)

@@ -14,7 +14,12 @@ from PIL import Image
 from curation.decontaminate import run_decontaminate
 from curation.dedup import DedupConfig, run_dedup
 from curation.hkmeans import (
-    HKMeansConfig, balanced_cap, balanced_sample, hierarchical_kmeans, size_ratio, split_budget,
+    HKMeansConfig,
+    balanced_cap,
+    balanced_sample,
+    hierarchical_kmeans,
+    size_ratio,
+    split_budget,
 )
 from curation.retrieve import QuerySet, QuerySetConfig, RetrieveConfig, retrieve_core, run_retrieve
 from curation.store import write_embed_shard
@@ -105,7 +110,7 @@ def test_retrieve_core_methods():
 
 @pytest.mark.slow
 def test_run_retrieve_on_real_photos(tmp_path):
-    from test_curation_dedup import embed_images, sign_digit_paths
+    from test_curation_dedup import embed_images
 
     SIGN = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sign-digits"
     if not SIGN.is_dir():
