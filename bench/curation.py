@@ -11,7 +11,9 @@ index kind/nlist, planted-pair recall (pair ends up in one component), peak RSS,
 k-means time (N/1000 clusters), and the baseline: exact flat k=64 search timed
 on a query subsample and extrapolated to N (ratio = baseline / ours) together
 with the edge recall of our graph against the exact one on that subsample.
-Growth exponent = log(time ratio) / log(size ratio) between consecutive sizes.
+Growth exponent = log(CPU-time ratio) / log(size ratio) between consecutive sizes
+(CPU time, because wall time on the shared 2-core machine swings with other load).
+Targets (brief): 1e6 in <= 10 min with pair recall >= 0.99, growth 1e5->1e6 <= 1.15.
 
     .venv/bin/python bench/curation.py --sizes 10000,100000
 """
@@ -84,8 +86,9 @@ def exact_baseline(vectors: ShardedVectors, graph, k: int, threshold: float, n_q
     index = faiss.IndexFlatIP(vectors.dim)
     best_s = np.full((len(q), k + 1), -np.inf, np.float32)
     best_i = np.full((len(q), k + 1), -1, np.int64)
+    blocks = list(vectors.iter_blocks(SHARD))  # read outside the timer: only search + merge is timed
     t0 = time.perf_counter()
-    for rows, block in vectors.iter_blocks(SHARD):
+    for rows, block in blocks:
         index.reset()
         index.add(block)
         s, i = index.search(xq, k + 1)

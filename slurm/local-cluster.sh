@@ -29,9 +29,14 @@ readonly BINARIES=(slurmctld slurmd sbatch srun sacct sacctmgr slurmdbd munged m
 die() { echo "local-cluster: $*" >&2; exit 1; }
 log() { echo "local-cluster: $*" >&2; }
 
+case "${1:-}" in
+  up|down|status|env) ;;
+  *) echo "usage: $0 up|down|status|env" >&2; exit 2 ;;
+esac
+
 DIR_ARG="${SLURM_LOCAL_DIR:-$PWD/.slurm-local}"
-mkdir -p "$DIR_ARG"
-DIR="$(cd "$DIR_ARG" && pwd -P)"
+[[ "$1" == up ]] && mkdir -p "$DIR_ARG"
+DIR="$(realpath -m "$DIR_ARG")"
 ETC="$DIR/etc" RUN="$DIR/run" LOGD="$DIR/log" STATE="$DIR/state" SPOOL="$DIR/spool"
 MUNGE_DIR="$DIR/munge" DB_DIR="$DIR/mariadb"
 # The cluster name must be short and lower case; derive it from the folder so two clusters in

@@ -177,12 +177,16 @@ def test_training_job_exit_codes_and_checkpoint(tmp_path, monkeypatch):
     assert delayed.function.argv == ["x", "y"] and delayed.function.run_dir == str(tmp_path)
 
 
-def test_scripts_reject_bad_usage():
+def test_scripts_reject_bad_usage(tmp_path):
     for script in (CLUSTER_SCRIPT, TRAIN_SBATCH):
         assert _sh(["bash", "-n", str(script)]).returncode == 0
+    unused = tmp_path / "never-created"
     r = _sh(["bash", str(CLUSTER_SCRIPT), "sideways"], capture_output=True, text=True,
-                       env={**os.environ, "SLURM_LOCAL_DIR": "/tmp/unused-slurm-local-test"})
-    assert r.returncode == 2 and "usage" in r.stderr
+            env={**os.environ, "SLURM_LOCAL_DIR": str(unused)})
+    assert r.returncode == 2 and "usage" in r.stderr and not unused.exists()
+    r = _sh(["bash", str(CLUSTER_SCRIPT), "down"], capture_output=True, text=True,
+            env={**os.environ, "SLURM_LOCAL_DIR": str(unused)})
+    assert r.returncode == 0 and "no cluster" in r.stderr and not unused.exists()
     r = _sh(["bash", str(TRAIN_SBATCH)], capture_output=True, text=True)
     assert r.returncode == 2 and "usage" in r.stderr
     r = _sh(["bash", str(TRAIN_SBATCH), "/no/such.yaml"], capture_output=True, text=True)
@@ -638,5 +642,5 @@ def test_curate_run_on_slurm_matches_local_executor(cluster, curation_world):
     rows = _run(["sacct", "-n", "-X", "-P", "-S", "now-3600", "-o", "JobID,JobName,State"]).split()
     arrays = [r for r in rows if re.match(r"^\d+_\d+\|", r)]
     assert arrays and all(r.endswith("|COMPLETED") for r in arrays), rows
-    print(f"\n[slurm] curate run on SLURM ({len(arrays)} array tasks) and locally, side by side: {wall:.1f}s "
-          f"({on_slurm.stdout.count('already complete')} stages skipped)")
+    assert "running on cluster=slurm" in on_slurm.stdout
+    print(f"\n[slurm] curate run on SLURM ({len(arrays)} array tasks) and locally, side by side: {wall:.1f}s")

@@ -50,6 +50,9 @@ def test_unknown_override_and_wrong_type_name_key():
         load_config(Outer, None, ["steps=notanint"])
     with pytest.raises(ConfigError, match="key=value"):
         load_config(Outer, None, ["steps"])
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(Outer, None, ["tags=[{a: /x/{0..3}.tar}]"])
+    assert load_config(Outer, None, ["tags=[{a: '/x/{0..3}.tar'}]"]).tags == [{"a": "/x/{0..3}.tar"}]
     with pytest.raises(ConfigError, match="positive"):
         load_config(Outer, None, ["steps=0"])
 

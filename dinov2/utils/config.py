@@ -35,9 +35,17 @@ def _parse_override(item: str) -> tuple[str, Any]:
     key = key.strip()
     if not key:
         raise ConfigError(f"override '{item}' has an empty key")
+    if raw == "":
+        return key, ""
     # YAML parsing gives ints, floats, bools, null and lists ([a,b]) their natural types.
-    value = OmegaConf.create({"v": raw} if raw == "" else f"v: {raw}")["v"] if raw != "" else ""
-    return key, value
+    try:
+        return key, OmegaConf.create(f"v: {raw}")["v"]
+    except (yaml.YAMLError, OmegaConfBaseException) as exc:
+        first = str(exc).splitlines()[0]
+        raise ConfigError(
+            f"override '{item}': value is not valid YAML ({first}); quote strings that contain braces "
+            "or colons, e.g. 'data.sources=[{pattern: \"/data/a-{000..003}.tar\"}]'"
+        ) from None
 
 
 def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
