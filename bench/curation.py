@@ -115,6 +115,7 @@ def main() -> None:
     ap.add_argument("--baseline-queries", type=int, default=1000)
     ap.add_argument("--nprobe", type=int, default=8)
     ap.add_argument("--target-list-size", type=int, default=64)
+    ap.add_argument("--quantizer", default="auto", choices=["auto", "flat", "hnsw"])
     ap.add_argument("--workdir", default=None, help="scratch folder for shards (default: a temp dir)")
     args = ap.parse_args()
     sizes = [int(float(s)) for s in args.sizes.split(",")]
@@ -130,7 +131,8 @@ def main() -> None:
             paths, pairs = make_shards(n, tmp)
             vectors = ShardedVectors(paths)
             cfg = DedupConfig(k=args.k, threshold=args.threshold, exact=False, phash=False,
-                              index=IndexConfig(nprobe=args.nprobe, target_list_size=args.target_list_size))
+                              index=IndexConfig(nprobe=args.nprobe, target_list_size=args.target_list_size,
+                                                quantizer=args.quantizer))
             t0, c0 = time.perf_counter(), time.process_time()
             res = dedup_core(vectors, cfg)
             t_dedup, c_dedup = time.perf_counter() - t0, time.process_time() - c0

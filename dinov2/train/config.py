@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 from dinov2.data.loader import DataConfig
 from dinov2.train.distill import DistillConfig, distill_config_errors
 from dinov2.train.phases import PhasesConfig, phases_config_errors
+from dinov2.train.slurm import SlurmLauncherConfig
 from dinov2.utils.config import ConfigError, load_config
 
 
@@ -122,6 +123,7 @@ class TrainSection:
     log_every: int = 1
     progress: bool = True  # tqdm bar on rank 0
     tensorboard: bool = True  # only if tensorboard is installed
+    launcher: str = "local"  # local: train in this process (torchrun/srun for several) | slurm: submit via submitit
 
 
 @dataclass
@@ -137,11 +139,14 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     phases: PhasesConfig = field(default_factory=PhasesConfig)  # high-resolution finishing (phases.py)
     distill: DistillConfig = field(default_factory=DistillConfig)  # frozen-teacher distillation (distill.py)
+    slurm: SlurmLauncherConfig = field(default_factory=SlurmLauncherConfig)  # resources for train.launcher=slurm
 
     def validate(self) -> None:
         err = []
         if not self.train.output_dir:
             err.append("train.output_dir must be set (where checkpoints and metrics go)")
+        if self.train.launcher not in ("local", "slurm"):
+            err.append(f"train.launcher must be local|slurm, got {self.train.launcher!r}")
         if self.loss.centering not in ("softmax", "sinkhorn_knopp"):
             err.append(f"loss.centering must be softmax|sinkhorn_knopp, got {self.loss.centering!r}")
         if self.compute.precision not in ("auto", "fp32", "bf16", "fp16"):

@@ -80,6 +80,10 @@ def install_preemption_handler(signals: Sequence[int] = PREEMPTION_SIGNALS) -> N
     _STATE.installed = True
 
 
+def preemption_handler_installed() -> bool:
+    return bool(_STATE.installed)
+
+
 def reset_preemption_state() -> None:
     """Forget a recorded signal (for tests and for loops that handle several phases)."""
     _STATE.signum = None

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from dinov2.train import checkpoint as ckpt_lib
+from dinov2.train import slurm
 from dinov2.train.config import TrainConfig, global_crop_size
 from dinov2.train.distributed import DistInfo, barrier, broadcast_object, init_distributed
 from dinov2.train.metrics import MetricsLogger, peak_memory_mb
@@ -306,12 +307,19 @@ def run_training(cfg: TrainConfig, batch_source: BatchSourceFn | None = None,
                     logger.log(row)
                     result.metrics.append(row)
 
-            if step % cfg.checkpoint.every_n_steps == 0 or (step == total_steps and cfg.checkpoint.save_final):
+            periodic = step % cfg.checkpoint.every_n_steps == 0 or (step == total_steps and cfg.checkpoint.save_final)
+            # Preemption (SLURM's USR1/TERM, recorded by the CLI's handler): save at this step boundary,
+            # then requeue; every rank polls at the same step so all of them save together.
+            preempted = slurm.preemption_handler_installed() and slurm.preemption_requested()
+            if periodic or preempted:
                 # Rank-local samples consumed (the loader's start_sample on resume).
                 meta = {"data_sample": start_sample + (step - start_step) * cfg.data.batch_size,
                         "global_batch": global_batch, "schedule": vals, "phase": phase_name}
                 result.last_checkpoint = ckpt_lib.save_checkpoint(
                     run_dir, step, arch, optimizer, meta, cfg.checkpoint.keep_last)
+            if preempted:
+                log.warning("preemption signal received: checkpoint saved at step %d, requeueing", step)
+                slurm.requeue_and_exit()
         if cfg.eval.at_end and cfg.eval.train_dir and cfg.eval.val_dir:
             ev = _eval_during_training(arch, cfg, info, eval_cache)
             if info.is_main:
