@@ -49,7 +49,7 @@ class IndexConfig:
     target_list_size: int = 64
     nprobe: int = 16
     quantizer: str = "auto"  # auto (hnsw when nlist >= hnsw_min_nlist) | flat | hnsw
-    hnsw_min_nlist: int = 2048
+    hnsw_min_nlist: int = 8192  # measured at 3e5 (nlist 4688): torch flat quantizer 111 s CPU vs HNSW 170 s
     hnsw_m: int = 32
     hnsw_ef_search: int = 0  # 0 = max(64, 4·nprobe)
     train_per_centroid: int = 30  # FAISS: 30..256 training vectors per centroid

@@ -34,13 +34,15 @@ class DemoSize:
     highres_steps: int
     heldout_per_photo: int
     batch_size: int
+    n_clusters: int  # k-means clusters of the pool for cluster-based retrieval
+    per_cluster: int  # images taken from each cluster that holds more than 3 query images
 
 
 SIZES = {
     "full": DemoSize(n_base=1600, images_per_shard=250, bootstrap_steps=150, train_steps=300, highres_steps=30,
-                     heldout_per_photo=10, batch_size=32),
+                     heldout_per_photo=10, batch_size=32, n_clusters=48, per_cluster=80),
     "small": DemoSize(n_base=120, images_per_shard=64, bootstrap_steps=6, train_steps=10, highres_steps=3,
-                      heldout_per_photo=3, batch_size=8),
+                      heldout_per_photo=3, batch_size=8, n_clusters=6, per_cluster=40),
 }
 
 
@@ -162,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
              f"eval_sets.photos=[{data / 'eval'}]",
              f"query_sets.photos.inputs=[{data / 'query'}]",
              f"embedders.dino.checkpoint={embedder_ckpt}",
+             # Cluster-based retrieval (the paper's method for small query sets), capped per cluster so
+             # the curated set is balanced across the clusters the query set touches.
+             f"retrieve.n_clusters={size.n_clusters}", f"retrieve.per_cluster={size.per_cluster}",
              f"seed={args.seed}"), logs / "curate.log")
     timer.mark("curate", t)
 
@@ -195,9 +200,11 @@ def main(argv: list[str] | None = None) -> int:
     total = time.perf_counter() - timer.t0
     head = results["trained"]
     base = results["random init"]
-    summary = json.loads((curated / "final" / "summary.json").read_text())
+    from dinov2.report.html import ordered_funnel
+
+    funnel = ordered_funnel(json.loads((curated / "final" / "summary.json").read_text())["funnel"])
     print(f"\nDone in {total / 60:.1f} min.  Report: {index}")
-    print("funnel: " + " → ".join(f"{k} {v}" for k, v in summary["funnel"].items()))
+    print("funnel: " + " → ".join(f"{k} {v}" for k, v in funnel.items()))
     print(f"k-NN top-1 (k=20): trained {100 * head['knn_top1_k20']:.1f}% vs random init "
           f"{100 * base['knn_top1_k20']:.1f}%;  linear: {100 * head.get('linear_top1', float('nan')):.1f}% vs "
           f"{100 * base.get('linear_top1', float('nan')):.1f}%")

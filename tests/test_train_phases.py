@@ -48,7 +48,7 @@ def test_plans_and_validation(tmp_path):
     cfg = load_train_config(CONFIG, tiny_overrides(tmp_path, 10) + [
         "phases.highres.steps=3", "phases.highres.global_crops_size=70", "phases.highres.batch_size=3",
         "phases.highres.warmup_steps=1", "phases.highres.base_lr=0.004"])
-    (p1, c1), (p2, c2) = plans(cfg, world_size=1)
+    (p1, _c1), (p2, c2) = plans(cfg, world_size=1)
     assert (p1.name, p1.start_step, p1.end_step) == (MAIN, 0, 10)
     assert (p2.name, p2.start_step, p2.end_step) == (HIGHRES, 10, 13)
     # Phase 2 keeps the position grid of phase 1 (same parameter shapes) at larger crops.
@@ -59,6 +59,12 @@ def test_plans_and_validation(tmp_path):
     assert v[0]["lr"] == 0.0 and v[1]["lr"] == pytest.approx(0.004)  # tiny.yaml: lr_scaling none
     assert v[2]["lr"] < v[1]["lr"] and all(x["last_layer_lr"] == x["lr"] for x in v)
     assert v[0]["momentum"] <= v[2]["momentum"] <= 1.0
+
+    # Default size: 1.5 × the main crop, rounded to the patch (42 → 70; tiny.yaml's 84 → 126).
+    (_, d2), = plans(load_train_config(CONFIG, tiny_overrides(tmp_path, 10) + ["phases.highres.steps=1"]), 1)[1:]
+    assert d2.data.crops.global_crops_size == 70 and d2.data.crops.local_crops_size == 28
+    tiny = load_train_config(CONFIG, [f"train.output_dir={tmp_path}", "phases.highres.steps=1"])
+    assert plans(tiny, 1)[1][1].data.crops.global_crops_size == 126
 
     for bad, why in ((["phases.highres.steps=2", "phases.highres.global_crops_size=50"], "multiple"),
                      (["phases.highres.steps=2", "phases.highres.warmup_steps=3"], "warmup_steps"),

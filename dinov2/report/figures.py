@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Sequence
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -84,6 +85,7 @@ def cluster_sizes(before: Sequence[int], after: Sequence[int], path: Path) -> Pa
     ax.bar(x, np.asarray(before)[order], color=PALETTE[7], label="pool (before)")
     ax.bar(x, np.asarray(after)[order], color=PALETTE[1], label="curated (after)")
     ax.set_xlabel("cluster (sorted by pool size)")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylabel("images")
     ax.set_title("Cluster sizes before and after balancing")
     ax.legend()

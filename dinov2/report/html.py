@@ -95,18 +95,31 @@ def _duplicate_gallery(curated_dir: Path, images: ImageBytes, path: Path, n_comp
 
 
 def _retrieval_examples(curated_dir: Path, images: ImageBytes, path: Path, n_queries: int = 5) -> Path | None:
+    """Query images and their most similar selected pool images (retrieval embedder, cosine)."""
+    import numpy as np
+
+    from curation.store import EmbeddingStore, list_sources
+
     sel = pd.read_parquet(curated_dir / "retrieve" / "selection.parquet")
-    if "best_query_id" not in sel or sel["best_query_id"].isna().all():
+    info = json.loads((curated_dir / "retrieve" / "clusters.json").read_text())
+    embedder = info.get("embedder", "")
+    query_sources = list_sources(curated_dir, "query-")
+    if not query_sources or not sel["selected"].any():
         return None
-    hits = sel[sel["selected"] & sel["best_query_id"].notna()]
-    top_queries = hits["best_query_id"].value_counts().index[:n_queries]
+    pool = EmbeddingStore(curated_dir, "pool", embedder)
+    queries = EmbeddingStore(curated_dir, query_sources, embedder)
+    chosen = np.flatnonzero(np.isin(pool.ids, sel.loc[sel["selected"], "id"].to_numpy()))
+    pool_vecs = pool.vectors.gather(chosen).astype(np.float32)
+    q_rows = np.linspace(0, len(queries.ids) - 1, num=min(n_queries, len(queries.ids))).round().astype(int)
+    q_vecs = queries.vectors.gather(q_rows).astype(np.float32)
+    sims = q_vecs @ pool_vecs.T
     rows = []
-    for q in top_queries:
-        got = hits[hits["best_query_id"] == q].sort_values("best_query_sim", ascending=False).head(6)
-        cells = [(images.get(q), "query")]
-        cells += [(images.get(r["id"]), f"{r['best_query_sim']:.2f}") for _, r in got.iterrows()]
-        rows.append((_key_of(q)[:18], cells))
-    return figures.image_rows(rows, path, "Retrieval: query image and the pool images it selected")
+    for qi, q in enumerate(q_rows):
+        top = np.argsort(-sims[qi], kind="stable")[:6]
+        cells = [(images.get(queries.ids[q]), "query")]
+        cells += [(images.get(pool.ids[chosen[j]]), f"{sims[qi, j]:.2f}") for j in top]
+        rows.append((_key_of(queries.ids[q])[:18], cells))
+    return figures.image_rows(rows, path, "Retrieval: query images and their nearest selected pool images")
 
 
 def _decontam_examples(curated_dir: Path, images: ImageBytes, path: Path, n: int = 6) -> Path | None:
@@ -124,6 +137,7 @@ def _cluster_figure(curated_dir: Path, path: Path) -> Path | None:
     if not f.exists():
         return None
     info = json.loads(f.read_text())
+    info = info.get("kmeans", info)
     before, after = info.get("sizes_before"), info.get("sizes_after")
     if not before or after is None:
         return None
@@ -159,6 +173,15 @@ code{background:#eef0f4;padding:1px 5px;border-radius:4px}
 """
 
 
+FUNNEL_ORDER = ("inputs", "decoded", "after_dedup", "after_decontamination", "retrieved", "written")
+
+
+def ordered_funnel(funnel: dict[str, int]) -> dict[str, int]:
+    """Funnel counts in pipeline order (JSON files may store them sorted by name)."""
+    known = [k for k in FUNNEL_ORDER if k in funnel]
+    return {k: funnel[k] for k in known + sorted(set(funnel) - set(known))}
+
+
 def _card(value: str, label: str) -> str:
     return f'<div class="card"><div class="v">{html.escape(value)}</div><div class="l">{html.escape(label)}</div></div>'
 
@@ -183,7 +206,7 @@ def write_report(report_dir: Path, data_dir: Path, curated_dir: Path, run_dirs: 
     img_dir = report_dir / "img"
     img_dir.mkdir(parents=True, exist_ok=True)
     summary = json.loads((curated_dir / "final" / "summary.json").read_text())
-    funnel = summary["funnel"]
+    funnel = ordered_funnel(summary["funnel"])
     images = ImageBytes(curated_dir)
     quality = decision_quality(curated_dir, truth) if truth else {}
 
@@ -232,9 +255,9 @@ def write_report(report_dir: Path, data_dir: Path, curated_dir: Path, run_dirs: 
                                      "</code>: every loss term, the learning rate and the teacher entropy "
                                      "(a collapse monitor); dotted lines mark phase changes.", fig, report_dir))
 
+    shown = {"knn_top1_k10": "k-NN k=10", "knn_top1_k20": "k-NN k=20", "linear_top1": "linear"}
     eval_fig = figures.accuracy_bars(
-        {m: {k.replace("_top1", "").replace("knn_", "k-NN ").replace("linear", "linear"): v
-             for k, v in r.items() if "top1" in k} for m, r in eval_results.items()},
+        {m: {label: r[k] for k, label in shown.items() if k in r} for m, r in eval_results.items()},
         img_dir / "eval.png", "Frozen-feature accuracy on the held-out set")
     sections.append(_section("Evaluation", "Weighted k-NN (T = 0.07) and a linear probe on frozen CLS "
                              "features, for the trained teacher and for the same architecture at random init.",
@@ -250,7 +273,7 @@ def write_report(report_dir: Path, data_dir: Path, curated_dir: Path, run_dirs: 
                                        cmap="inferno")
         sections.append(_section("What the model sees", "Patch features projected on their first three principal "
                                  "components (as RGB), and the last layer's CLS-token attention averaged over "
-                                 "heads.", pca_fig, report_dir, f'<img src="{att_fig.relative_to(report_dir)}">'))
+                                 "heads.", att_fig, report_dir, f'<img src="{pca_fig.relative_to(report_dir)}">'))
 
     trained = eval_results.get("trained", {})
     base = eval_results.get("random init", {})

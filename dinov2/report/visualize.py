@@ -20,7 +20,7 @@ def to_batch(images: Sequence[Image.Image], size: int) -> tuple[torch.Tensor, li
         img = img.resize((max(size, round(img.width * s)), max(size, round(img.height * s))), Image.BICUBIC)
         left, top = (img.width - size) // 2, (img.height - size) // 2
         img = img.crop((left, top, left + size, top + size))
-        arr = np.asarray(img, dtype=np.uint8)
+        arr = np.array(img, dtype=np.uint8)  # a writable copy for torch.from_numpy
         crops.append(arr)
         t = torch.from_numpy(arr).permute(2, 0, 1).float() / 255
         tensors.append((t - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None])

@@ -5,7 +5,7 @@ Config section (``phases.highres.steps: 0`` → no high-resolution phase)::
     phases:
       highres:
         steps: 2000              # M extra steps after the main phase's N (= cfg.total_steps)
-        global_crops_size: 518   # 0 → same as the main phase
+        global_crops_size: 518   # 0 → 1.5 × the main phase's size, rounded to the patch (84 → 126)
         local_crops_size: 0      # 0 → same as the main phase
         base_lr: 0.0             # peak LR before scaling (0 → the main schedule's LR at step N)
         min_lr: 1.0e-6
@@ -37,8 +37,9 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Union
+from typing import TYPE_CHECKING, Any
 
 from dinov2.train.schedules import CosineSchedule, Schedules, scaled_lr
 
@@ -54,7 +55,7 @@ HIGHRES = "highres"
 @dataclass
 class HighResPhaseConfig:
     steps: int = 0  # 0 → no high-resolution phase
-    global_crops_size: int = 0  # 0 → main phase's size
+    global_crops_size: int = 0  # 0 → 1.5 × the main phase's size, rounded to a patch multiple
     local_crops_size: int = 0  # 0 → main phase's size
     base_lr: float = 0.0  # 0 → the main schedule's LR at the end of the main phase (before scaling)
     min_lr: float = 1.0e-6
@@ -126,6 +127,14 @@ class PhasePlan:
         return self.data_start + (step - self.start_step) * self.batch_size
 
 
+def highres_global_size(cfg: TrainConfig) -> int:
+    """The phase's global crop size: as configured, else 1.5 × the main size (84 → 126, 224 → 336)."""
+    h, p = cfg.phases.highres, cfg.model.patch_size
+    if h.global_crops_size:
+        return h.global_crops_size
+    return int(cfg.data.crops.global_crops_size * 1.5 / p + 0.5) * p
+
+
 def highres_config(cfg: TrainConfig) -> TrainConfig:
     """The config the high-resolution phase trains with (derived from the main config)."""
     h = cfg.phases.highres
@@ -133,8 +142,7 @@ def highres_config(cfg: TrainConfig) -> TrainConfig:
     main_grid_px = cfg.model.img_size or int(cfg.data.crops.global_crops_size)
     out.model.img_size = main_grid_px  # same pos_embed shape; interpolated at forward time
     out.model.pretrained = ""  # weights come from the main phase's checkpoint
-    if h.global_crops_size:
-        out.data.crops.global_crops_size = h.global_crops_size
+    out.data.crops.global_crops_size = highres_global_size(cfg)
     if h.local_crops_size:
         out.data.crops.local_crops_size = h.local_crops_size
     if h.batch_size:
@@ -184,7 +192,7 @@ def plans(cfg: TrainConfig, world_size: int) -> list[tuple[PhasePlan, TrainConfi
 BatchSourceFn = Callable[[int, int, int], Iterable[dict[str, Any]]]
 
 
-def run_phases(cfg: TrainConfig, batch_source: Union[BatchSourceFn, Mapping[str, BatchSourceFn], None] = None,
+def run_phases(cfg: TrainConfig, batch_source: BatchSourceFn | Mapping[str, BatchSourceFn] | None = None,
                info: DistInfo | None = None) -> TrainResult:
     """Run every configured phase back to back, skipping phases a previous run completed.
 
