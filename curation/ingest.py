@@ -35,6 +35,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from dinov2.data.webdataset import expand_braces as _expand_braces
+from dinov2.data.webdataset import split_key
+
 IMAGE_EXTS = frozenset({"jpg", "jpeg", "jfif", "png", "webp", "bmp", "gif", "tif", "tiff"})
 META_EXTS = frozenset({"json", "txt", "cls"})
 
@@ -62,63 +65,14 @@ class InputError(ValueError):
 
 
 # ----------------------------------------------------------------------------- input lists
-_RANGE_RE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
-
-
-def _split_top_level(text: str) -> list[str]:
-    parts, depth, start = [], 0, 0
-    for i, ch in enumerate(text):
-        if ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-        elif ch == "," and depth == 0:
-            parts.append(text[start:i])
-            start = i + 1
-    parts.append(text[start:])
-    return parts
 
 
 def expand_braces(pattern: str) -> list[str]:
-    """Shell-style brace expansion: ``a-{000..003}.tar``, ``{x,y}/*.tar`` (nested OK).
-
-    Numeric ranges keep zero padding (width of the wider bound when either bound
-    is zero-padded).  Braces without ``..`` or a top-level comma stay literal.
-    """
-    start = pattern.find("{")
-    while start != -1:
-        depth = 0
-        for end in range(start, len(pattern)):
-            if pattern[end] == "{":
-                depth += 1
-            elif pattern[end] == "}":
-                depth -= 1
-                if depth == 0:
-                    break
-        else:
-            return [pattern]  # unbalanced: literal
-        body, head, tail = pattern[start + 1 : end], pattern[:start], pattern[end + 1 :]
-        m = _RANGE_RE.match(body)
-        if m:
-            a, b = m.group(1), m.group(2)
-            lo, hi = int(a), int(b)
-            padded = (len(a.lstrip("-")) > 1 and a.lstrip("-").startswith("0")) or (
-                len(b.lstrip("-")) > 1 and b.lstrip("-").startswith("0")
-            )
-            width = max(len(a), len(b)) if padded else 0
-            step = 1 if hi >= lo else -1
-            choices = [str(v).zfill(width) for v in range(lo, hi + step, step)]
-        else:
-            choices = _split_top_level(body)
-            if len(choices) == 1:  # "{abc}" is literal; look for a later brace
-                start = pattern.find("{", end + 1)
-                continue
-        out: list[str] = []
-        for choice in choices:
-            for rest in expand_braces(tail):
-                out.extend(expand_braces(head + choice + rest) if "{" in choice else [head + choice + rest])
-        return out
-    return [pattern]
+    """Shell-style brace expansion (``a-{000..003}.tar``, ``{x,y}/*.tar``), shared with the trainer."""
+    try:
+        return _expand_braces(pattern)
+    except ValueError as exc:
+        raise InputError(f"bad input pattern {pattern!r}: {exc}") from None
 
 
 def input_kind(path: str | Path) -> str:
@@ -203,15 +157,6 @@ class Item:
     reason: str | None = None  # set when the item failed before decoding
     detail: str | None = None
     id_key: str = ""  # key made unique within the input (``key#2`` for repeats); used in ids
-
-
-def split_key(name: str) -> tuple[str, str]:
-    """``"a.b.c.jpg"`` → ``("a.b.c", "jpg")``; only the final extension is split off."""
-    base_start = name.rfind("/") + 1
-    dot = name.rfind(".")
-    if dot <= base_start:  # no dot in the last component, or a leading-dot name (".hidden")
-        return name, ""
-    return name[:dot], name[dot + 1 :]
 
 
 def is_unsafe_name(name: str) -> bool:

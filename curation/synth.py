@@ -244,7 +244,7 @@ def build_crawl(photos, out_dir: str | Path, spec: CrawlSpec | None = None, seed
     n_shards = (len(items) + spec.images_per_shard - 1) // spec.images_per_shard
     for s in range(n_shards):
         idx = order[s * spec.images_per_shard : (s + 1) * spec.images_per_shard]
-        stats = {"count": int(len(idx)), "successes": 0, "failed_to_download": 0}
+        stats = {"count": len(idx), "successes": 0, "failed_to_download": 0}
         with atomic_open(shard_dir / f"{s:05d}.tar", "wb") as f:
             with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
                 for pos, i in enumerate(idx):

@@ -74,10 +74,9 @@ def test_new_entries_in_dict_nodes_get_schema_defaults():
 def test_atomic_open_leaves_old_file_on_failure(tmp_path):
     target = tmp_path / "out.json"
     atomic_write_json(target, {"a": 1})
-    with pytest.raises(RuntimeError):
-        with atomic_open(target, "wb") as f:
-            f.write(b"partial")
-            raise RuntimeError("killed")
+    with pytest.raises(RuntimeError), atomic_open(target, "wb") as f:
+        f.write(b"partial")
+        raise RuntimeError("killed")
     assert target.read_text().strip().startswith("{")
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
 

@@ -125,7 +125,10 @@ def expand_braces(pattern: str) -> list[str]:
         width = max(len(a), len(b)) if padded else 0
         options = [str(i).zfill(width) for i in range(lo, hi + 1)]
     else:
-        options = [o for alt in _split_top_level(body) for o in expand_braces(alt)]
+        alternatives = _split_top_level(body)
+        if len(alternatives) == 1:  # "{abc}" is no expansion (as in the shell): keep it literal
+            return [prefix + "{" + body + "}" + t for t in expand_braces(rest)]
+        options = [o for alt in alternatives for o in expand_braces(alt)]
     tails = expand_braces(rest)
     return [prefix + o + t for o in options for t in tails]
 

@@ -3,19 +3,19 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import matplotlib
 import matplotlib.ticker
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from PIL import Image
 
-from dinov2.data.decode import DecodeError, decode_image  # noqa: E402
-from dinov2.utils.io import atomic_path  # noqa: E402
+from dinov2.data.decode import DecodeError, decode_image
+from dinov2.utils.io import atomic_path
 
 PALETTE = ["#3b6ea8", "#e07b39", "#5a9e5a", "#c44e52", "#8172b2", "#937860", "#da8bc3", "#8c8c8c"]
 

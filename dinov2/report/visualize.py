@@ -1,7 +1,7 @@
 """What a trained backbone sees: PCA of patch features and last-layer CLS attention."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
