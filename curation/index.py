@@ -43,7 +43,7 @@ except ImportError:  # pragma: no cover
 
 @dataclass
 class IndexConfig:
-    kind: str = "auto"  # auto | flat | ivf | ivfpq
+    kind: str = "auto"  # auto | flat | ivf | ivfpq | ivf_gemm
     flat_max: int = 100_000  # auto: exact flat search below this many vectors
     nlist: int = 0  # 0 = auto (N / target_list_size within [4√N, 16√N])
     target_list_size: int = 64
@@ -60,12 +60,17 @@ class IndexConfig:
     use_gpu: str = "auto"  # auto | never | always
     search_batch: int = 16384
     seed: int = 0
+    # ivf_gemm (CPU default for N >= flat_max): clusters of ~gemm_list_size rows scanned with BLAS GEMMs
+    gemm_list_size: int = 1000
+    gemm_train_per_centroid: int = 64
 
     def validate(self) -> None:
         from dinov2.utils.config import ConfigError
 
-        if self.kind not in ("auto", "flat", "ivf", "ivfpq"):
-            raise ConfigError(f"index.kind must be auto|flat|ivf|ivfpq, got '{self.kind}'")
+        if self.kind not in ("auto", "flat", "ivf", "ivfpq", "ivf_gemm"):
+            raise ConfigError(f"index.kind must be auto|flat|ivf|ivfpq|ivf_gemm, got '{self.kind}'")
+        if self.gemm_list_size < 1 or self.gemm_train_per_centroid < 1:
+            raise ConfigError("index.gemm_list_size and index.gemm_train_per_centroid must be >= 1")
         if self.quantizer not in ("auto", "flat", "hnsw"):
             raise ConfigError(f"index.quantizer must be auto|flat|hnsw, got '{self.quantizer}'")
         if self.use_gpu not in ("auto", "never", "always"):
@@ -107,16 +112,27 @@ def _pq_m(dim: int, requested: int) -> int:
     return m
 
 
-def plan_index(n: int, dim: int, cfg: IndexConfig) -> IndexPlan:
-    """Decide index type and sizes for ``n`` vectors of ``dim`` (pure, unit-testable)."""
+def plan_index(n: int, dim: int, cfg: IndexConfig, gpu: bool = False) -> IndexPlan:
+    """Decide index type and sizes for ``n`` vectors of ``dim`` (pure, unit-testable).
+
+    ``auto`` on CPU picks ``ivf_gemm`` (BLAS-blocked IVF, linear in N for a fixed
+    list size); on GPU FAISS's IVF-Flat; IVF-PQ once float32 storage exceeds
+    ``max_memory_gb`` on either.
+    """
     kind = cfg.kind
     if kind == "auto":
         if n < cfg.flat_max:
             kind = "flat"
+        elif n * dim * 4 > cfg.max_memory_gb * 2**30:
+            kind = "ivfpq"
         else:
-            kind = "ivfpq" if n * dim * 4 > cfg.max_memory_gb * 2**30 else "ivf"
+            kind = "ivf" if gpu else "ivf_gemm"
     if kind == "flat" or n == 0:
         return IndexPlan("flat")
+    if kind == "ivf_gemm":
+        nlist = max(1, min(cfg.nlist or round(n / cfg.gemm_list_size), n))
+        n_train = min(n, nlist * cfg.gemm_train_per_centroid)
+        return IndexPlan("ivf_gemm", nlist, min(cfg.nprobe, nlist), "flat", 0, n_train)
     root = math.sqrt(n)
     nlist = cfg.nlist or round(min(max(n / cfg.target_list_size, 4 * root), 16 * root))
     nlist = max(1, min(nlist, n))
@@ -365,8 +381,10 @@ def build_index(vectors: Vectors | np.ndarray, cfg: IndexConfig | None = None,
     vectors = as_vectors(vectors)
     rows = np.arange(vectors.n, dtype=np.int64) if mask is None else np.flatnonzero(mask).astype(np.int64)
     n, d = len(rows), vectors.dim
-    plan = plan_index(n, d, cfg)
     gpu = use_gpu(cfg.use_gpu)
+    plan = plan_index(n, d, cfg, gpu)
+    if plan.kind == "ivf_gemm":
+        return GemmIvfIndex.build(vectors, rows, plan, cfg, mask)
     coarse = None
     if plan.kind == "flat":
         index = faiss.IndexFlatIP(max(d, 1))
@@ -420,3 +438,160 @@ def _to_gpu(index: faiss.Index, plan: IndexPlan) -> faiss.Index:  # pragma: no c
     if plan.kind != "flat":
         faiss.GpuParameterSpace().set_index_parameter(gpu_index, "nprobe", plan.nprobe)
     return gpu_index
+
+
+# ----------------------------------------------------------------------------- GEMM-blocked IVF (CPU)
+
+
+class GemmIvfIndex:
+    """IVF whose list scans are dense float32 GEMMs instead of FAISS's per-query loops.
+
+    Build: spherical k-means on a sample → ``nlist`` centroids; one GEMM pass over the
+    memmaps gives every row its ``nprobe`` nearest centroids; the rows are then copied
+    into one float32 array sorted by nearest centroid (each list is a contiguous slice).
+    Search of a query block: group the (query, probed list) pairs by list, score each
+    list's queries × members with one GEMM, keep a top-k per (query, probe slot), then
+    one top-k over the slots.  Cost ≈ Q·nprobe·list_size·D, i.e. linear in N at a
+    fixed list size, and runs at BLAS speed (FAISS's IVF-Flat scan: ~3 GFLOP/s here).
+    The self-search (``search_vectors`` over the indexed rows) walks queries in list
+    order, so a block's queries share their lists and the GEMMs are large.
+    Results are sorted by (similarity desc, row asc), so equal scores break by row id.
+    """
+
+    def __init__(self, centroids: np.ndarray, db: np.ndarray, order: np.ndarray, bounds: np.ndarray,
+                 probes: np.ndarray, rows: np.ndarray, plan: IndexPlan, cfg: IndexConfig,
+                 source: Vectors, mask: np.ndarray | None):
+        import torch
+
+        self._torch = torch
+        self.coarse = CoarseQuantizer(centroids)
+        self.db = torch.from_numpy(db)  # [n, D] float32, rows sorted by list
+        self.order = order  # sorted position -> index position
+        self.bounds = bounds  # list c = sorted positions bounds[c]:bounds[c+1]
+        self.probes = probes  # [n, nprobe] int32 lists probed by each indexed row (index position)
+        self.rows = rows  # index position -> global row
+        self.plan = plan
+        self.cfg = cfg
+        self.gpu = False
+        self.index = None
+        self._source = source
+        self._mask = mask
+
+    @property
+    def ntotal(self) -> int:
+        return len(self.rows)
+
+    @classmethod
+    def build(cls, vectors: Vectors, rows: np.ndarray, plan: IndexPlan, cfg: IndexConfig,
+              mask: np.ndarray | None) -> "GemmIvfIndex":
+        n, d = len(rows), vectors.dim
+        train = vectors.gather(sample_rows(rows, plan.n_train, cfg.seed))
+        centroids = kmeans_array(train, plan.nlist, niter=cfg.kmeans_niter, seed=cfg.seed,
+                                 max_points_per_centroid=cfg.gemm_train_per_centroid,
+                                 two_level_min_k=cfg.two_level_min_nlist)
+        del train
+        coarse = CoarseQuantizer(centroids)
+        probes = np.empty((n, plan.nprobe), np.int32)
+        labels = np.empty(n, np.int64)
+        batch = cfg.search_batch * 4
+        for grows, block in vectors.iter_blocks(batch, mask):
+            pos = np.searchsorted(rows, grows)  # global row -> index position
+            _, iq = coarse.search(block, plan.nprobe)
+            probes[pos] = iq
+            labels[pos] = iq[:, 0]
+        order = np.argsort(labels, kind="stable")  # by list, then by row: deterministic
+        sorted_pos = np.empty(n, np.int64)
+        sorted_pos[order] = np.arange(n)
+        db = np.empty((n, d), np.float32)
+        for grows, block in vectors.iter_blocks(batch, mask):
+            db[sorted_pos[np.searchsorted(rows, grows)]] = block
+        bounds = np.concatenate([[0], np.cumsum(np.bincount(labels, minlength=plan.nlist))]).astype(np.int64)
+        log.info("built ivf_gemm index over %d vectors (nlist=%d, nprobe=%d, largest list %d)",
+                 n, plan.nlist, plan.nprobe, int(np.diff(bounds).max()) if n else 0)
+        return cls(centroids, db, order, bounds, probes, rows, plan, cfg, vectors, mask)
+
+    def _search(self, xq, probes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k over the probed lists for float32 tensor queries ``xq`` [q, D]."""
+        torch = self._torch
+        q, p = probes.shape
+        kk = min(k, self.ntotal)
+        cand_s = torch.full((q, p, kk), -math.inf)
+        cand_i = torch.full((q, p, kk), -1, dtype=torch.int64)
+        flat = probes.reshape(-1).astype(np.int64)
+        by_list = np.argsort(flat, kind="stable")
+        lists, starts = np.unique(flat[by_list], return_index=True)
+        ends = np.append(starts[1:], len(flat))
+        for c, a, b in zip(lists.tolist(), starts.tolist(), ends.tolist()):
+            lo, hi = int(self.bounds[c]), int(self.bounds[c + 1])
+            if hi == lo:
+                continue
+            pairs = torch.from_numpy(by_list[a:b])
+            qi, slot = pairs // p, pairs % p
+            scores = xq[qi] @ self.db[lo:hi].T
+            kc = min(kk, hi - lo)
+            v, j = scores.topk(kc, dim=1)
+            cand_s[qi, slot, :kc] = v
+            cand_i[qi, slot, :kc] = j + lo
+        v, j = cand_s.view(q, -1).topk(kk, dim=1)
+        sorted_pos = torch.gather(cand_i.view(q, -1), 1, j).numpy()
+        sims = v.numpy()
+        found = sorted_pos >= 0
+        grow = np.where(found, self.rows[self.order[np.maximum(sorted_pos, 0)]], -1)
+        sims = np.where(found, sims, -np.inf).astype(np.float32)
+        # deterministic order: similarity desc, then global row asc (missing entries last)
+        key_row = np.where(found, grow, np.iinfo(np.int64).max)
+        o = np.lexsort((key_row, -sims), axis=-1)
+        sims, grow = np.take_along_axis(sims, o, 1), np.take_along_axis(grow, o, 1)
+        out_s = np.full((q, k), -np.inf, np.float32)
+        out_r = np.full((q, k), -1, np.int64)
+        out_s[:, :kk], out_r[:, :kk] = sims, grow
+        return out_s, out_r
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(sims [q, k] float32, global rows [q, k] int64; -1 / -inf where fewer than k found)."""
+        torch = self._torch
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        if self.ntotal == 0 or len(q) == 0:
+            return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
+        out_s, out_r = [], []
+        with torch.no_grad():
+            for s in range(0, len(q), self.cfg.search_batch):
+                qb = q[s : s + self.cfg.search_batch]
+                _, iq = self.coarse.search(qb, self.plan.nprobe)
+                a, b = self._search(torch.from_numpy(qb), iq.astype(np.int32), k)
+                out_s.append(a)
+                out_r.append(b)
+        return np.concatenate(out_s), np.concatenate(out_r)
+
+    def _is_self(self, vectors: Vectors, mask: np.ndarray | None) -> bool:
+        if vectors is not self._source:
+            return False
+        if mask is None or self._mask is None:
+            return mask is None and self._mask is None
+        return mask is self._mask or np.array_equal(mask, self._mask)
+
+    def search_vectors(self, vectors: Vectors | np.ndarray, k: int, mask: np.ndarray | None = None,
+                       desc: str = "search") -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Query with every (masked) row of ``vectors`` in blocks → (query rows, sims, nbr rows).
+
+        Self-search yields blocks in list order (rows of one list together); callers
+        index results by the query rows, never by position.
+        """
+        vectors = as_vectors(vectors)
+        if not self._is_self(vectors, mask):
+            for qrows, block in vectors.iter_blocks(self.cfg.search_batch, mask):
+                sims, nbrs = self.search(block, k)
+                yield qrows, sims, nbrs
+            return
+        torch = self._torch
+        n = self.ntotal
+        bar = tqdm(total=n, desc=desc, leave=False, disable=n < 200_000)
+        with torch.no_grad():
+            for s in range(0, n, self.cfg.search_batch):
+                pos = self.order[s : s + self.cfg.search_batch]
+                sims, nbrs = self._search(self.db[s : s + len(pos)], self.probes[pos], k)
+                if bar is not None:
+                    bar.update(len(pos))
+                yield self.rows[pos], sims, nbrs
+        if bar is not None:
+            bar.close()

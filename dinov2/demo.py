@@ -39,7 +39,7 @@ class DemoSize:
 
 
 SIZES = {
-    "full": DemoSize(n_base=1600, images_per_shard=250, bootstrap_steps=150, train_steps=300, highres_steps=30,
+    "full": DemoSize(n_base=1600, images_per_shard=250, bootstrap_steps=60, train_steps=150, highres_steps=20,
                      heldout_per_photo=10, batch_size=32, n_clusters=48, per_cluster=80),
     "small": DemoSize(n_base=120, images_per_shard=64, bootstrap_steps=6, train_steps=10, highres_steps=3,
                       heldout_per_photo=3, batch_size=8, n_clusters=6, per_cluster=40),
