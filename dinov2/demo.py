@@ -34,15 +34,15 @@ class DemoSize:
     highres_steps: int
     heldout_per_photo: int
     batch_size: int
-    n_clusters: int  # k-means clusters of the pool for cluster-based retrieval
-    per_cluster: int  # images taken from each cluster that holds more than 3 query images
+    query_k: int  # pool images retrieved per query image
+    balanced_fraction: float  # share of the pool drawn by hierarchical k-means balanced sampling
 
 
 SIZES = {
     "full": DemoSize(n_base=1600, images_per_shard=250, bootstrap_steps=60, train_steps=150, highres_steps=20,
-                     heldout_per_photo=10, batch_size=32, n_clusters=48, per_cluster=80),
+                     heldout_per_photo=10, batch_size=32, query_k=24, balanced_fraction=0.3),
     "small": DemoSize(n_base=120, images_per_shard=64, bootstrap_steps=6, train_steps=10, highres_steps=3,
-                      heldout_per_photo=3, batch_size=8, n_clusters=6, per_cluster=40),
+                      heldout_per_photo=3, batch_size=8, query_k=8, balanced_fraction=0.3),
 }
 
 
@@ -164,9 +164,12 @@ def main(argv: list[str] | None = None) -> int:
              f"eval_sets.photos=[{data / 'eval'}]",
              f"query_sets.photos.inputs=[{data / 'query'}]",
              f"embedders.dino.checkpoint={embedder_ckpt}",
-             # Cluster-based retrieval (the paper's method for small query sets), capped per cluster so
-             # the curated set is balanced across the clusters the query set touches.
-             f"retrieve.n_clusters={size.n_clusters}", f"retrieve.per_cluster={size.per_cluster}",
+             # CLS + mean patch token: more image content than the CLS alone of a briefly trained model.
+             "embedders.dino.pooling=cls_avgpool",
+             # Sample-based retrieval (k nearest pool images per query image) plus hierarchical k-means
+             # balanced sampling of the pool (Vo et al. 2024); the curated set is their union.
+             "query_sets.photos.method=sample", f"query_sets.photos.k={size.query_k}",
+             "retrieve.hkmeans.enabled=true", f"retrieve.hkmeans.target_fraction={size.balanced_fraction}",
              f"seed={args.seed}"), logs / "curate.log")
     timer.mark("curate", t)
 

@@ -194,7 +194,7 @@ def test_ivf_gemm_recall_vs_flat_and_near_dup_edges():
     assert g.index_kind == "ivf_gemm"
     exact = set(zip(g_flat.a.tolist(), g_flat.b.tolist()))
     ours = set(zip(g.a.tolist(), g.b.tolist()))
-    assert len(exact) >= 2 * 1_000 and ours <= exact
+    assert len(exact) >= 1_900 and ours <= exact  # ~2 directed edges per planted pair
     print(f"near-dup edge recall: {len(exact & ours) / len(exact):.4f}")
     assert len(exact & ours) / len(exact) >= 0.99
 

@@ -137,8 +137,12 @@ def _cluster_figure(curated_dir: Path, path: Path) -> Path | None:
     if not f.exists():
         return None
     info = json.loads(f.read_text())
-    info = info.get("kmeans", info)
-    before, after = info.get("sizes_before"), info.get("sizes_after")
+    if "kmeans" in info:
+        before, after = info["kmeans"].get("sizes_before"), info["kmeans"].get("sizes_after")
+    elif "hkmeans" in info:  # leaf clusters of the hierarchical k-means
+        before, after = info["hkmeans"].get("leaf_sizes_before"), info["hkmeans"].get("leaf_sizes_after")
+    else:
+        return None
     if not before or after is None:
         return None
     return figures.cluster_sizes(before, after, path)
