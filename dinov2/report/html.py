@@ -63,10 +63,10 @@ def decision_quality(curated_dir: Path, truth: dict) -> dict[str, float]:
     out["dedup_dropped"] = float(len(keys))
     out["dedup_precision"] = true_dup / len(keys) if keys else 1.0
     out["dedup_recall"] = true_dup / extra_copies if extra_copies else 1.0
-    decon = pd.read_parquet(curated_dir / "decontaminate" / "decisions.parquet")
-    dkeys = [_key_of(i) for i in decon.loc[decon["contaminated"], "id"]]
+    # Decontamination is judged on what it removed itself (images still in the pool after dedup).
+    manifest = pd.read_parquet(curated_dir / "final" / "manifest.parquet", columns=["id", "stage"])
+    dkeys = [_key_of(i) for i in manifest.loc[manifest["stage"] == "decontaminate", "id"]]
     hits = sum(1 for k in dkeys if items.get(k, {}).get("kind") == "eval_copy")
-    # An eval copy also counts as caught when dedup already merged it into a contaminated component.
     out["decontam_dropped"] = float(len(dkeys))
     out["decontam_precision"] = hits / len(dkeys) if dkeys else 1.0
     out["decontam_recall"] = hits / eval_copies if eval_copies else 1.0
