@@ -29,7 +29,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from dinov2.data.decode import DecodeError, decode_image
-from dinov2.utils.io import atomic_write_text
+from dinov2.utils.io import atomic_write_text, sha256_file
 
 from .write import IMAGE_EXTS, STAGES, funnel_counts
 
@@ -71,14 +71,6 @@ class AuditReport:
             if len(c.problems) > MAX_LISTED:
                 lines.append(f"    … and {len(c.problems) - MAX_LISTED} more")
         return "\n".join(lines) + "\n"
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _check_manifest(manifest: pd.DataFrame) -> Check:
@@ -131,7 +123,7 @@ def _check_shards(final: Path, summary: dict, manifest: pd.DataFrame, decode: bo
         if not path.is_file():
             c.fail(f"{name}: missing")
             continue
-        sha = _sha256_file(path)
+        sha = sha256_file(path)
         if sha != entry.get("sha256"):
             c.fail(f"{name}: sha256 {sha[:16]}… differs from summary.json {str(entry.get('sha256'))[:16]}…")
         try:

@@ -33,7 +33,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dinov2.utils.io import atomic_open, atomic_write_json, atomic_write_parquet
+from dinov2.utils.io import atomic_open, atomic_write_json, atomic_write_parquet, sha256_file
 
 # Image extensions the trainer's loader recognises (dinov2/data/webdataset.py).
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
@@ -337,14 +337,6 @@ def _rows_digest(rows: pd.DataFrame) -> str:
     return h.hexdigest()
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_one_shard(out_dir: str | Path, name: str, rows: pd.DataFrame, verify_sha256: bool = True) -> dict:
     """Write one output shard from its plan rows (sorted by key); return its record."""
     out_dir = Path(out_dir)
@@ -382,7 +374,7 @@ def write_one_shard(out_dir: str | Path, name: str, rows: pd.DataFrame, verify_s
         reader.close()
     record = {
         "name": name,
-        "sha256": _file_sha256(tar_path),
+        "sha256": sha256_file(tar_path),
         "bytes": tar_path.stat().st_size,
         "count": count,
         "planned": len(rows),

@@ -76,3 +76,14 @@ def atomic_write_parquet(path: str | Path, table: Any) -> None:
         table = pa.Table.from_pandas(table, preserve_index=False)
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
+
+
+def sha256_file(path: str | Path, block_size: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in blocks (shards can be large)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(block_size), b""):
+            h.update(block)
+    return h.hexdigest()
