@@ -24,6 +24,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from dinov2.data.decode import DecodeError, decode_image
+from dinov2.utils.io import read_range
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -174,12 +175,7 @@ class LabeledImageDataset(Dataset):
     def __getitem__(self, i: int):
         item = self.items[i]
         try:
-            with open(item.path, "rb") as f:
-                if item.offset >= 0:
-                    f.seek(item.offset)
-                    data = f.read(item.size)
-                else:
-                    data = f.read()
+            data = read_range(item.path, item.offset, item.size)
             img = decode_image(data, self.max_pixels).image
             return self.transform(img), item.label, i, ""
         except DecodeError as e:
@@ -274,12 +270,7 @@ def write_labeled_shards(items: Sequence[Item], out_dir: str | Path, per_shard: 
         path = out_dir / f"{prefix}-{s // per_shard:06d}.tar"
         with atomic_open(path, "wb") as f, tarfile.open(fileobj=f, mode="w") as tf:
             for i, item in enumerate(items[s : s + per_shard]):
-                with open(item.path, "rb") as src:
-                    if item.offset >= 0:
-                        src.seek(item.offset)
-                        data = src.read(item.size)
-                    else:
-                        data = src.read()
+                data = read_range(item.path, item.offset, item.size)
                 key = f"{s + i:08d}"
                 ext = Path(item.path).suffix.lower() if item.offset < 0 else ".jpg"
                 for name, payload in ((key + ext, data), (key + ".cls", str(item.label).encode())):

@@ -10,7 +10,7 @@ from typing import Any
 import pandas as pd
 
 from dinov2.report import figures
-from dinov2.utils.io import atomic_write_text
+from dinov2.utils.io import atomic_write_text, read_range
 
 
 # ---------------------------------------------------------------- reading the curation outputs
@@ -38,9 +38,7 @@ class ImageBytes:
         if size is None or pd.isna(size) or int(size) <= 0:
             return None
         try:
-            with open(row["input_path"], "rb") as f:
-                f.seek(int(row.get("byte_offset") or 0))
-                return f.read(int(size))
+            return read_range(row["input_path"], int(row.get("byte_offset") or 0), int(size))
         except OSError:
             return None
 
