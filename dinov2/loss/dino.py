@@ -101,7 +101,7 @@ class DINOLoss(nn.Module):
         teacher_total = torch.stack(teachers32).sum(dim=0)
         total = teacher_total.new_zeros(())
         for i, s in enumerate(students):
-            log_probs = F.log_softmax(s.float() / self.student_temp, dim=-1)
+            log_probs = F.log_softmax(s.float() * (1.0 / self.student_temp), dim=-1)  # mul: cheaper than div
             # Same-view pair removed by subtracting that view's targets from the sum.
             targets = teacher_total - teachers32[i] if i < n_global else teacher_total
             total = total - (targets * log_probs).sum(dim=-1).mean()

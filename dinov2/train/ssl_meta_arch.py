@@ -167,8 +167,7 @@ class SSLMetaArch(nn.Module):
         masked = out["x_norm_patchtokens"][masks] if masks is not None else None
         if masked is not None and not self.separate_ibot_head:
             # One head call for CLS and masked patches (shared head), then split.
-            logits = teacher["dino_head"](torch.cat([cls, masked]))
-            cls_logits, patch_logits = logits[: cls.shape[0]], logits[cls.shape[0]:]
+            cls_logits, patch_logits = teacher["dino_head"](torch.cat([cls, masked]), split_at=cls.shape[0])
         else:
             cls_logits = teacher["dino_head"](cls)
             patch_logits = teacher["ibot_head"](masked) if masked is not None else None
@@ -204,8 +203,8 @@ class SSLMetaArch(nn.Module):
             s_cls_all = torch.cat([s_cls_g] + ([outs[1]["x_norm_clstoken"]] if local_crops is not None else []))
             s_masked = outs[0]["x_norm_patchtokens"][masks] if masks is not None else None
             if s_masked is not None and not self.separate_ibot_head:
-                logits = self.student["dino_head"](torch.cat([s_cls_all, s_masked]))
-                s_cls_logits, s_patch_logits = logits[: s_cls_all.shape[0]], logits[s_cls_all.shape[0]:]
+                s_cls_logits, s_patch_logits = self.student["dino_head"](torch.cat([s_cls_all, s_masked]),
+                                                                         split_at=s_cls_all.shape[0])
             else:
                 s_cls_logits = self.student["dino_head"](s_cls_all)
                 s_patch_logits = self.student["ibot_head"](s_masked) if s_masked is not None else None
@@ -256,8 +255,8 @@ class SSLMetaArch(nn.Module):
                 raise RuntimeError(f"student/teacher parameter mismatch: {sn} vs {tn}")
             s_params.append(_local(sp.detach()))
             t_params.append(_local(tp))
-        torch._foreach_mul_(t_params, momentum)
-        torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)
+        # t ← t + (1 - m)(s - t): one pass over the parameters (mul_ + add_ took two).
+        torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)
 
     # ------------------------------------------------------------- gradients
     def last_layer_params(self) -> list[nn.Parameter]:

@@ -52,7 +52,9 @@ def build_optimizer(arch: SSLMetaArch, cfg: TrainConfig) -> torch.optim.AdamW:
     groups = build_param_groups(arch.student.named_parameters(), arch.num_layers, rule)
     for g in groups:
         g.pop("names")  # keep the optimizer state dict free of non-tensor lists
-    return torch.optim.AdamW(groups, lr=0.0, betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2))
+    # The fused kernel (CPU and CUDA) updates every tensor in one pass: on the CPU it is ~8x faster than
+    # the per-tensor loop (bench/train_step.py), and its state dict is the same as the loop's.
+    return torch.optim.AdamW(groups, lr=0.0, betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2), fused=True)
 
 
 def make_schedules(cfg: TrainConfig, world_size: int) -> Schedules:

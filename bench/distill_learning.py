@@ -1,0 +1,179 @@
+"""Does distillation transfer a teacher's features to a smaller student faster than SSL from scratch?
+
+Sign-digits photos, the same stratified split as bench/train_learning.py (60 % of each class: training
+images and k-NN memory bank; 40 %: k-NN queries).
+
+1. Teacher: the tiny config's ViT (dim 192, depth 6, patch 14) trained *with labels* (cross-entropy on
+   the CLS token, random-resized crops) on the 60 % part, then written as a backbone-only file in the
+   official layout.  No pretrained ViT can be downloaded here and no short SSL run gives a teacher
+   worth distilling on this CPU (see bench/RESULTS.md), so a supervised teacher stands in for "a large
+   pretrained model": the test is about what distillation transfers, not how the teacher was made.
+2. Student (configs/train/tiny_distill.yaml: dim 128, depth 4), the same number of steps twice, on
+   unlabeled shards of the same 60 %:
+   * distilled: frozen teacher, ``distill.teacher_heads=random_frozen`` (backbone-only file);
+   * scratch: plain SSL, same config without a teacher.
+3. Weighted k-NN (k = 10, 20) on the CLS of: the teacher, both students' EMA (what gets exported), and
+   the student architecture at random init.
+
+    .venv/bin/python bench/distill_learning.py --student-steps 100 --out /tmp/distill
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from train_learning import knn, split  # noqa: E402
+
+from dinov2.eval.features import LabeledImageDataset, _collate, write_labeled_shards  # noqa: E402
+from dinov2.models.checkpoint import save_official  # noqa: E402
+from dinov2.train.checkpoint import load_teacher_backbone_state  # noqa: E402
+from dinov2.train.config import global_crop_size, load_train_config  # noqa: E402
+from dinov2.train.ssl_meta_arch import build_backbone  # noqa: E402
+from dinov2.train.train import run_training  # noqa: E402
+
+
+def train_supervised_teacher(items, epochs: int, out_path: Path, crop: int = 84, batch_size: int = 64,
+                             lr: float = 1e-3, seed: int = 0) -> nn.Module:
+    """The tiny config's backbone + a linear classifier on its CLS, trained with cross-entropy."""
+    from torchvision.transforms import v2
+
+    cfg = load_train_config(REPO / "configs" / "train" / "tiny.yaml", ["train.output_dir=/unused"])
+    torch.manual_seed(seed)
+    backbone = build_backbone(cfg.model, crop, 0.0)
+    n_classes = max(i.label for i in items) + 1
+    classifier = nn.Linear(backbone.embed_dim, n_classes)
+    # The photometric augmentations of the SSL crops (flip, colour jitter, grayscale, blur) make the
+    # teacher invariant to them: distillation pairs *different* views of an image, so a teacher whose
+    # outputs change with colour jitter gives targets the student cannot predict from the other view.
+    transform = v2.Compose([
+        v2.PILToTensor(),
+        v2.RandomResizedCrop(crop, scale=(0.32, 1.0), antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+        v2.RandomGrayscale(0.2),
+        v2.RandomApply([v2.GaussianBlur(9, sigma=(0.1, 2.0))], p=0.5),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+    ])
+    g = torch.Generator().manual_seed(seed)
+    loader = DataLoader(LabeledImageDataset(list(items), transform), batch_size=batch_size, shuffle=True,
+                        generator=g, num_workers=1, collate_fn=_collate, drop_last=True)
+    params = list(backbone.parameters()) + list(classifier.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05, fused=True)
+    total = epochs * len(loader)
+    step = 0
+    backbone.train()
+    for _ in range(epochs):
+        for x, y, _idx, _bad in loader:
+            if x is None:
+                continue
+            for group in opt.param_groups:  # linear warm-up (1 epoch) + cosine
+                warm = len(loader)
+                group["lr"] = lr * (step + 1) / warm if step < warm else \
+                    lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+            cls = backbone.forward_features(x)["x_norm_clstoken"]
+            loss = F.cross_entropy(classifier(cls), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+    backbone.eval()
+    save_official(backbone, out_path)
+    return backbone
+
+
+def _student_run(out: Path, shard_pattern: str, steps: int, overrides: list[str]) -> nn.Module:
+    epoch_len = max(1, steps // 10)
+    cfg = load_train_config(REPO / "configs" / "train" / "tiny_distill.yaml", [
+        f"train.output_dir={out}", "optim.epochs=10", f"optim.epoch_length={epoch_len}",
+        f"optim.max_steps={steps}", "train.progress=false", "train.tensorboard=false",
+        f'data.sources=[{{pattern: "{shard_pattern}"}}]', f"checkpoint.every_n_steps={steps}", *overrides,
+    ])
+    run_training(cfg)
+    student = build_backbone(cfg.model, global_crop_size(cfg), 0.0)
+    student.load_state_dict(load_teacher_backbone_state(out))  # the student's EMA
+    return student
+
+
+def run_distillation(root: Path, out: Path, teacher_epochs: int = 15, student_steps: int = 100,
+                     overrides: tuple[str, ...] = (), scratch_too: bool = True,
+                     run_tag: str = "") -> dict:
+    train, val = split(root)
+    out.mkdir(parents=True, exist_ok=True)
+    shard_dir = out / "shards"
+    if not (shard_dir / "done").exists():
+        write_labeled_shards(train, shard_dir, per_shard=256)
+        (shard_dir / "done").write_text("ok")
+    n_shards = len(list(shard_dir.glob("shard-*.tar")))
+    pattern = f"{shard_dir}/shard-{{000000..{n_shards - 1:06d}}}.tar"
+
+    res: dict = {"train_images": len(train), "val_images": len(val), "student_steps": student_steps,
+                 "teacher_epochs": teacher_epochs}
+    t0 = time.time()
+    if (out / "teacher.pth").is_file():  # reuse the teacher of an earlier run in the same folder
+        from dinov2.models.checkpoint import load_pretrained
+
+        teacher = load_pretrained(out / "teacher.pth")
+    else:
+        teacher = train_supervised_teacher(train, teacher_epochs, out / "teacher.pth")
+    res["teacher_seconds"] = round(time.time() - t0, 1)
+    res["teacher"] = knn(teacher, train, val)
+
+    cfg = load_train_config(REPO / "configs" / "train" / "tiny_distill.yaml", ["train.output_dir=/unused"])
+    torch.manual_seed(cfg.train.seed)
+    res["student_random_init"] = knn(build_backbone(cfg.model, global_crop_size(cfg), 0.0), train, val)
+
+    t0 = time.time()
+    distilled = _student_run(out / f"distilled{run_tag}", pattern, student_steps, [
+        f"distill.teacher_checkpoint={out / 'teacher.pth'}", "distill.teacher_heads=random_frozen", *overrides])
+    res["distilled_seconds"] = round(time.time() - t0, 1)
+    res["student_distilled"] = knn(distilled, train, val)
+    if scratch_too is False:
+        return res
+    t0 = time.time()
+    scratch = _student_run(out / "scratch", pattern, student_steps, list(overrides))
+    res["scratch_seconds"] = round(time.time() - t0, 1)
+    res["student_scratch"] = knn(scratch, train, val)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "sign-digits"))
+    ap.add_argument("--teacher-epochs", type=int, default=15)
+    ap.add_argument("--student-steps", type=int, default=100)
+    ap.add_argument("--out", default="/tmp/dinov2_distill")
+    ap.add_argument("overrides", nargs="*", help="KEY=VALUE overrides of both student runs")
+    args = ap.parse_args()
+    root = Path(args.data)
+    if not root.is_dir():
+        sys.exit(f"sign-digits not found at {root}")
+    res = run_distillation(root, Path(args.out), args.teacher_epochs, args.student_steps, tuple(args.overrides))
+    print(json.dumps(res, indent=2))
+    print("\n| model | k-NN top-1 k=10 | k=20 | train time |")
+    print("|---|---|---|---|")
+    rows = [("teacher: tiny ViT (dim 192, depth 6), supervised", "teacher", "teacher_seconds"),
+            ("student (dim 128, depth 4), random init", "student_random_init", None),
+            (f"student, SSL from scratch, {args.student_steps} steps", "student_scratch", "scratch_seconds"),
+            (f"student, distilled from the teacher, {args.student_steps} steps", "student_distilled",
+             "distilled_seconds")]
+    for name, key, tkey in rows:
+        t = f"{res[tkey]:.0f} s" if tkey else "—"
+        print(f"| {name} | {res[key]['knn_top1_k10']:.3f} | {res[key]['knn_top1_k20']:.3f} | {t} |")
+
+
+if __name__ == "__main__":
+    main()
