@@ -74,6 +74,28 @@ def test_head_scale_invariance_and_gradients():
     assert (w * g).sum(dim=1).abs().max() < 1e-5
 
 
+def test_head_split_equals_slicing_the_full_scores_values_and_gradients():
+    # The trainer scores CLS tokens and masked patches in one head call with split_at (no slicing of
+    # the big [N, K] scores); it must give exactly what slicing the full output gives, gradients too.
+    torch.manual_seed(4)
+    head = DINOHead(16, 40, 32, 8)
+    x = torch.randn(9, 16, requires_grad=True)
+    target_a, target_b = torch.randn(4, 40), torch.randn(5, 40)
+    full = head(x)
+    ((full[:4] * target_a).sum() + (full[4:] ** 2 * target_b).sum()).backward()
+    ref_x, ref_w = x.grad.clone(), head.last_layer.weight.grad.clone()
+    x.grad = None
+    head.zero_grad()
+    a, b = head(x, split_at=4)
+    torch.testing.assert_close(a, full[:4])
+    torch.testing.assert_close(b, full[4:])
+    ((a * target_a).sum() + (b ** 2 * target_b).sum()).backward()
+    torch.testing.assert_close(x.grad, ref_x)
+    torch.testing.assert_close(head.last_layer.weight.grad, ref_w)
+    empty_a, all_b = head(x, split_at=0)
+    assert empty_a.shape == (0, 40) and all_b.shape == (9, 40)
+
+
 def test_head_half_precision_inputs():
     torch.manual_seed(2)
     head = DINOHead(16, 40, 32, 8)
