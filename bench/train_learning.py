@@ -42,6 +42,15 @@ def split(root: Path, seed: int = 0):
     return train, val
 
 
+def unlabeled_shards(items, shard_dir: Path) -> str:
+    """Write ``items`` once as training shards (labels ride along, unused by SSL); brace pattern."""
+    if not (shard_dir / "done").exists():
+        write_labeled_shards(items, shard_dir, per_shard=256)
+        (shard_dir / "done").write_text("ok")
+    n_shards = len(list(shard_dir.glob("shard-*.tar")))
+    return f"{shard_dir}/shard-{{000000..{n_shards - 1:06d}}}.tar"
+
+
 def knn(backbone, train, val, ks=(10, 20)):
     cfg = EvalTransformConfig(resize_size=96, crop_size=84)
     tr = extract_features(backbone, train, cfg, batch_size=128)
@@ -56,17 +65,13 @@ def run_learning(root: Path, steps: int, out: Path, overrides=(), train_fraction
         rng = random.Random(1)
         train = rng.sample(train, int(len(train) * train_fraction))
         val = rng.sample(val, int(len(val) * train_fraction))
-    shard_dir = out / "shards"
-    if not (shard_dir / "done").exists():
-        write_labeled_shards(train, shard_dir, per_shard=256)
-        (shard_dir / "done").write_text("ok")
-    n_shards = len(list(shard_dir.glob("shard-*.tar")))
+    pattern = unlabeled_shards(train, out / "shards")
     # The schedule spans the whole budget: 10 "epochs" of steps/10 iterations.
     epoch_len = max(1, steps // 10)
     cfg = load_train_config(REPO / "configs" / "train" / "tiny.yaml", [
         f"train.output_dir={out / 'run'}", "optim.epochs=10", f"optim.epoch_length={epoch_len}",
         f"optim.max_steps={steps}", "train.progress=false", "train.tensorboard=false",
-        f'data.sources=[{{pattern: "{shard_dir}/shard-{{000000..{n_shards - 1:06d}}}.tar"}}]',
+        f'data.sources=[{{pattern: "{pattern}"}}]',
         f"checkpoint.every_n_steps={steps}", *overrides,
     ])
     torch.manual_seed(cfg.train.seed)
