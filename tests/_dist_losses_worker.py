@@ -59,6 +59,9 @@ def main(out_dir: Path) -> None:
     data = {k: local_rows(v, rank) for k, v in make_inputs().items()}
     result: dict[str, torch.Tensor] = {}
 
+    from dinov2.train.distill import batch_standardize
+
+    result["standardized"] = batch_standardize(data["head_inputs"] * 3 + 1)
     result["sk"] = sinkhorn_knopp(data["logits"], teacher_temp=0.07, n_iterations=3)
     result["sk_large"] = sinkhorn_knopp(data["large_logits"], teacher_temp=0.04, n_iterations=3)
 

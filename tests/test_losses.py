@@ -44,6 +44,20 @@ def test_head_structure_names_and_init():
     assert len(one.mlp) == 1 and one.mlp[0].out_features == 24
 
 
+def test_head_use_bn_layout_and_no_weight_decay():
+    from dinov2.train.param_groups import no_weight_decay
+
+    head = DINOHead(48, 300, 64, 24, nlayers=3, use_bn=True)
+    # The reference use_bn layout: Linear → BatchNorm1d → GELU, twice, then the bottleneck Linear.
+    assert [type(m).__name__ for m in head.mlp] == ["Linear", "BatchNorm1d", "GELU"] * 2 + ["Linear"]
+    x = torch.randn(16, 48, generator=_gen()) * 5 + 3
+    hidden = head.mlp[1](head.mlp[0](x))  # batch statistics in training mode: zero mean, unit variance
+    torch.testing.assert_close(hidden.mean(0), torch.zeros(64), atol=1e-5, rtol=0)
+    torch.testing.assert_close(hidden.var(0, unbiased=False), torch.ones(64), atol=1e-3, rtol=0)
+    decay = {n for n, p in head.named_parameters() if not no_weight_decay("dino_head." + n, p)}
+    assert decay == {"mlp.0.weight", "mlp.3.weight", "mlp.6.weight", "last_layer.weight"}
+
+
 def test_head_matches_torch_weight_norm_with_unit_gain():
     torch.manual_seed(0)
     head = DINOHead(32, 500, 64, 16)

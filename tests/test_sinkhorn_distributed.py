@@ -54,6 +54,14 @@ def test_sinkhorn_two_ranks_equal_single_process(dist_results):
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
 
 
+def test_batch_standardize_two_ranks_equal_single_process(dist_results):
+    # The distillation random heads standardise teacher features over the *global* batch.
+    x = _load_worker().make_inputs()["head_inputs"] * 3 + 1
+    expected = (x - x.mean(0)) / x.var(0, unbiased=False).add(1e-6).sqrt()
+    got = torch.cat([dist_results[0]["standardized"], dist_results[1]["standardized"]])
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_softmax_center_two_ranks_equal_single_process(dist_results):
     worker = _load_worker()
     inputs = worker.make_inputs()

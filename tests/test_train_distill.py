@@ -75,8 +75,16 @@ def test_teacher_heads_modes_and_errors(tmp_path):
     # Backbone-only file → seeded frozen random heads, identical on every (re)start.
     a = load_frozen_teacher(cfg, use_ibot=True, separate_ibot_head=False)
     b = load_frozen_teacher(cfg, use_ibot=True, separate_ibot_head=True)
-    assert torch.equal(a["dino_head"].mlp[0].weight, b["dino_head"].mlp[0].weight)
+    assert torch.equal(a["dino_head"].head.mlp[0].weight, b["dino_head"].head.mlp[0].weight)
     assert b["ibot_head"].out_dim == cfg.head.ibot_out_dim and "ibot_head" not in a
+    # The random heads see batch-standardised features, CLS rows and patch rows each on their own.
+    from dinov2.train.distill import batch_standardize
+
+    x = torch.cat([torch.randn(6, 96) * 4 + 2, torch.randn(10, 96) - 5])
+    cls_part, patch_part = a["dino_head"](x, split_at=6)
+    ref = a["dino_head"].head(torch.cat([batch_standardize(x[:6]), batch_standardize(x[6:])]), split_at=6)
+    torch.testing.assert_close((cls_part, patch_part), ref)
+    torch.testing.assert_close(a["dino_head"](x[:6] * 10 - 3), cls_part, atol=1e-4, rtol=1e-4)  # affine-invariant
 
     # Heads from one of our training runs (the reference setting): loaded, not random.
     run = tmp_path / "teacher_run"

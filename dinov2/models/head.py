@@ -86,6 +86,7 @@ class DINOHead(nn.Module):
         bottleneck_dim: int = 256,
         nlayers: int = 3,
         mlp_bias: bool = True,
+        use_bn: bool = False,
     ) -> None:
         super().__init__()
         if min(in_dim, out_dim, hidden_dim, bottleneck_dim) <= 0:
@@ -100,6 +101,8 @@ class DINOHead(nn.Module):
         layers: list[nn.Module] = []
         for i, (d_in, d_out) in enumerate(pairwise(dims)):
             if i > 0:
+                if use_bn:  # the reference's use_bn layout: Linear → BatchNorm1d → GELU
+                    layers.append(nn.BatchNorm1d(d_in))
                 layers.append(nn.GELU())
             layers.append(nn.Linear(d_in, d_out, bias=mlp_bias))
         self.mlp = nn.Sequential(*layers)

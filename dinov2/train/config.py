@@ -41,6 +41,9 @@ class HeadConfig:
     dino_hidden_dim: int = 2048
     dino_bottleneck_dim: int = 256
     dino_nlayers: int = 3
+    # BatchNorm1d between the head MLP's layers (the reference DINOHead's use_bn; off in the
+    # DINOv2 recipes).  Batch statistics are per rank (not synchronised).
+    use_bn: bool = False
     ibot_separate_head: bool = False
     ibot_out_dim: int = 65536
     ibot_hidden_dim: int = 2048

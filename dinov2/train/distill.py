@@ -26,7 +26,12 @@ Teacher heads (the teacher-side DINO / iBOT projection heads that produce the pr
   collapse (nothing anchors it), whereas a fixed random MLP on the frozen teacher's features is a
   stable, information-preserving target: the centred, sharpened prototype scores keep the
   teacher's neighbourhood structure, which is what the student has to copy.  It is also
-  reproducible on resume without storing anything.
+  reproducible on resume without storing anything.  The random head sees the teacher features
+  *standardised over the global batch* (per dimension, CLS and patch tokens separately, sums
+  all-reduced across ranks), so the random projection spreads the images by how they differ rather
+  than by the features' common mean: with the supervised tiny teacher of bench/distill_learning.py
+  the mutual information between image and target within a batch (prototype-usage entropy minus
+  mean target entropy, teacher temperature 0.04) rose from 0.92 to 1.26 nats.
 * ``auto`` — ``checkpoint`` when the teacher source is a run/checkpoint folder holding heads whose
   shapes fit, else ``random_frozen``.
 
@@ -76,7 +81,9 @@ def distill_config_errors(cfg: TrainConfig) -> list[str]:
 
 def _head_shape(state: dict[str, torch.Tensor]) -> tuple[int, int, int, int, int]:
     """(in_dim, out_dim, hidden_dim, bottleneck_dim, nlayers) of a DINOHead state dict."""
-    idx = sorted(int(m.group(1)) for k in state if (m := re.fullmatch(r"mlp\.(\d+)\.weight", k)))
+    # Linear weights only (2-D): a use_bn head also has 1-D BatchNorm weights under mlp.N.weight.
+    idx = sorted(int(m.group(1)) for k, v in state.items()
+                 if (m := re.fullmatch(r"mlp\.(\d+)\.weight", k)) and v.ndim == 2)
     if not idx:
         raise ValueError("head state has no mlp.*.weight tensors")
     first, last = state[f"mlp.{idx[0]}.weight"], state[f"mlp.{idx[-1]}.weight"]
@@ -87,11 +94,49 @@ def _head_shape(state: dict[str, torch.Tensor]) -> tuple[int, int, int, int, int
     return first.shape[1], ll.shape[0], hidden, last.shape[0], len(idx)
 
 
+def batch_standardize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``(x - mean) / std`` per feature over the rows of the *global* batch (all ranks)."""
+    import torch.distributed as dist
+
+    xf = x.float()
+    stats = torch.stack([xf.sum(0), (xf * xf).sum(0)])
+    count = torch.tensor(float(x.shape[0]), device=x.device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(stats)
+        dist.all_reduce(count)
+    if count < 2:  # a single row has no spread to standardise
+        return x
+    mean = stats[0] / count
+    var = (stats[1] / count - mean * mean).clamp_min(0.0)
+    return ((xf - mean) * torch.rsqrt(var + eps)).to(x.dtype)
+
+
+class FrozenRandomHead(nn.Module):
+    """A seeded, frozen :class:`DINOHead` applied to batch-standardised teacher features."""
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.head = head
+
+    @property
+    def out_dim(self) -> int:
+        return self.head.out_dim
+
+    def forward(self, x: torch.Tensor, split_at: int | None = None) -> torch.Tensor:
+        if split_at is None:
+            return self.head(batch_standardize(x))
+        # CLS rows and masked-patch rows have different statistics: standardise each on its own.
+        # (All ranks must call the all-reduce the same number of times, empty parts included.)
+        z = torch.cat([batch_standardize(x[:split_at]), batch_standardize(x[split_at:])])
+        return self.head(z, split_at=split_at)
+
+
 def _head_from_state(state: dict[str, torch.Tensor], what: str):
     from dinov2.models.head import DINOHead
 
     in_dim, out_dim, hidden, bottleneck, nlayers = _head_shape(state)
-    head = DINOHead(in_dim, out_dim, hidden if nlayers > 1 else 2048, bottleneck, nlayers)
+    use_bn = any(k.endswith("running_mean") for k in state)
+    head = DINOHead(in_dim, out_dim, hidden if nlayers > 1 else 2048, bottleneck, nlayers, use_bn=use_bn)
     head.load_state_dict(state, strict=True)
     log.info("distill: %s loaded from the teacher checkpoint (in %d, out %d)", what, in_dim, out_dim)
     return head
@@ -139,9 +184,10 @@ def load_frozen_teacher(cfg: TrainConfig, use_ibot: bool, separate_ibot_head: bo
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(cfg.train.seed * 7919 + (1 if name == "ibot_head" else 0) + 12345)
                 if name == "dino_head":
-                    mods[name] = DINOHead(dim, out_dim, h.dino_hidden_dim, h.dino_bottleneck_dim, h.dino_nlayers)
+                    head = DINOHead(dim, out_dim, h.dino_hidden_dim, h.dino_bottleneck_dim, h.dino_nlayers)
                 else:
-                    mods[name] = DINOHead(dim, out_dim, h.ibot_hidden_dim, h.ibot_bottleneck_dim, h.ibot_nlayers)
+                    head = DINOHead(dim, out_dim, h.ibot_hidden_dim, h.ibot_bottleneck_dim, h.ibot_nlayers)
+                mods[name] = FrozenRandomHead(head)
             log.info("distill: %s of the teacher is a frozen random head (seeded)", name)
     teacher = nn.ModuleDict(mods)
     teacher.eval()

@@ -42,7 +42,8 @@ def layer_id(name: str, num_layers: int, chunked: bool = False) -> int:
 def no_weight_decay(name: str, param: torch.Tensor) -> bool:
     leaf = name.rsplit(".", 1)[-1]
     return (
-        name.endswith(".bias")
+        param.ndim <= 1  # biases, norm weights (LayerNorm, the optional head BatchNorm), gammas
+        or name.endswith(".bias")
         or "norm" in name
         or "gamma" in leaf
         or leaf in _TOKEN_NAMES

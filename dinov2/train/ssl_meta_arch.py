@@ -106,11 +106,11 @@ class SSLMetaArch(nn.Module):
             mods = {
                 "backbone": backbone,
                 "dino_head": DINOHead(d, head.dino_out_dim, head.dino_hidden_dim, head.dino_bottleneck_dim,
-                                      head.dino_nlayers),
+                                      head.dino_nlayers, use_bn=head.use_bn),
             }
             if self.separate_ibot_head:
                 mods["ibot_head"] = DINOHead(d, head.ibot_out_dim, head.ibot_hidden_dim, head.ibot_bottleneck_dim,
-                                             head.ibot_nlayers)
+                                             head.ibot_nlayers, use_bn=head.use_bn)
             return nn.ModuleDict(mods)
 
         self.student = make(model.drop_path_rate)
