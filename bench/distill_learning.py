@@ -15,7 +15,7 @@ images and k-NN memory bank; 40 %: k-NN queries).
 3. Weighted k-NN (k = 10, 20) on the CLS of: the teacher, both students' EMA (what gets exported), and
    the student architecture at random init.
 
-    .venv/bin/python bench/distill_learning.py --student-steps 100 --out /tmp/distill
+    .venv/bin/python bench/distill_learning.py --student-steps 300 --out /tmp/distill
 """
 from __future__ import annotations
 
@@ -107,8 +107,20 @@ def _student_run(out: Path, shard_pattern: str, steps: int, overrides: list[str]
     return student
 
 
-def run_distillation(root: Path, out: Path, teacher_epochs: int = 15, student_steps: int = 100,
-                     overrides: tuple[str, ...] = (), scratch_too: bool = True,
+# The student recipe of both runs (distilled and scratch): BatchNorm in the student's head MLP (without
+# it the student's CLS stays constant and it learns only the targets' marginal), DINO loss only at a
+# fixed teacher temperature 0.04, and no photometric augmentation or flip (the supervised teacher was
+# trained with random-resized crops only, so only those views give it consistent targets).
+STUDENT_RECIPE = (
+    "head.use_bn=true", "loss.teacher_temp=0.04", "loss.warmup_teacher_temp=0.04", "loss.ibot_weight=0",
+    "loss.koleo_weight=0", "data.crops.color_jitter_p=0", "data.crops.grayscale_p=0",
+    "data.crops.solarize_p_global2=0", "data.crops.blur_p_global1=0", "data.crops.blur_p_global2=0",
+    "data.crops.blur_p_local=0", "data.crops.flip_p=0",
+)
+
+
+def run_distillation(root: Path, out: Path, teacher_epochs: int = 15, student_steps: int = 300,
+                     overrides: tuple[str, ...] = STUDENT_RECIPE, scratch_too: bool = True,
                      run_tag: str = "") -> dict:
     train, val = split(root)
     pattern = unlabeled_shards(train, out / "shards")
@@ -147,14 +159,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "sign-digits"))
     ap.add_argument("--teacher-epochs", type=int, default=15)
-    ap.add_argument("--student-steps", type=int, default=100)
+    ap.add_argument("--student-steps", type=int, default=300)
     ap.add_argument("--out", default="/tmp/dinov2_distill")
-    ap.add_argument("overrides", nargs="*", help="KEY=VALUE overrides of both student runs")
+    ap.add_argument("overrides", nargs="*", help="KEY=VALUE overrides of both student runs, after STUDENT_RECIPE")
     args = ap.parse_args()
     root = Path(args.data)
     if not root.is_dir():
         sys.exit(f"sign-digits not found at {root}")
-    res = run_distillation(root, Path(args.out), args.teacher_epochs, args.student_steps, tuple(args.overrides))
+    res = run_distillation(root, Path(args.out), args.teacher_epochs, args.student_steps,
+                           STUDENT_RECIPE + tuple(args.overrides))
     print(json.dumps(res, indent=2))
     print("\n| model | k-NN top-1 k=10 | k=20 | train time |")
     print("|---|---|---|---|")
