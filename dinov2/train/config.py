@@ -42,7 +42,8 @@ class HeadConfig:
     dino_bottleneck_dim: int = 256
     dino_nlayers: int = 3
     # BatchNorm1d between the head MLP's layers (the reference DINOHead's use_bn; off in the
-    # DINOv2 recipes).  Batch statistics are per rank (not synchronised).
+    # DINOv2 recipes).  Batch statistics are per rank (not synchronised); with the shared iBOT head
+    # they are taken over the CLS and masked-patch rows together.
     use_bn: bool = False
     ibot_separate_head: bool = False
     ibot_out_dim: int = 65536

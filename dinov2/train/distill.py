@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 if TYPE_CHECKING:
@@ -96,8 +97,6 @@ def _head_shape(state: dict[str, torch.Tensor]) -> tuple[int, int, int, int, int
 
 def batch_standardize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """``(x - mean) / std`` per feature over the rows of the *global* batch (all ranks)."""
-    import torch.distributed as dist
-
     xf = x.float()
     stats = torch.stack([xf.sum(0), (xf * xf).sum(0)])
     count = torch.tensor(float(x.shape[0]), device=x.device)
