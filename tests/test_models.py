@@ -240,6 +240,31 @@ def test_reference_init_and_builders():
     assert attention_backend("cpu") == "sdpa"
 
 
+def test_sincos_position_init_matches_formula():
+    torch.manual_seed(0)
+    model = vit_tiny(img_size=84, depth=1, pos_embed_init="sincos")  # 6 x 6 grid, dim 192
+    table = model.pos_embed.detach()[0].double()
+    assert model.pos_embed.requires_grad and table.shape == (37, 192)
+    assert torch.count_nonzero(table[0]) == 0  # CLS row
+    quarter = 192 // 4
+    for row, col in [(0, 0), (2, 5), (5, 1)]:
+        token = table[1 + row * 6 + col]
+        for i in (0, 7, quarter - 1):
+            freq = 10000.0 ** (-i / quarter)
+            expect = [math.sin(row * freq), math.cos(row * freq), math.sin(col * freq), math.cos(col * freq)]
+            got = [token[i], token[quarter + i], token[2 * quarter + i], token[3 * quarter + i]]
+            assert [float(g) for g in got] == pytest.approx(expect, abs=1e-6)
+    # Every patch gets its own code; a second model starts from the same table.
+    assert len({tuple(r.tolist()) for r in table[1:]}) == 36
+    assert torch.equal(vit_tiny(img_size=84, depth=1, pos_embed_init="sincos").pos_embed, model.pos_embed)
+    out = model.forward_features(torch.randn(2, 3, 42, 56))  # interpolated to other grids as usual
+    assert out["x_norm_patchtokens"].shape == (2, 12, 192)
+    with pytest.raises(ValueError, match="pos_embed_init"):
+        vit_tiny(depth=1, pos_embed_init="learned")
+    with pytest.raises(ValueError, match="divisible by 4"):
+        DinoVisionTransformer(img_size=28, embed_dim=66, depth=1, num_heads=1, pos_embed_init="sincos")
+
+
 def test_load_pretrained_unwraps_training_checkpoints(tmp_path):
     state = dino2021_state(16, 192, depth=2)
     reference = load_pretrained(state)

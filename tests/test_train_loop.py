@@ -108,6 +108,8 @@ def test_config_rejects_unknown_keys_and_bad_values(tmp_path):
         load_train_config(CONFIG, base + ["model.bogus=1"])
     with pytest.raises(ConfigError, match="centering"):
         load_train_config(CONFIG, base + ["loss.centering=mean"])
+    with pytest.raises(ConfigError, match="pos_embed_init"):
+        load_train_config(CONFIG, base + ["model.pos_embed_init=random"])
     with pytest.raises(ConfigError, match="output_dir"):
         load_train_config(CONFIG, [])
     with pytest.raises(ConfigError, match="patch_size"):

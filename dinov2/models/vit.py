@@ -28,6 +28,30 @@ def default_num_heads(embed_dim: int) -> int:
     return HEADS_BY_DIM.get(embed_dim, max(embed_dim // 64, 1))
 
 
+POS_EMBED_INITS = ("trunc_normal", "sincos")
+
+
+def sincos_pos_embed(grid: int, dim: int) -> Tensor:
+    """2-D sin-cos position table ``[1, 1 + grid², dim]`` (zero row for CLS, then row-major patches).
+
+    The first half of the channels encodes the patch row, the second half the column; each half is
+    ``sin`` then ``cos`` of ``position * 10000^(-i / (dim/4))``, i = 0 … dim/4 - 1.
+    """
+    if dim % 4:
+        raise ValueError(f"sin-cos position embedding needs embed_dim divisible by 4, got {dim}")
+    quarter = dim // 4
+    freqs = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    rows, cols = torch.meshgrid(
+        torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij"
+    )
+    parts = []
+    for coord in (rows, cols):
+        angles = coord.reshape(-1, 1) * freqs
+        parts += [angles.sin(), angles.cos()]
+    table = torch.cat([torch.zeros(1, dim, dtype=torch.float64), torch.cat(parts, dim=1)])
+    return table.float().unsqueeze(0)
+
+
 def interpolate_pos_embed(
     pos_embed: Tensor,
     grid_height: int,
@@ -99,8 +123,11 @@ class DinoVisionTransformer(nn.Module):
         drop_path_uniform: bool = True,
         block_chunks: int = 0,
         norm_eps: float = 1e-6,
+        pos_embed_init: str = "trunc_normal",
     ) -> None:
         super().__init__()
+        if pos_embed_init not in POS_EMBED_INITS:
+            raise ValueError(f"pos_embed_init must be one of {POS_EMBED_INITS}, got {pos_embed_init!r}")
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
         if num_register_tokens < 0:
@@ -128,6 +155,7 @@ class DinoVisionTransformer(nn.Module):
         self.interpolate_antialias = interpolate_antialias
         self.interpolate_offset = interpolate_offset
         self.init_values = init_values
+        self.pos_embed_init = pos_embed_init
         grid = img_size // patch_size
 
         # Registration order matches the official state-dict order.
@@ -165,8 +193,17 @@ class DinoVisionTransformer(nn.Module):
     # ------------------------------------------------------------------ init
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Reference init: trunc-normal(0.02) for Linear and pos_embed, N(0, 1e-6) CLS/registers."""
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        """Reference init: trunc-normal(0.02) for Linear and pos_embed, N(0, 1e-6) CLS/registers.
+
+        ``pos_embed_init="sincos"`` starts the (still learned) position table from fixed 2-D sin-cos
+        values instead, as MoCo v3 and MAE do: entries of magnitude ~0.7, comparable to the patch
+        embeddings, so attention can become position-dependent within a few steps.
+        """
+        if self.pos_embed_init == "sincos":
+            grid = int(round((self.pos_embed.shape[1] - 1) ** 0.5))
+            self.pos_embed.copy_(sincos_pos_embed(grid, self.embed_dim))
+        else:
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
         if self.register_tokens is not None:
             nn.init.normal_(self.register_tokens, std=1e-6)

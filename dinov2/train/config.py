@@ -31,6 +31,9 @@ class ModelConfig:
     num_register_tokens: int = 0
     drop_path_rate: float = 0.3
     drop_path_uniform: bool = True
+    # trunc_normal (reference, std 0.02) | sincos (2-D sin-cos start, still learned; MoCo v3 / MAE).
+    # Only the initial values differ: checkpoints keep the official layout either way.
+    pos_embed_init: str = "trunc_normal"
     # Initialise the student (and teacher) backbone from a checkpoint (ours or official layout).
     pretrained: str = ""
 
@@ -151,6 +154,8 @@ class TrainConfig:
             err.append("train.output_dir must be set (where checkpoints and metrics go)")
         if self.train.launcher not in ("local", "slurm"):
             err.append(f"train.launcher must be local|slurm, got {self.train.launcher!r}")
+        if self.model.pos_embed_init not in ("trunc_normal", "sincos"):
+            err.append(f"model.pos_embed_init must be trunc_normal|sincos, got {self.model.pos_embed_init!r}")
         if self.loss.centering not in ("softmax", "sinkhorn_knopp"):
             err.append(f"loss.centering must be softmax|sinkhorn_knopp, got {self.loss.centering!r}")
         if self.compute.precision not in ("auto", "fp32", "bf16", "fp16"):

@@ -52,6 +52,7 @@ def build_backbone(cfg: ModelConfig, img_size: int, drop_path_rate: float) -> Di
         num_register_tokens=cfg.num_register_tokens,
         drop_path_rate=drop_path_rate,
         drop_path_uniform=cfg.drop_path_uniform,
+        pos_embed_init=cfg.pos_embed_init,
     )
     if cfg.ffn_layer:
         kwargs["ffn_layer"] = cfg.ffn_layer
