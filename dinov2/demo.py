@@ -229,7 +229,7 @@ def evaluate(run_dir: Path, heldout: Path, out_json: Path) -> dict[str, dict[str
     cfg = load_train_config(run_dir / "config.yaml")
     trained = load_backbone_weights(run_dir)
     torch.manual_seed(0)
-    random_init = _fresh_like(trained)  # same architecture and grid, fresh weights
+    random_init = _fresh_like(trained, cfg.model.pos_embed_init)  # same architecture, grid and init
     ecfg = _ap.Namespace(train_dir=str(heldout / "train"), val_dir=str(heldout / "val"),
                          resize_size=cfg.eval.resize_size, crop_size=cfg.eval.crop_size,
                          batch_size=cfg.eval.batch_size, num_workers=0, ks=[10, 20], temperature=0.07, linear=True)
@@ -256,11 +256,16 @@ def _sample_images(folder: Path, n: int) -> list[Path]:
     return picks
 
 
-def _fresh_like(model):
-    """A freshly initialised copy of ``model`` (same hyper-parameters)."""
+def _fresh_like(model, pos_embed_init: str):
+    """A freshly initialised copy of ``model`` (same hyper-parameters, the run's position init).
+
+    A backbone read back from a checkpoint does not know how its position table was started, so the
+    run's ``model.pos_embed_init`` is passed in: the baseline is what training started from.
+    """
     import copy
 
     fresh = copy.deepcopy(model)
+    fresh.pos_embed_init = pos_embed_init
     fresh.init_weights()
     return fresh
 

@@ -42,3 +42,19 @@ def test_demo_small_end_to_end(tmp_path, sign_digits):
     assert ev["trained"]["n_val"] > 100  # sign-digits split in halves
     # The audit ran and passed inside `curate run`.
     assert (out / "curated" / "final" / "audit.txt").exists()
+
+
+def test_random_init_baseline_uses_the_runs_position_init():
+    # A backbone loaded from a checkpoint starts with the reference init; the demo's baseline must be
+    # re-initialised the way the run started (tiny.yaml: sin-cos positions), not the way load_pretrained does.
+    import torch
+
+    from dinov2.demo import _fresh_like
+    from dinov2.models.vit import sincos_pos_embed, vit_tiny
+
+    loaded = vit_tiny(img_size=84, depth=1)
+    fresh = _fresh_like(loaded, "sincos")
+    assert torch.equal(fresh.pos_embed, sincos_pos_embed(6, 192))
+    assert not torch.equal(fresh.blocks[0].attn.qkv.weight, loaded.blocks[0].attn.qkv.weight)
+    assert loaded.pos_embed.abs().max() < 0.1  # the original is untouched
+    assert _fresh_like(loaded, "trunc_normal").pos_embed.abs().max() < 0.1
