@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from dinov2.data.loader import DataConfig
+from dinov2.models.vit import POS_EMBED_INITS
 from dinov2.train.distill import DistillConfig, distill_config_errors
 from dinov2.train.phases import PhasesConfig, phases_config_errors
 from dinov2.train.slurm import SlurmLauncherConfig
@@ -154,8 +155,9 @@ class TrainConfig:
             err.append("train.output_dir must be set (where checkpoints and metrics go)")
         if self.train.launcher not in ("local", "slurm"):
             err.append(f"train.launcher must be local|slurm, got {self.train.launcher!r}")
-        if self.model.pos_embed_init not in ("trunc_normal", "sincos"):
-            err.append(f"model.pos_embed_init must be trunc_normal|sincos, got {self.model.pos_embed_init!r}")
+        if self.model.pos_embed_init not in POS_EMBED_INITS:
+            err.append(f"model.pos_embed_init must be one of {'|'.join(POS_EMBED_INITS)}, "
+                       f"got {self.model.pos_embed_init!r}")
         if self.loss.centering not in ("softmax", "sinkhorn_knopp"):
             err.append(f"loss.centering must be softmax|sinkhorn_knopp, got {self.loss.centering!r}")
         if self.compute.precision not in ("auto", "fp32", "bf16", "fp16"):
