@@ -26,10 +26,9 @@ from dinov2.train.config import TrainConfig, global_crop_size
 from dinov2.train.distributed import DistInfo, barrier, broadcast_object, init_distributed
 from dinov2.train.metrics import MetricsLogger, peak_memory_mb
 from dinov2.train.param_groups import ParamGroupRule, apply_schedule, build_param_groups
+from dinov2.train.run_dir import prepare_run_dir
 from dinov2.train.schedules import Schedules, build_schedules
 from dinov2.train.ssl_meta_arch import NonFiniteLossError, SSLMetaArch, build_backbone, parallelize
-from dinov2.utils.config import to_yaml
-from dinov2.utils.io import atomic_write_text
 
 log = logging.getLogger("dinov2.train")
 
@@ -167,15 +166,20 @@ def run_training(cfg: TrainConfig, batch_source: BatchSourceFn | None = None,
         from dinov2.train.phases import run_phases
 
         return run_phases(cfg, batch_source, info)
-    phase_name = phase.name if phase is not None else "main"
     info = info or init_distributed(cfg.compute.device)
+    lock = prepare_run_dir(cfg, info, phase.config_name if phase is not None else "config.yaml")
+    try:
+        return _train_in_prepared_dir(cfg, batch_source, info, phase)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_in_prepared_dir(cfg: TrainConfig, batch_source: BatchSourceFn | None, info: DistInfo,
+                           phase: Any) -> TrainResult:
+    phase_name = phase.name if phase is not None else "main"
     _set_threads(cfg)
     run_dir = Path(cfg.train.output_dir)
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt_lib.remove_stale_tmp(run_dir)
-        atomic_write_text(run_dir / (phase.config_name if phase is not None else "config.yaml"), to_yaml(cfg))
-    barrier()
 
     # Same seed on every rank for the initial weights (FSDP then keeps each rank's shard).
     _seed_all(cfg.train.seed)
@@ -196,7 +200,7 @@ def run_training(cfg: TrainConfig, batch_source: BatchSourceFn | None = None,
         schedules = phase.schedules or schedules
         freeze_iters = freeze_iters if phase.freeze_last_layer else 0
 
-    latest = broadcast_object(str(ckpt_lib.latest_checkpoint(run_dir) or "") if info.is_main else None)
+    latest = broadcast_object(str(ckpt_lib.latest_intact_checkpoint(run_dir) or "") if info.is_main else None)
     start_step, start_sample = 0, 0
     if phase is not None and phase.start_step > 0 and not latest:
         raise RuntimeError(f"phase {phase.name!r} needs the checkpoint of step {phase.start_step}; none found")

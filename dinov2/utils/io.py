@@ -1,7 +1,9 @@
 """Atomic file writes: write to a temporary file in the same folder, fsync, rename.
 
 A job killed mid-write leaves either the old file or no file, never a torn one,
-so "does the output exist?" is a valid resume test.
+so "does the output exist?" is a valid resume test.  The final file gets the mode a plain
+``open(path, "w")`` would give it (0666 minus the umask): ``mkstemp`` alone makes it 0600, which
+hides curated shards and exported weights from colleagues on a shared cluster.
 """
 from __future__ import annotations
 
@@ -9,16 +11,40 @@ import contextlib
 import json
 import os
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
+
+_umask_lock = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask (read from /proc where it can be, else by setting it back at once)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _umask_lock:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def _new_temp(path: Path) -> tuple[int, str]:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~current_umask())
+    return fd, tmp
 
 
 @contextlib.contextmanager
 def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _new_temp(path)
     try:
         with os.fdopen(fd, mode) as f:
             yield f
@@ -36,7 +62,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path for libraries that want a filename; renamed on success."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _new_temp(path)
     os.close(fd)
     try:
         yield Path(tmp)
