@@ -6,11 +6,14 @@
     curate audit OUT                                                     verify a finished output folder
     curate audit -c CONFIG [key=value …]
 
-Exit status: 0 success, 1 a stage or the audit failed, 2 a configuration/input error.
+Exit status: 0 success, 1 a stage or the audit failed, 2 a configuration/input error, a folder in
+use by another run, or a file-system error (one line on stderr; ``CURATE_TRACEBACK=1`` shows the
+traceback).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -39,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from dinov2.utils.config import ConfigError
 
+    from dinov2.utils.lock import FolderLocked
+
     from .ingest import InputError
     from .jobs import StageFailed
     from .write import WriteError
@@ -53,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             summary = run_pipeline(cfg, audit=not args.no_audit, progress=not args.no_progress)
             return 0 if summary.get("audit_ok", True) else 1
-        prepare_output(cfg)
-        run_stage(cfg, args.command, progress=not args.no_progress)
+        with prepare_output(cfg):
+            run_stage(cfg, args.command, progress=not args.no_progress)
         if args.command == "write":
             import json
 
@@ -63,12 +68,20 @@ def main(argv: list[str] | None = None) -> int:
             summary = json.loads((Path(cfg.output_dir) / "final" / "summary.json").read_text())
             print("[curate] funnel:\n" + format_funnel(summary["funnel"]), flush=True)
         return 0
-    except (ConfigError, InputError) as exc:
-        print(f"curate: error: {exc}", file=sys.stderr)
-        return 2
     except (StageFailed, WriteError) as exc:
-        print(f"curate: failed: {exc}", file=sys.stderr)
+        print(f"curate: failed: {_one_line(exc)}", file=sys.stderr)
         return 1
+    except (ConfigError, InputError, FolderLocked, OSError, ValueError) as exc:
+        # Also file-system failures (read-only folder, disk full): the user's to fix, one line.
+        if os.environ.get("CURATE_TRACEBACK"):
+            raise
+        print(f"curate: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+    return text or type(exc).__name__
 
 
 def _audit(args: argparse.Namespace) -> int:

@@ -349,6 +349,12 @@ def shard_paths(out_dir: str | Path, source: str, shard_id: str, embedder_names:
     return folder / f"{shard_id}.parquet", {n: folder / f"{shard_id}.{n}.npy" for n in embedder_names}
 
 
+def shard_done(out_dir: str | Path, source: str, shard_id: str, embedder_names: Sequence[str]) -> bool:
+    """The shard's Parquet and every embedder's matrix are there (one lost file → embed again)."""
+    parquet, npys = shard_paths(out_dir, source, shard_id, embedder_names)
+    return parquet.is_file() and all(p.is_file() for p in npys.values())
+
+
 def _process(item: Item, reader: InputReader, preps: dict[tuple, Callable], max_pixels: int) -> _Processed:
     """Worker-thread part: read, hash, decode, preprocess.  Never raises."""
     res = _Processed(item=item)
@@ -414,7 +420,7 @@ def embed_shard(
 ) -> ShardStats:
     """Embed one input into ``OUT/embed/<source>/<shard_id>.{<embedder>.npy,parquet}``.
 
-    Skips the shard when its parquet already exists (unless ``overwrite``).  Bad
+    Skips the shard when its parquet and matrices already exist (unless ``overwrite``).  Bad
     items become rows with ``status="error"`` and a reason; nothing about the
     input's content can make this raise (model/config problems do).
     ``num_workers`` decode threads (0 counts as 1); ``max_bytes`` caps the encoded
@@ -424,7 +430,7 @@ def embed_shard(
     names = sorted(embedders)
     parquet_path, npy_paths = shard_paths(out_dir, source, shard_id, names)
     stats = ShardStats(source=source, shard_id=shard_id, input_path=os.path.abspath(str(input_path)))
-    if parquet_path.exists() and not overwrite:
+    if shard_done(out_dir, source, shard_id, names) and not overwrite:
         meta = pq.read_table(parquet_path, columns=["status", "reason"])
         statuses = meta.column("status").to_pylist()
         stats.n_items, stats.n_ok = len(statuses), statuses.count("ok")
@@ -569,7 +575,7 @@ def embed_stage(
     mine = task_shards(len(expanded), task_index, num_tasks)
     stats = StageStats(source=source, task_index=task_index, num_tasks=num_tasks)
     names = sorted(embedders)
-    todo = [i for i in mine if not shard_paths(out_dir, source, shard_id_for(i), names)[0].exists()]
+    todo = [i for i in mine if not shard_done(out_dir, source, shard_id_for(i), names)]
     loaded = load_embedders(embedders) if todo else dict(embedders)
     from tqdm import tqdm
 

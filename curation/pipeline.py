@@ -6,6 +6,9 @@ it before starting the next one.  Re-running is always safe:
 
 - finished work is skipped (embed shards and output shards by their files, gather
   stages by their output files + a stage record);
+- a stage counts as finished only while every file it produced is still there; one that runs
+  again marks every later stage stale;
+- one ``curate`` at a time per output folder (``OUT/.lock``, see :mod:`dinov2.utils.lock`);
 - every stage stores a fingerprint of the config values that determine its results
   (plus its upstream stages' fingerprints) in ``OUT/<stage>/_stage.json``; a rerun
   whose config would change a stage that has already run is refused, naming the
@@ -23,6 +26,7 @@ from typing import Any
 
 from dinov2.utils.config import ConfigError, to_dict, to_yaml
 from dinov2.utils.io import atomic_write_json, atomic_write_text
+from dinov2.utils.lock import FolderLock
 
 from . import jobs
 from .config import CurationConfig
@@ -127,19 +131,62 @@ def _mark_stage(cfg: CurationConfig, stage: str, complete: bool) -> None:
 
 
 def stage_complete(cfg: CurationConfig, stage: str) -> bool:
+    """Recorded complete with this config *and* every file it produced still there."""
     record = check_stage(cfg, stage)
-    return bool(record and record.get("complete") and _outputs_exist(cfg, stage))
+    if not (record and record.get("complete")):
+        return False
+    missing = missing_output(cfg, stage)
+    if missing is not None:
+        msg = (f"stage '{stage}' was complete, but its output {missing} is missing: recomputing what is "
+               f"missing, then every later stage")
+        log.warning("%s", msg)
+        print(f"[curate] {msg}", flush=True)
+        return False
+    return True
 
 
-def _outputs_exist(cfg: CurationConfig, stage: str) -> bool:
+def missing_output(cfg: CurationConfig, stage: str) -> Path | None:
+    """The first file of a completed stage that is no longer there (None: all present)."""
     out = Path(cfg.output_dir)
-    return {
-        "embed": lambda: True,  # per-shard files; checked by the embed tasks themselves
-        "dedup": lambda: (out / "dedup" / "decisions.parquet").is_file(),
-        "decontaminate": lambda: (out / "decontaminate" / "decisions.parquet").is_file(),
-        "retrieve": lambda: (out / "retrieve" / "selection.parquet").is_file(),
-        "write": lambda: (out / "final" / "summary.json").is_file() and (out / "final" / "manifest.parquet").is_file(),
-    }[stage]()
+    if stage == "embed":
+        from .embed import shard_done, shard_id_for, shard_paths
+        from .ingest import expand_inputs
+
+        names = sorted(cfg.embedders)
+        for source, patterns in sources(cfg).items():
+            for i in range(len(expand_inputs(patterns))):
+                if not shard_done(cfg.output_dir, source, shard_id_for(i), names):
+                    parquet, npys = shard_paths(cfg.output_dir, source, shard_id_for(i), names)
+                    return next((p for p in (parquet, *npys.values()) if not p.is_file()), parquet)
+        return None
+    if stage == "write":
+        final = out / "final"
+        for name in ("summary.json", "manifest.parquet"):
+            if not (final / name).is_file():
+                return final / name
+        try:
+            shards = json.loads((final / "summary.json").read_text()).get("shards", [])
+        except (OSError, ValueError):
+            return final / "summary.json"
+        for shard in shards:
+            path = final / str(shard.get("name", ""))
+            if not path.is_file() or path.stat().st_size != int(shard.get("bytes", -1)):
+                return path
+        return None
+    required = {"dedup": out / "dedup" / "decisions.parquet",
+                "decontaminate": out / "decontaminate" / "decisions.parquet",
+                "retrieve": out / "retrieve" / "selection.parquet"}[stage]
+    return None if required.is_file() else required
+
+
+def _invalidate_later_stages(cfg: CurationConfig, stage: str) -> None:
+    """A stage that runs again makes every later stage's results stale, whatever their records say."""
+    for later in STAGES[STAGES.index(stage) + 1:]:
+        path = stage_record_path(cfg.output_dir, later)
+        if path.is_file():
+            record = json.loads(path.read_text())
+            if record.get("complete"):
+                atomic_write_json(path, {**record, "complete": False})
 
 
 # ----------------------------------------------------------------------------- task bodies
@@ -208,15 +255,14 @@ def _logs(cfg: CurationConfig, stage: str) -> Path:
 
 
 def _embed_calls(cfg: CurationConfig) -> tuple[list[tuple], list[str]]:
-    from .embed import shard_id_for, shard_paths
+    from .embed import shard_done, shard_id_for
     from .ingest import expand_inputs
 
     calls, descs = [], []
     names = sorted(cfg.embedders)
     for source, patterns in sources(cfg).items():
         expanded = expand_inputs(patterns)  # a missing input fails here, before any job starts
-        todo = [i for i in range(len(expanded))
-                if not shard_paths(cfg.output_dir, source, shard_id_for(i), names)[0].exists()]
+        todo = [i for i in range(len(expanded)) if not shard_done(cfg.output_dir, source, shard_id_for(i), names)]
         if not todo:
             continue  # every shard of this source is done
         n_tasks = jobs.num_array_tasks(cfg.executor, len(expanded), cfg.executor.shards_per_task)
@@ -239,6 +285,7 @@ def run_stage(cfg: CurationConfig, stage: str, progress: bool = True) -> Any:
         print(f"[curate] {stage}: already complete (skipped)", flush=True)
         return None
     _mark_stage(cfg, stage, complete=False)
+    _invalidate_later_stages(cfg, stage)
     print(f"[curate] {stage}: running on cluster={cfg.executor.cluster}", flush=True)
     t0 = time.time()
     ex = cfg.executor
@@ -264,10 +311,12 @@ def run_stage(cfg: CurationConfig, stage: str, progress: bool = True) -> Any:
     return result
 
 
-def prepare_output(cfg: CurationConfig, stages: tuple[str, ...] = STAGES) -> None:
-    """Check inputs and every stage record against the config, then save the resolved config.
+def prepare_output(cfg: CurationConfig, stages: tuple[str, ...] = STAGES) -> FolderLock:
+    """Check inputs and every stage record against the config, lock the output folder, then save
+    the resolved config.  Returns the held lock (the caller releases it when its stages are done).
 
-    Nothing is created before these checks pass.
+    Nothing is created before the checks pass, and nothing is written unless the lock is held: a
+    second run into the same folder is refused before it changes anything.
     """
     from .ingest import expand_inputs
 
@@ -276,16 +325,25 @@ def prepare_output(cfg: CurationConfig, stages: tuple[str, ...] = STAGES) -> Non
     for stage in stages:
         check_stage(cfg, stage)
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.yaml", to_yaml(cfg))
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir {out} exists and is not a folder")
+    lock = FolderLock(out, "curate").acquire()
+    try:
+        for stage in stages:  # again: another run may have finished a stage meanwhile
+            check_stage(cfg, stage)
+        atomic_write_text(out / "config.yaml", to_yaml(cfg))
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
 def run_pipeline(cfg: CurationConfig, stages: tuple[str, ...] = STAGES, audit: bool = True,
                  progress: bool = True) -> dict:
     """Run ``stages`` in order; return the summary (funnel) and, if asked, the audit result."""
-    prepare_output(cfg)
-    for stage in stages:
-        run_stage(cfg, stage, progress=progress)
+    with prepare_output(cfg):
+        for stage in stages:
+            run_stage(cfg, stage, progress=progress)
     summary = json.loads((Path(cfg.output_dir) / "final" / "summary.json").read_text())
     from .write import format_funnel
 

@@ -444,8 +444,12 @@ def finalize_write(out_dir: str | Path, cfg: WriteConfig) -> dict:
     final = out_dir / "final"
     atomic_write_parquet(final / "manifest.parquet", _to_table(manifest))
 
+    from .health import output_warnings
+
+    funnel = funnel_counts(manifest)
     summary = {
-        "funnel": funnel_counts(manifest),
+        "funnel": funnel,
+        "warnings": output_warnings(out_dir, funnel),
         "dropped": {
             st: {str(r): int(c) for r, c in g["reason"].value_counts(dropna=False).sort_index().items()}
             for st, g in manifest[manifest["decision"] == "dropped"].groupby("stage", sort=True)

@@ -6,13 +6,15 @@
     dinov2 eval linear --weights W --train-dir D --val-dir D
 
 ``--weights`` is a backbone file (official or ours, any layout ``load_pretrained`` reads) or a run /
-checkpoint folder (its teacher backbone).  Exit codes: 0 ok, 2 bad config/input, 3 non-finite loss.
+checkpoint folder (its teacher backbone).  Exit codes: 0 ok, 2 bad config/input or a file-system
+error (one line on stderr; ``DINOV2_TRACEBACK=1`` shows the traceback), 3 non-finite loss.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -98,6 +100,32 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one line (multi-line library messages joined)."""
+    text = " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+    return text or type(exc).__name__
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dinov2", description="DINOv2-style SSL training and evaluation")
     sub = p.add_subparsers(dest="command", required=True)
@@ -119,15 +147,15 @@ def build_parser() -> argparse.ArgumentParser:
         k.add_argument("--weights", required=True, help="backbone .pth (official/ours) or run/checkpoint folder")
         k.add_argument("--train-dir", required=True, help="class-subfolder image folder or tar shards (.cls/.json)")
         k.add_argument("--val-dir", required=True)
-        k.add_argument("--resize", type=int, default=256)
-        k.add_argument("--crop", type=int, default=224)
-        k.add_argument("--batch-size", type=int, default=64)
+        k.add_argument("--resize", type=_positive_int, default=256)
+        k.add_argument("--crop", type=_positive_int, default=224)
+        k.add_argument("--batch-size", type=_positive_int, default=64)
         k.add_argument("--num-workers", type=int, default=0)
         k.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-        k.add_argument("--ks", type=int, nargs="+", default=[10, 20, 100, 200])
-        k.add_argument("--temperature", type=float, default=0.07)
+        k.add_argument("--ks", type=_positive_int, nargs="+", default=[10, 20, 100, 200])
+        k.add_argument("--temperature", type=_positive_float, default=0.07)
         k.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0])
-        k.add_argument("--epochs", type=int, default=100)
+        k.add_argument("--epochs", type=_positive_int, default=100)
         k.add_argument("--out", default="", help="also write the results as JSON here")
         k.set_defaults(func=_cmd_eval)
     return p
@@ -140,8 +168,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
-        print(f"dinov2 {args.command}: error: {exc}", file=sys.stderr)
+    except (ConfigError, OSError, ValueError, RuntimeError) as exc:
+        # Bad configs, unreadable or refused inputs (damaged/unsafe checkpoints, locked run folders)
+        # and file-system failures (read-only, disk full) are the user's to fix: one line, exit 2.
+        # DINOV2_TRACEBACK=1 shows the traceback for bug reports.
+        if os.environ.get("DINOV2_TRACEBACK"):
+            raise
+        print(f"dinov2 {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return 2
 
 

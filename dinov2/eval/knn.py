@@ -29,6 +29,12 @@ def knn_classify(
         raise ValueError("train features and labels differ in length")
     if train_features.shape[0] == 0:
         raise ValueError("empty training set")
+    if test_features.shape[0] == 0:
+        raise ValueError("empty evaluation set")
+    if not ks or any(int(k) < 1 for k in ks):
+        raise ValueError(f"k-NN needs every k >= 1, got {list(ks)}")
+    if temperature <= 0:
+        raise ValueError(f"k-NN temperature must be > 0, got {temperature}")
     n_train = train_features.shape[0]
     C = int(num_classes if num_classes is not None else int(train_labels.max()) + 1)
     caps = sorted({min(int(k), n_train) for k in ks})
@@ -55,6 +61,8 @@ def knn_accuracy(
     temperature: float = 0.07,
 ) -> dict[str, float]:
     """{"knn_top1_k20": 0.83, ..., "knn_top5_k20": ...}; top-5 only with ≥ 5 classes."""
+    if train_labels.numel() == 0 or test_labels.numel() == 0:
+        raise ValueError("empty training set" if train_labels.numel() == 0 else "empty evaluation set")
     C = int(max(int(train_labels.max()), int(test_labels.max())) + 1)
     scores = knn_classify(train_features, train_labels, test_features, ks, temperature, num_classes=C)
     res: dict[str, float] = {}

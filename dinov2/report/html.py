@@ -213,6 +213,10 @@ def write_report(report_dir: Path, data_dir: Path, curated_dir: Path, run_dirs: 
     quality = decision_quality(curated_dir, truth) if truth else {}
 
     sections = []
+    if summary.get("warnings"):
+        sections.append(_section(
+            "Warnings", "The run finished, but these results are probably not what was meant:", None, report_dir,
+            "<ul>" + "".join(f"<li>{html.escape(w)}</li>" for w in summary["warnings"]) + "</ul>"))
     sections.append(_section(
         "Curation funnel",
         "Every input image is accounted for in <code>final/manifest.parquet</code>; undecodable inputs "
