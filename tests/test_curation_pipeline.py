@@ -223,3 +223,65 @@ def test_written_shards_load_in_trainer_loader(world, reference):
     batch = next(iter(loader))
     assert tuple(batch["collated_global_crops"].shape) == (8, 3, 28, 28)
     assert sum(loader.bad_sample_counts().values()) == 0
+
+
+def _copy_out(reference, tmp_path: Path) -> Path:
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(reference["out"], out)
+    return out
+
+
+def test_deleted_embed_shard_is_noticed_and_recomputed(world, reference, tmp_path):
+    """As docs/curation.md says to recompute: delete one embed Parquet plus the later stages."""
+    import shutil
+
+    out = _copy_out(reference, tmp_path)
+    victim = sorted((out / "embed" / "pool").glob("*.parquet"))[1]
+    victim.unlink()
+    for stage in ("dedup", "decontaminate", "retrieve", "write", "final"):
+        shutil.rmtree(out / stage)
+    proc = curate("run", *run_cfg(world, out, "executor.cluster=debug", "--no-progress"))
+    assert f"{victim} is missing" in proc.stdout
+    assert victim.is_file()
+    assert _final(out) == _final(reference["out"])
+    assert "PASS" in (out / "final" / "audit.txt").read_text()
+
+
+def test_deleted_final_shard_or_matrix_is_rewritten(world, reference, tmp_path, capsys):
+    out = _copy_out(reference, tmp_path)
+    shard = sorted((out / "final").glob("*.tar"))[0]
+    shard.unlink()
+    rc, stdout, _ = curate_inproc(capsys, "write", *run_cfg(world, out, "executor.cluster=debug", "--no-progress"))
+    assert rc == 0 and f"{shard} is missing" in stdout
+    assert _final(out) == _final(reference["out"])
+    # A lost embedding matrix marks embed incomplete, and so every later stage.
+    npy = sorted((out / "embed" / "pool").glob("*.npy"))[0]
+    npy.unlink()
+    rc, stdout, err = curate_inproc(capsys, "write", *run_cfg(world, out, "executor.cluster=debug", "--no-progress"))
+    assert rc == 2 and "needs 'embed'" in err and npy.name in stdout
+
+
+def test_second_run_into_a_busy_output_folder_is_refused(world, reference, tmp_path, capsys):
+    from dinov2.utils.lock import FolderLock
+
+    out = _copy_out(reference, tmp_path)
+    before = _tree(out)
+    with FolderLock(out, "curate"):
+        rc, _, err = curate_inproc(capsys, "run", *run_cfg(world, out, "--no-progress"))
+    assert rc == 2 and "in use by pid" in err and len(err.strip().splitlines()) == 1
+    after = _tree(out)
+    assert {k: v for k, v in after.items() if k != ".lock"} == {k: v for k, v in before.items() if k != ".lock"}
+
+
+def test_curated_files_respect_the_umask(reference):
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for p in [reference["out"] / "final" / "manifest.parquet", *sorted((reference["out"] / "final").glob("*.tar"))]:
+        assert p.stat().st_mode & 0o777 == 0o666 & ~mask, p
+
+
+def test_summary_has_warnings_list(reference):
+    summary = json.loads((reference["out"] / "final" / "summary.json").read_text())
+    assert isinstance(summary["warnings"], list)

@@ -110,8 +110,12 @@ class FolderLock:
                 self.path.unlink()
             self._marker = False
 
+    @property
+    def held(self) -> bool:
+        return self._fd is not None or self._marker
+
     def __enter__(self) -> FolderLock:
-        return self.acquire()
+        return self if self.held else self.acquire()
 
     def __exit__(self, *exc) -> None:
         self.release()
