@@ -83,6 +83,20 @@ def check_resume_config(run_dir: Path, config_name: str, cfg: Any) -> None:
         log.info("resuming %s with changed settings: %s", run_dir, "; ".join(other))
 
 
+def _check_eval_sets(cfg: Any) -> None:
+    """An evaluation during training must not fail hours in: list its image sets up front."""
+    ev = getattr(cfg, "eval", None)
+    if ev is None or not (ev.every_n_steps > 0 or ev.at_end) or not (ev.train_dir and ev.val_dir):
+        return
+    from dinov2.eval.features import list_labeled
+
+    for key in ("train_dir", "val_dir"):
+        try:
+            list_labeled(getattr(ev, key))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"eval.{key}: {exc}") from None
+
+
 def prepare_run_dir(cfg: Any, info: DistInfo, config_name: str = "config.yaml") -> FolderLock | None:
     """Collective.  Lock the run folder (rank 0), check the config against its checkpoints, then
     clear stale temp folders and save the config.  Returns the held lock (rank 0) or None."""
@@ -93,6 +107,7 @@ def prepare_run_dir(cfg: Any, info: DistInfo, config_name: str = "config.yaml") 
         try:
             if run_dir.exists() and not run_dir.is_dir():
                 raise ConfigError(f"train.output_dir {run_dir} exists and is not a folder")
+            _check_eval_sets(cfg)
             lock = FolderLock(run_dir, "dinov2 train").acquire()
             check_resume_config(run_dir, config_name, cfg)
             ckpt_lib.remove_stale_tmp(run_dir)
