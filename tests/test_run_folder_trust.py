@@ -231,3 +231,13 @@ def test_knn_rejects_k_zero_in_the_library():
         knn_accuracy(x, y, x, y, ks=[0])
     with pytest.raises(ValueError, match="empty evaluation set"):
         knn_accuracy(x, y, x[:0], y[:0], ks=[1])
+
+
+def test_bad_eval_folder_fails_before_the_run_folder_is_made(tmp_path):
+    labeled = tmp_path / "labeled"
+    (labeled / "a").mkdir(parents=True)
+    (labeled / "b").mkdir()
+    with pytest.raises(ConfigError, match="eval.train_dir"):
+        run(tmp_path / "r", 2, ["eval.every_n_steps=1", f"eval.train_dir={labeled}",
+                                f"eval.val_dir={tmp_path / 'nope'}"])
+    assert not (tmp_path / "r").exists()
