@@ -40,8 +40,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from dinov2.utils.config import ConfigError
-
+    from dinov2.utils.config import ConfigError, one_line
     from dinov2.utils.lock import FolderLocked
 
     from .ingest import InputError
@@ -69,19 +68,14 @@ def main(argv: list[str] | None = None) -> int:
             print("[curate] funnel:\n" + format_funnel(summary["funnel"]), flush=True)
         return 0
     except (StageFailed, WriteError) as exc:
-        print(f"curate: failed: {_one_line(exc)}", file=sys.stderr)
+        print(f"curate: failed: {one_line(exc)}", file=sys.stderr)
         return 1
     except (ConfigError, InputError, FolderLocked, OSError, ValueError) as exc:
         # Also file-system failures (read-only folder, disk full): the user's to fix, one line.
         if os.environ.get("CURATE_TRACEBACK"):
             raise
-        print(f"curate: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"curate: error: {one_line(exc)}", file=sys.stderr)
         return 2
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
-    return text or type(exc).__name__
 
 
 def _audit(args: argparse.Namespace) -> int:

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dinov2.utils.config import ConfigError, to_dict, to_yaml
+from dinov2.utils.config import ConfigError, flatten, to_dict, to_yaml
 from dinov2.utils.io import atomic_write_json, atomic_write_text
 from dinov2.utils.lock import FolderLock
 
@@ -93,15 +93,6 @@ def stage_record_path(out_dir: str | Path, stage: str) -> Path:
     return Path(out_dir) / stage / "_stage.json"
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: d}
-
-
 def check_stage(cfg: CurationConfig, stage: str) -> dict | None:
     """Refuse (raise) if ``stage`` already ran here with a different result-determining config."""
     path = stage_record_path(cfg.output_dir, stage)
@@ -111,7 +102,7 @@ def check_stage(cfg: CurationConfig, stage: str) -> dict | None:
     fp = stage_fingerprint(cfg, stage)
     if record.get("hash") == _hash(fp):
         return record
-    old, new = _flatten(record.get("fingerprint", {})), _flatten(fp)
+    old, new = flatten(record.get("fingerprint", {})), flatten(fp)
     # Keys are "<stage>.<config key>"; show the config key the user would type.
     changed = sorted({k.split(".", 1)[-1] for k in set(old) | set(new) if old.get(k) != new.get(k)})
     shown = ", ".join(changed[:8]) + (" …" if len(changed) > 8 else "")

@@ -120,12 +120,6 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def one_line(exc: BaseException) -> str:
-    """An exception as one line (multi-line library messages joined)."""
-    text = " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
-    return text or type(exc).__name__
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dinov2", description="DINOv2-style SSL training and evaluation")
     sub = p.add_subparsers(dest="command", required=True)
@@ -164,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    from dinov2.utils.config import ConfigError
+    from dinov2.utils.config import ConfigError, one_line
 
     try:
         return int(args.func(args) or 0)

@@ -13,7 +13,7 @@ import yaml
 
 from dinov2.train import checkpoint as ckpt_lib
 from dinov2.train.distributed import DistInfo, barrier, broadcast_object
-from dinov2.utils.config import ConfigError, to_dict, to_yaml
+from dinov2.utils.config import ConfigError, flatten, to_dict, to_yaml
 from dinov2.utils.io import atomic_write_text
 from dinov2.utils.lock import FolderLock
 
@@ -31,15 +31,6 @@ class ResumeConfigMismatch(ConfigError):
     """The run folder holds checkpoints of a different architecture."""
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: d}
-
-
 def _effective(flat: dict[str, Any]) -> dict[str, Any]:
     """Resolve defaults that hide a shape: img_size 0 means the global crop size."""
     out = dict(flat)
@@ -54,7 +45,7 @@ def _is_arch_key(key: str) -> bool:
 
 def config_changes(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[str], list[str]]:
     """(architecture changes, other changes) between two config dicts, as "key: old → new"."""
-    a, b = _effective(_flatten(old)), _effective(_flatten(new))
+    a, b = _effective(flatten(old)), _effective(flatten(new))
     arch, other = [], []
     for key in sorted(set(a) & set(b)):  # keys one version lacks cannot be compared
         if a[key] != b[key]:
