@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO))
 
 from dinov2.train.config import load_train_config  # noqa: E402
 from dinov2.train.ssl_meta_arch import SSLMetaArch, parallelize  # noqa: E402
-from dinov2.train.train import build_optimizer  # noqa: E402
+from dinov2.train.build import build_optimizer  # noqa: E402
 
 
 def matmul_flops_per_s(n: int = 4096, reps: int = 3) -> float:

@@ -22,21 +22,22 @@ import torch
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from dinov2.run import preemption
+    from dinov2.run.config import Launcher
     from dinov2.train.config import load_train_config
-    from dinov2.train.ssl_meta_arch import NonFiniteLossError
+    from dinov2.train.guard import NonFiniteLossError
     from dinov2.train.train import run_training
 
     cfg = load_train_config(args.config, args.overrides)
-    if cfg.train.launcher == "slurm":
-        from dinov2.train.slurm import submit_training
+    if cfg.train.launcher == Launcher.slurm:
+        from dinov2.run.submit import submit_training
 
         job = submit_training(cfg, args.overrides)
         print(f"submitted SLURM job {job.job_id}; run folder {cfg.train.output_dir} (resumes automatically)")
         return 0
-    from dinov2.train import slurm
 
-    # SLURM's USR1 (time limit) / TERM (preemption) → checkpoint at the next step boundary + requeue.
-    slurm.install_preemption_handler()
+    # SLURM's USR1 (time limit) / TERM (preemption) → checkpoint at the next sync step + requeue.
+    preemption.install_preemption_handler()
     try:
         result = run_training(cfg)
     except NonFiniteLossError as exc:

@@ -1,5 +1,5 @@
 """SLURM: the one-node test cluster (slurm/local-cluster.sh), slurm/train.sbatch, the submitit
-launcher and preemption → checkpoint → requeue → resume (dinov2/train/slurm.py).
+launcher and preemption → checkpoint → requeue → resume (dinov2/run/).
 
 Tests marked ``slurm`` bring up a real one-node cluster (munged, MariaDB, slurmdbd, slurmctld,
 slurmd) in a temporary folder once per session and take it down at the end; they skip only where
@@ -26,7 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from dinov2.train import slurm
+from dinov2.run import preemption, slurm_env, submit
+from dinov2.run.config import SlurmLauncherConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_SCRIPT = REPO / "slurm" / "local-cluster.sh"
@@ -42,86 +43,85 @@ def _sh(cmd: list[str], **kw) -> subprocess.CompletedProcess:
 
 
 # ============================================================================ unit tests (no cluster)
-def test_expand_nodelist():
-    assert slurm.expand_nodelist("localhost") == ["localhost"]
-    assert slurm.expand_nodelist("gpu[001-003,7],cpu1") == ["gpu001", "gpu002", "gpu003", "gpu7", "cpu1"]
-    assert slurm.expand_nodelist("a[1-2]b,c[09-10]") == ["a1b", "a2b", "c09", "c10"]
-
-
-def test_slurm_hostnames_without_scontrol(monkeypatch):
-    monkeypatch.setenv("PATH", "/nonexistent")
-    assert slurm.slurm_hostnames("n[1-3]") == ["n1", "n2", "n3"]
-    assert slurm.slurm_hostnames("") == []
-
-
-def test_torch_dist_env_from_slurm_variables():
+def test_torch_dist_env_from_slurm_variables(monkeypatch):
+    for var in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
     env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "node[07-10]",
-           "SLURM_JOB_NUM_NODES": "4", "SLURM_JOB_ID": "123456", "PATH": "/nonexistent"}
-    got = slurm.torch_dist_env(env)
+           "SLURM_JOB_NUM_NODES": "4", "SLURM_JOB_ID": "123456"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    got = slurm_env.torch_dist_env()
     assert got == {"MASTER_ADDR": "node07", "MASTER_PORT": str(30000 + 123456 % 2700), "RANK": "5",
                    "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}
+    # submitit's node-list parser: several groups, ranges and single ids, no scontrol needed.
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[001-003,7],cpu1")
+    assert slurm_env.torch_dist_env()["MASTER_ADDR"] == "gpu001"
     # An explicit rendezvous wins; outside a SLURM task it is an error with a reason.
-    assert slurm.torch_dist_env({**env, "MASTER_ADDR": "h", "MASTER_PORT": "1"})["MASTER_PORT"] == "1"
+    monkeypatch.setenv("MASTER_ADDR", "h")
+    monkeypatch.setenv("MASTER_PORT", "1")
+    assert slurm_env.torch_dist_env()["MASTER_PORT"] == "1" and slurm_env.torch_dist_env()["MASTER_ADDR"] == "h"
+    monkeypatch.delenv("SLURM_PROCID")
     with pytest.raises(RuntimeError, match="SLURM_PROCID"):
-        slurm.torch_dist_env({})
+        slurm_env.torch_dist_env()
 
 
 def test_master_port_is_per_job_and_below_ephemeral_range():
-    ports = {slurm.master_port_for_job(j) for j in range(1000, 1100)}
+    ports = {slurm_env.master_port_for_job(j) for j in range(1000, 1100)}
     assert len(ports) == 100 and all(30000 <= p < 32768 for p in ports)
-    assert slurm.master_port_for_job("77_3") == slurm.master_port_for_job(77)  # array ids
-    assert slurm.master_port_for_job(None) == 29500
+    assert slurm_env.master_port_for_job("77_3") == slurm_env.master_port_for_job(77)  # array ids
+    assert slurm_env.master_port_for_job(None) == 29500
 
 
 @pytest.fixture
 def restore_signals():
-    saved = {s: signal.getsignal(s) for s in slurm.PREEMPTION_SIGNALS}
-    slurm.reset_preemption_state()
+    saved = {s: signal.getsignal(s) for s in preemption.PREEMPTION_SIGNALS}
+    preemption.reset_preemption_state()
     yield
     for s, h in saved.items():
         signal.signal(s, h)
-    slurm.reset_preemption_state()
+    preemption.reset_preemption_state()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM])
 def test_preemption_handler_records_signal(restore_signals, sig):
-    slurm.install_preemption_handler()
-    assert not slurm.preemption_requested()
+    preemption.install_preemption_handler()
+    assert not preemption.preemption_requested()
     os.kill(os.getpid(), sig)
     time.sleep(0.05)  # the handler runs at the next bytecode boundary of the main thread
-    assert slurm.preemption_requested() and slurm.preemption_signal() == sig
+    assert preemption.preemption_requested() and preemption.preemption_signal() == sig
     os.kill(os.getpid(), signal.SIGUSR1)  # later signals keep the first
-    assert slurm.preemption_signal() == sig
+    assert preemption.preemption_signal() == sig
 
 
 def test_requeue_and_exit_outside_slurm(restore_signals, monkeypatch, caplog):
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
-    monkeypatch.delenv(slurm.REQUEUE_MODE_ENV, raising=False)
-    assert slurm.requeue() is False
+    monkeypatch.delenv(preemption.REQUEUE_MODE_ENV, raising=False)
+    assert preemption.requeue() is False
     with pytest.raises(SystemExit) as exc:
-        slurm.requeue_and_exit()
-    assert exc.value.code == slurm.REQUEUED_EXIT_CODE
+        preemption.requeue_and_exit()
+    assert exc.value.code == preemption.REQUEUED_EXIT_CODE
     assert "run the same command again" in caplog.text
 
 
 def test_requeue_reports_scontrol_failure(monkeypatch, caplog):
     monkeypatch.setenv("PATH", "/nonexistent")
-    assert slurm.requeue("12345") is False
+    assert preemption.requeue("12345") is False
     assert "scontrol requeue 12345 failed" in caplog.text
 
 
 _SYNC_WORKER = textwrap.dedent("""
     import os, signal, sys, time
     import torch.distributed as dist
-    from dinov2.train import slurm
-    slurm.install_preemption_handler()
+    from dinov2.run import preemption
+    preemption.install_preemption_handler()
     dist.init_process_group("gloo")
     answers = []
     for step in range(3):
         if step == 1 and dist.get_rank() == 1:
             os.kill(os.getpid(), signal.SIGUSR1)  # only rank 1 is signalled
             time.sleep(0.05)
-        answers.append(slurm.preemption_requested())
+        answers.append(preemption.preemption_requested())
     print("ANSWERS", dist.get_rank(), answers, flush=True)
     dist.destroy_process_group()
 """)
@@ -145,7 +145,7 @@ def test_preemption_flag_is_agreed_by_all_ranks(tmp_path):
 def test_launcher_config_validation_and_parameters():
     from dinov2.utils.config import ConfigError
 
-    cfg = slurm.SlurmLauncherConfig(nodes=2, gpus_per_node=8, tasks_per_node=3, cpus_per_task=10, mem_gb=200,
+    cfg = SlurmLauncherConfig(nodes=2, gpus_per_node=8, tasks_per_node=3, cpus_per_task=10, mem_gb=200,
                                     partition="learn", timeout_min=60, additional_parameters={"exclusive": "user"})
     cfg.validate()
     p = cfg.executor_parameters()
@@ -154,22 +154,22 @@ def test_launcher_config_validation_and_parameters():
     assert p["slurm_additional_parameters"] == {"requeue": True, "exclusive": "user"}
     assert "slurm_account" not in p
     with pytest.raises(ConfigError, match="slurm.nodes"):
-        slurm.SlurmLauncherConfig(nodes=0).validate()
+        SlurmLauncherConfig(nodes=0).validate()
     with pytest.raises(ConfigError, match="signal_delay_s"):
-        slurm.SlurmLauncherConfig(timeout_min=1, signal_delay_s=120).validate()
+        SlurmLauncherConfig(timeout_min=1, signal_delay_s=120).validate()
 
 
 def test_training_job_exit_codes_and_checkpoint(tmp_path, monkeypatch):
     for var in ("SLURM_PROCID", "RANK"):
         monkeypatch.delenv(var, raising=False)
-    ok = slurm.TrainingJob([PY, "-c", "import os; assert os.environ['DINOV2_REQUEUE'] == 'external'"], tmp_path)
+    ok = submit.TrainingJob([PY, "-c", "import os; assert os.environ['DINOV2_REQUEUE'] == 'external'"], tmp_path)
     assert ok()["returncode"] == 0
     with pytest.raises(SystemExit) as exc:  # preempted: no result, submitit waits for the requeued run
-        slurm.TrainingJob([PY, "-c", "raise SystemExit(75)"], tmp_path)()
-    assert exc.value.code == slurm.REQUEUED_EXIT_CODE
+        submit.TrainingJob([PY, "-c", "raise SystemExit(75)"], tmp_path)()
+    assert exc.value.code == preemption.REQUEUED_EXIT_CODE
     with pytest.raises(RuntimeError, match="exited with status 3"):
-        slurm.TrainingJob([PY, "-c", "raise SystemExit(3)"], tmp_path)()
-    job = slurm.TrainingJob(["x", "y"], tmp_path, env={"A": "1"})
+        submit.TrainingJob([PY, "-c", "raise SystemExit(3)"], tmp_path)()
+    job = submit.TrainingJob(["x", "y"], tmp_path, env={"A": "1"})
     job._proc = subprocess.Popen([PY, "-c", "pass"])  # a live handle never goes into the pickle
     again = pickle.loads(pickle.dumps(job))
     assert again._proc is None and again.argv == ["x", "y"] and again.env == {"A": "1"}
@@ -333,8 +333,8 @@ def test_submitit_job_states_come_from_sacct(cluster, tmp_path):
 TOY_TRAINER = textwrap.dedent("""
     import json, os, sys, time
     from pathlib import Path
-    from dinov2.train import slurm
-    slurm.install_preemption_handler()
+    from dinov2.run import preemption
+    preemption.install_preemption_handler()
     assert sys.argv[1] == "-c"
     opts = dict(a.split("=", 1) for a in sys.argv[3:])
     out, steps, step_s = Path(opts["out"]), int(opts["steps"]), float(opts["step_s"])
@@ -364,10 +364,10 @@ TOY_TRAINER = textwrap.dedent("""
         time.sleep(step_s)
         if (step + 1) % 5 == 0:
             save(step + 1)
-        if slurm.preemption_requested():
+        if preemption.preemption_requested():
             save(step + 1)
             event(f"preempted step={step + 1}")
-            slurm.requeue_and_exit()
+            preemption.requeue_and_exit()
     save(steps)
     event(f"done step={steps} sum={total}")
 """)
@@ -426,7 +426,7 @@ def test_submitit_training_job_preemption_requeues_and_resumes(cluster, tmp_path
     ex = submitit.AutoExecutor(folder=str(run / "submitit"), cluster="slurm")
     ex.update_parameters(tasks_per_node=2, cpus_per_task=1, mem_gb=1, timeout_min=30, slurm_signal_delay_s=60,
                          slurm_additional_parameters={"requeue": True})
-    job = ex.submit(slurm.TrainingJob([PY, str(tmp_path / "toy.py"), "-c", "x", f"out={run}", "steps=40",
+    job = ex.submit(submit.TrainingJob([PY, str(tmp_path / "toy.py"), "-c", "x", f"out={run}", "steps=40",
                                        "step_s=0.2", "dist=0"], run))
     wait_for(lambda: (run / "ckpt.json").exists(), 240, "the first checkpoint", job_id=job.job_id,
              log=run / "submitit" / f"{job.job_id}_0_log.err")
@@ -539,14 +539,14 @@ def test_submitit_launcher_cancel_resubmit_resumes_with_same_result(cluster, sba
     run = tmp_path / "run"
     overrides = tiny_train_overrides(run, train_shards)
     cfg = load_train_config(TINY_TRAIN, overrides)
-    resources = slurm.SlurmLauncherConfig(tasks_per_node=2, cpus_per_task=1, timeout_min=30)
-    first = slurm.submit_training(cfg, overrides, slurm=resources, python=PY)
+    resources = SlurmLauncherConfig(tasks_per_node=2, cpus_per_task=1, timeout_min=30)
+    first = submit.submit_training(cfg, overrides, slurm=resources, python=PY)
     wait_for(lambda: _ckpt_done(run, 2), 300, "the step-2 checkpoint", job_id=first.job_id,
              log=run / "slurm" / "submitit" / f"{first.job_id}_0_log.err")
     _run(["scancel", first.job_id])
     assert wait_job(first.job_id) == "CANCELLED"
     assert not _ckpt_done(run, TRAIN_STEPS)
-    second = slurm.submit_training(cfg, overrides, slurm=resources, python=PY)
+    second = submit.submit_training(cfg, overrides, slurm=resources, python=PY)
     results = second.results()
     assert [r["returncode"] for r in results] == [0, 0]
     assert wait_job(second.job_id) == "COMPLETED"

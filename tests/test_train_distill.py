@@ -13,9 +13,10 @@ from dinov2.models.checkpoint import load_pretrained, save_official
 from dinov2.models.vit import DinoVisionTransformer
 from dinov2.train.checkpoint import read_checkpoint_tensors
 from dinov2.train.config import load_train_config
-from dinov2.train.distill import attach_frozen_teacher, load_frozen_teacher
+from dinov2.train.distill import load_frozen_teacher
 from dinov2.train.ssl_meta_arch import SSLMetaArch
-from dinov2.train.train import build_optimizer, run_training
+from dinov2.train.build import build_optimizer
+from dinov2.train.train import run_training
 from dinov2.utils.config import ConfigError
 
 
@@ -32,8 +33,9 @@ def test_frozen_teacher_student_ema_checkpoint_and_export(tmp_path):
 
     # One step by hand: the frozen teacher gets no gradient and never moves; the student EMA does.
     torch.manual_seed(0)
-    arch = SSLMetaArch(cfg.model, cfg.head, cfg.loss, GSIZE)
-    attach_frozen_teacher(arch, cfg)
+    source = load_frozen_teacher(cfg, use_ibot=True, separate_ibot_head=False)
+    arch = SSLMetaArch(cfg.model, cfg.head, cfg.loss, GSIZE, teacher_source=source)
+    assert arch.frozen_teacher is source
     assert arch.frozen_teacher["backbone"].embed_dim == 96 and arch.teacher["backbone"].embed_dim == 64
     frozen0 = {k: v.clone() for k, v in arch.frozen_teacher.state_dict().items()}
     ema0 = {k: v.clone() for k, v in arch.teacher.state_dict().items()}

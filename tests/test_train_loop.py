@@ -14,7 +14,8 @@ from test_train_distributed import CONFIG, GSIZE, run, tiny_overrides
 
 from dinov2.train.checkpoint import list_checkpoints, load_teacher_backbone_state, read_checkpoint_tensors
 from dinov2.train.config import load_train_config
-from dinov2.train.ssl_meta_arch import NonFiniteLossError, SSLMetaArch
+from dinov2.train.guard import NonFiniteLossError
+from dinov2.train.ssl_meta_arch import SSLMetaArch
 from dinov2.utils.config import ConfigError
 
 
@@ -89,15 +90,19 @@ def test_metrics_checkpoints_frozen_last_layer_and_eval(tmp_path):
 
 def test_non_finite_loss_stops_without_saving(tmp_path):
     out = tmp_path / "run"
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 3.*Last good checkpoint: .*step_000002"):
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss or gradient at step 3.*Last good checkpoint: "
+                                                 r".*step_000001"):
         run(out, 5, ["checkpoint.every_n_steps=1", "checkpoint.keep_last=0"], nan_at_step=3)
-    assert [p.name for p in list_checkpoints(out)] == ["step_000001", "step_000002"]
+    # Step 2's checkpoint is finite, but the step after it was not: it cannot be told apart from an
+    # exploded state, so it is not a good checkpoint; it is moved aside and step 1 is named instead.
+    assert [p.name for p in list_checkpoints(out)] == ["step_000001"]
+    assert (out / "ckpt" / "step_000002.unverified").is_dir()
     assert not list((out / "ckpt").glob("*.tmp"))
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     # The last good checkpoint is intact: training resumes from it once the data is fine.
     res = run(out, 4, ["checkpoint.every_n_steps=1", "checkpoint.keep_last=0"])
-    assert res.start_step == 2 and res.final_step == 4
+    assert res.start_step == 1 and res.final_step == 4
     state = read_checkpoint_tensors(out, "teacher.")
     assert all(torch.isfinite(v).all() for v in state.values())
 

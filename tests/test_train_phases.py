@@ -53,8 +53,9 @@ def test_plans_and_validation(tmp_path):
     assert (p2.name, p2.start_step, p2.end_step) == (HIGHRES, 10, 13)
     # Phase 2 keeps the position grid of phase 1 (same parameter shapes) at larger crops.
     assert c2.model.img_size == 42 and c2.data.crops.global_crops_size == 70 and c2.data.batch_size == 3
-    # The data stream continues at the next batch boundary: ceil(10 * 8 / 3) * 3 = 81.
-    assert p2.data_sample(10) == 81 and p2.data_sample(12) == 87
+    # The data stream continues at the next batch boundary after the main phase's final position
+    # (10 steps × 8 samples when no batch was dropped): ceil(80 / 3) * 3 = 81.
+    assert p2.first_sample(80) == 81 and p2.first_sample(81) == 81
     v = [p2.schedules.values(s) for s in range(10, 13)]
     assert v[0]["lr"] == 0.0 and v[1]["lr"] == pytest.approx(0.004)  # tiny.yaml: lr_scaling none
     assert v[2]["lr"] < v[1]["lr"] and all(x["last_layer_lr"] == x["lr"] for x in v)

@@ -26,22 +26,34 @@ class KoLeoLoss(nn.Module):
       gradient is 0 (not NaN) at 0, and ``eps`` inside the log bounds the value;
     * a chunk with fewer than 2 rows has no neighbour: it contributes 0.
     Each guard warns once per instance (``warnings.warn`` + logger) and is counted in
-    ``guard_counts`` so the trainer can report how often it fires.
+    ``guard_counts`` so the trainer can report how often it fires.  With ``lazy_guards`` the
+    duplicate test stays on the device (no host sync per step): it is counted there and reported
+    (warned) when ``guard_counts`` is read, which the trainer does only at its log steps.
     """
 
-    def __init__(self, eps: float = 1e-8) -> None:
+    def __init__(self, eps: float = 1e-8, lazy_guards: bool = False) -> None:
         super().__init__()
         if not eps > 0:
             raise ValueError(f"KoLeoLoss: eps must be > 0, got {eps}")
         self.eps = eps
-        self.guard_counts: dict[str, int] = {"duplicates": 0, "batch_lt_2": 0}
+        self.lazy_guards = lazy_guards
+        self._counts: dict[str, int] = {"duplicates": 0, "batch_lt_2": 0}
+        self._pending_duplicates: torch.Tensor | None = None  # device-side count (lazy_guards)
         self._warned: set[str] = set()
+
+    @property
+    def guard_counts(self) -> dict[str, int]:
+        if self._pending_duplicates is not None:
+            n, self._pending_duplicates = int(self._pending_duplicates), None
+            if n:
+                self._guard("duplicates", "exact duplicate features (nearest-neighbour distance 0)", n)
+        return dict(self._counts)
 
     def extra_repr(self) -> str:
         return f"eps={self.eps}"
 
-    def _guard(self, kind: str, message: str) -> None:
-        self.guard_counts[kind] += 1
+    def _guard(self, kind: str, message: str, n: int = 1) -> None:
+        self._counts[kind] += n
         if kind not in self._warned:
             self._warned.add(kind)
             logger.warning("KoLeoLoss guard: %s", message)
@@ -70,7 +82,11 @@ class KoLeoLoss(nn.Module):
             nn_index = sims.argmax(dim=1)
         diff = x - x[nn_index]
         sq_dist = diff.pow(2).sum(dim=-1)
-        if bool((sq_dist == 0).any()):
+        duplicates = (sq_dist == 0).any()
+        if self.lazy_guards:
+            pending = self._pending_duplicates
+            self._pending_duplicates = duplicates.long() if pending is None else pending + duplicates
+        elif bool(duplicates):
             self._guard("duplicates", "exact duplicate features (nearest-neighbour distance 0)")
         dist = torch.sqrt(sq_dist + self.eps**2)
         return -torch.log(dist + self.eps).mean()

@@ -6,6 +6,7 @@ Layout (one folder per checkpoint, all ranks write their shards into it)::
         .metadata, __0_0.distcp …  DCP: student (backbone + heads), teacher, optimizer, centers
         rng_rank0.pt …             torch / numpy / python RNG states of each rank
         meta.json                  step, data position, world size, schedule values (written last)
+        verified.json              written once a later step computed a finite loss from these weights
 
 Writing goes to ``step_X.tmp/``; rank 0 renames it after every rank has finished, so a folder
 without the ``.tmp`` suffix is always complete and "latest complete checkpoint" is just the highest
@@ -15,6 +16,12 @@ Reading treats the folder as untrusted (``dinov2.train.safe_load``: allow-listed
 unpickler, ``weights_only`` everywhere) and checks it before use (:func:`verify_checkpoint`): a
 checkpoint whose files were truncated or lost after it was written is skipped, with a warning,
 for the newest intact one.
+
+A checkpoint's state is checked finite before it is written, but weights can be finite and still
+exploded (the next forward overflows).  So a checkpoint only counts as *verified* (good) once the
+step after it was finite; rotation never removes the newest verified checkpoint, and a run stopped
+by a non-finite step moves the unverified checkpoints after it aside (``step_X.unverified/``) so
+that resuming starts from a good one.
 """
 from __future__ import annotations
 
@@ -54,6 +61,8 @@ from dinov2.utils.io import atomic_write_json
 log = logging.getLogger(__name__)
 _STEP_RE = re.compile(r"^step_(\d+)$")
 META = "meta.json"
+VERIFIED = "verified.json"
+UNVERIFIED_SUFFIX = ".unverified"
 
 
 class CheckpointError(RuntimeError):
@@ -124,7 +133,7 @@ def verify_checkpoint(ckpt: str | Path) -> None:
             raise CheckpointError(str(exc)) from None
 
 
-def latest_intact_checkpoint(run_dir: str | Path) -> Path | None:
+def latest_intact_checkpoint(run_dir: str | Path, warn: bool = True) -> Path | None:
     """The newest complete checkpoint that passes :func:`verify_checkpoint` (warns for each one
     skipped).  Raises if checkpoints exist but none is intact: starting afresh would silently
     overwrite the run."""
@@ -135,9 +144,10 @@ def latest_intact_checkpoint(run_dir: str | Path) -> Path | None:
             verify_checkpoint(ckpt)
         except CheckpointError as exc:
             problems.append(str(exc))
-            log.warning("checkpoint %s is damaged, skipped: %s", ckpt.name, exc)
+            if warn:
+                log.warning("checkpoint %s is damaged, skipped: %s", ckpt.name, exc)
             continue
-        if problems:
+        if problems and warn:
             log.warning("using %s, the newest intact checkpoint", ckpt)
         return ckpt
     if problems:
@@ -224,11 +234,53 @@ def save_checkpoint(run_dir: str | Path, step: int, arch, optimizer, meta: dict[
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(final.parent)
-        if keep_last > 0:
-            for old in list_checkpoints(run_dir)[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+        rotate(run_dir, keep_last)
     barrier()
     return final
+
+
+def _step_of(ckpt: Path) -> int:
+    return int(_STEP_RE.match(ckpt.name).group(1))
+
+
+def is_verified(ckpt: str | Path) -> bool:
+    return (Path(ckpt) / VERIFIED).is_file()
+
+
+def mark_verified(ckpt: str | Path, by_step: int) -> None:
+    """Rank 0: a step after ``ckpt`` (``by_step``) computed a finite loss and gradients from it."""
+    atomic_write_json(Path(ckpt) / VERIFIED, {"finite_step": by_step})
+
+
+def newest_verified(run_dir: str | Path) -> Path | None:
+    good = [p for p in list_checkpoints(run_dir) if is_verified(p)]
+    return good[-1] if good else None
+
+
+def rotate(run_dir: str | Path, keep_last: int) -> None:
+    """Keep the newest ``keep_last`` checkpoints (0: all) and, whatever their age, the newest verified one."""
+    if keep_last <= 0:
+        return
+    keep = newest_verified(run_dir)
+    for old in list_checkpoints(run_dir)[:-keep_last]:
+        if old != keep:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def set_aside_unverified(run_dir: str | Path, after: Path | None) -> list[Path]:
+    """Rank 0, after a non-finite step: rename the checkpoints newer than ``after`` (the newest
+    verified one, or None) to ``step_X.unverified`` so the next run resumes from ``after``."""
+    moved = []
+    floor = _step_of(after) if after is not None else -1
+    for p in list_checkpoints(run_dir):
+        if _step_of(p) > floor and not is_verified(p):
+            target = p.with_name(p.name + UNVERIFIED_SUFFIX)
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(p, target)
+            moved.append(target)
+    if moved:
+        _fsync_dir(ckpt_root(run_dir))
+    return moved
 
 
 def load_checkpoint(ckpt: str | Path, arch, optimizer, load_optimizer: bool = True) -> dict[str, Any]:

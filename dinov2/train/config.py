@@ -1,21 +1,52 @@
 """Typed training configuration (``dinov2 train -c configs/train/<name>.yaml key=value …``).
 
-Loaded with :func:`dinov2.utils.config.load_config`, so unknown keys and wrong types are errors
-naming the key; :meth:`TrainConfig.validate` checks cross-field constraints.
+Loaded with :func:`dinov2.utils.config.load_config`, so unknown keys and wrong types (including a
+value outside an enum's members) are errors naming the key.  Each section checks its own fields
+(``errors()``); :meth:`TrainConfig.validate` only adds the checks that span sections.  This module
+imports configuration only, never the trainer's runtime code, so every trainer module may import it.
 Defaults are the DINOv2 ViT-S/14-style reference values (see reference-facts.md).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Optional, Sequence
 
 from dinov2.data.loader import DataConfig
 from dinov2.models.vit import POS_EMBED_INITS
-from dinov2.train.distill import DistillConfig, distill_config_errors
-from dinov2.train.phases import PhasesConfig, phases_config_errors
-from dinov2.train.slurm import SlurmLauncherConfig
+from dinov2.run.config import Launcher, SlurmLauncherConfig
 from dinov2.utils.config import ConfigError, load_config
+
+
+class Centering(str, Enum):
+    softmax = "softmax"
+    sinkhorn_knopp = "sinkhorn_knopp"
+
+
+class LrScaling(str, Enum):
+    sqrt_wrt_1024 = "sqrt_wrt_1024"
+    linear_wrt_256 = "linear_wrt_256"
+    none = "none"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Precision(str, Enum):
+    auto = "auto"  # bf16 on CUDA, fp32 on CPU
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class TeacherHeads(str, Enum):
+    auto = "auto"  # checkpoint when the source holds heads that fit, else random_frozen
+    checkpoint = "checkpoint"
+    random_frozen = "random_frozen"
 
 
 @dataclass
@@ -38,6 +69,15 @@ class ModelConfig:
     # Initialise the student (and teacher) backbone from a checkpoint (ours or official layout).
     pretrained: str = ""
 
+    def errors(self) -> list[str]:
+        err = []
+        if self.pos_embed_init not in POS_EMBED_INITS:
+            err.append(f"model.pos_embed_init must be one of {'|'.join(POS_EMBED_INITS)}, "
+                       f"got {self.pos_embed_init!r}")
+        if self.patch_size <= 0:
+            err.append("model.patch_size must be > 0")
+        return err
+
 
 @dataclass
 class HeadConfig:
@@ -55,19 +95,29 @@ class HeadConfig:
     ibot_bottleneck_dim: int = 256
     ibot_nlayers: int = 3
 
+    def errors(self) -> list[str]:
+        return [f"head.{n} must be > 0" for n in ("dino_out_dim", "ibot_out_dim", "dino_nlayers", "ibot_nlayers")
+                if getattr(self, n) <= 0]
+
 
 @dataclass
 class LossConfig:
     dino_weight: float = 1.0
     ibot_weight: float = 1.0  # 0 → no iBOT (no masking of the student's global crops)
     koleo_weight: float = 0.1  # 0 → no KoLeo
-    centering: str = "softmax"  # softmax | sinkhorn_knopp
+    centering: Centering = Centering.softmax
     center_momentum: float = 0.9
     sinkhorn_iterations: int = 3
     student_temp: float = 0.1
     teacher_temp: float = 0.07
     warmup_teacher_temp: float = 0.04
     warmup_teacher_temp_epochs: float = 30.0
+
+    def errors(self) -> list[str]:
+        err = [f"loss.{n} must be >= 0" for n in ("dino_weight", "ibot_weight", "koleo_weight") if getattr(self, n) < 0]
+        if self.dino_weight == 0 and self.ibot_weight == 0:
+            err.append("loss.dino_weight and loss.ibot_weight are both 0: nothing to learn")
+        return err
 
 
 @dataclass
@@ -76,7 +126,7 @@ class OptimConfig:
     epoch_length: int = 1250  # OFFICIAL_EPOCH_LENGTH: iterations per "epoch"
     max_steps: int = 0  # > 0: stop after this many steps (schedules still span `epochs`)
     base_lr: float = 0.004
-    lr_scaling: str = "sqrt_wrt_1024"  # sqrt_wrt_1024 | linear_wrt_256 | none
+    lr_scaling: LrScaling = LrScaling.sqrt_wrt_1024
     min_lr: float = 1.0e-6
     warmup_epochs: float = 10.0
     weight_decay: float = 0.04
@@ -90,23 +140,38 @@ class OptimConfig:
     layerwise_decay: float = 0.9
     patch_embed_lr_mult: float = 0.2
 
+    def errors(self) -> list[str]:
+        err = []
+        if self.epochs <= 0 or self.epoch_length <= 0:
+            err.append("optim.epochs and optim.epoch_length must be > 0")
+        if self.warmup_epochs > self.epochs:
+            err.append("optim.warmup_epochs exceeds optim.epochs")
+        return err
+
 
 @dataclass
 class ComputeConfig:
-    device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    device: Device = Device.auto
+    precision: Precision = Precision.auto
     fsdp: bool = True  # shard with FSDP2 whenever a process group is up
     activation_checkpointing: bool = False
     compile: bool = False
     num_threads: int = 0  # torch intra-op threads; 0 → torch default
     deterministic: bool = False  # torch.use_deterministic_algorithms (CUDA needs CUBLAS env)
 
+    def errors(self) -> list[str]:
+        return ["compute.num_threads must be >= 0"] if self.num_threads < 0 else []
+
 
 @dataclass
 class CheckpointConfig:
     every_n_steps: int = 1250
-    keep_last: int = 3  # 0 → keep all
+    keep_last: int = 3  # 0 → keep all (the newest verified checkpoint is always kept)
     save_final: bool = True
+
+    def errors(self) -> list[str]:
+        err = ["checkpoint.every_n_steps must be > 0"] if self.every_n_steps <= 0 else []
+        return err + (["checkpoint.keep_last must be >= 0"] if self.keep_last < 0 else [])
 
 
 @dataclass
@@ -123,15 +188,77 @@ class EvalConfig:
     temperature: float = 0.07
     linear: bool = False
 
+    def errors(self) -> list[str]:
+        if self.every_n_steps > 0 and not (self.train_dir and self.val_dir):
+            return ["eval.every_n_steps > 0 needs eval.train_dir and eval.val_dir"]
+        return []
+
 
 @dataclass
 class TrainSection:
     output_dir: str = ""
     seed: int = 0
-    log_every: int = 1
+    log_every: int = 1  # metrics row (and the only per-step host sync) every this many steps
     progress: bool = True  # tqdm bar on rank 0
     tensorboard: bool = True  # only if tensorboard is installed
-    launcher: str = "local"  # local: train in this process (torchrun/srun for several) | slurm: submit via submitit
+    launcher: Launcher = Launcher.local
+
+    def errors(self) -> list[str]:
+        err = [] if self.output_dir else ["train.output_dir must be set (where checkpoints and metrics go)"]
+        return err + (["train.log_every must be > 0"] if self.log_every <= 0 else [])
+
+
+@dataclass
+class HighResPhaseConfig:
+    """Optional high-resolution finishing phase (dinov2.train.phases)."""
+
+    steps: int = 0  # 0 → no high-resolution phase
+    global_crops_size: int = 0  # 0 → 1.5 × the main phase's size, rounded to a patch multiple
+    local_crops_size: int = 0  # 0 → main phase's size
+    base_lr: float = 0.0  # 0 → the main schedule's LR at the end of the main phase (before scaling)
+    min_lr: float = 1.0e-6
+    warmup_steps: int = 0
+    batch_size: int = 0  # per rank; 0 → main phase's batch size
+
+    def errors(self) -> list[str]:
+        if self.steps < 0:
+            return [f"phases.highres.steps must be >= 0, got {self.steps}"]
+        if self.steps == 0:
+            return []
+        err = [f"phases.highres.{n} must be >= 0" for n in
+               ("global_crops_size", "local_crops_size", "batch_size", "warmup_steps") if getattr(self, n) < 0]
+        if self.warmup_steps > self.steps:
+            err.append(f"phases.highres.warmup_steps {self.warmup_steps} exceeds phases.highres.steps {self.steps}")
+        if self.base_lr < 0 or self.min_lr < 0:
+            err.append("phases.highres.base_lr and min_lr must be >= 0")
+        return err
+
+
+@dataclass
+class PhasesConfig:
+    highres: HighResPhaseConfig = field(default_factory=HighResPhaseConfig)
+
+    def errors(self) -> list[str]:
+        return self.highres.errors()
+
+
+@dataclass
+class DistillConfig:
+    """Frozen-teacher distillation (dinov2.train.distill); "" → normal SSL training."""
+
+    teacher_checkpoint: str = ""  # official/exported .pth, or a run / ckpt folder of ours
+    teacher_heads: TeacherHeads = TeacherHeads.auto
+
+    def errors(self) -> list[str]:
+        if not self.teacher_checkpoint:
+            return []
+        p = Path(self.teacher_checkpoint)
+        if not p.exists():
+            return [f"distill.teacher_checkpoint {self.teacher_checkpoint} does not exist"]
+        if self.teacher_heads == TeacherHeads.checkpoint and not p.is_dir():
+            return ["distill.teacher_heads=checkpoint needs a run or checkpoint folder of ours as "
+                    "distill.teacher_checkpoint (weight files have no heads)"]
+        return []
 
 
 @dataclass
@@ -145,70 +272,53 @@ class TrainConfig:
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    phases: PhasesConfig = field(default_factory=PhasesConfig)  # high-resolution finishing (phases.py)
-    distill: DistillConfig = field(default_factory=DistillConfig)  # frozen-teacher distillation (distill.py)
-    slurm: SlurmLauncherConfig = field(default_factory=SlurmLauncherConfig)  # resources for train.launcher=slurm
+    phases: PhasesConfig = field(default_factory=PhasesConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    slurm: SlurmLauncherConfig = field(default_factory=SlurmLauncherConfig)  # for train.launcher=slurm
 
     def validate(self) -> None:
-        err = []
-        if not self.train.output_dir:
-            err.append("train.output_dir must be set (where checkpoints and metrics go)")
-        if self.train.launcher not in ("local", "slurm"):
-            err.append(f"train.launcher must be local|slurm, got {self.train.launcher!r}")
-        if self.model.pos_embed_init not in POS_EMBED_INITS:
-            err.append(f"model.pos_embed_init must be one of {'|'.join(POS_EMBED_INITS)}, "
-                       f"got {self.model.pos_embed_init!r}")
-        if self.loss.centering not in ("softmax", "sinkhorn_knopp"):
-            err.append(f"loss.centering must be softmax|sinkhorn_knopp, got {self.loss.centering!r}")
-        if self.compute.precision not in ("auto", "fp32", "bf16", "fp16"):
-            err.append(f"compute.precision must be auto|fp32|bf16|fp16, got {self.compute.precision!r}")
-        if self.compute.device not in ("auto", "cpu", "cuda"):
-            err.append(f"compute.device must be auto|cpu|cuda, got {self.compute.device!r}")
-        if self.optim.lr_scaling not in ("sqrt_wrt_1024", "linear_wrt_256", "none"):
-            err.append(f"optim.lr_scaling must be sqrt_wrt_1024|linear_wrt_256|none, got {self.optim.lr_scaling!r}")
-        if self.optim.epochs <= 0 or self.optim.epoch_length <= 0:
-            err.append("optim.epochs and optim.epoch_length must be > 0")
-        if self.optim.warmup_epochs > self.optim.epochs:
-            err.append("optim.warmup_epochs exceeds optim.epochs")
-        for name in ("dino_weight", "ibot_weight", "koleo_weight"):
-            if getattr(self.loss, name) < 0:
-                err.append(f"loss.{name} must be >= 0")
-        if self.loss.dino_weight == 0 and self.loss.ibot_weight == 0:
-            err.append("loss.dino_weight and loss.ibot_weight are both 0: nothing to learn")
-        crop = _global_crop_size(self.data)
-        if crop is not None and crop % self.model.patch_size:
-            err.append(f"global crop size {crop} is not a multiple of model.patch_size {self.model.patch_size}")
-        if self.data.patch_size != self.model.patch_size:
-            err.append(f"data.patch_size {self.data.patch_size} != model.patch_size {self.model.patch_size} "
-                       "(the iBOT masks must use the model's patch grid)")
-        if self.checkpoint.every_n_steps <= 0:
-            err.append("checkpoint.every_n_steps must be > 0")
-        if self.eval.every_n_steps > 0 and not (self.eval.train_dir and self.eval.val_dir):
-            err.append("eval.every_n_steps > 0 needs eval.train_dir and eval.val_dir")
-        if self.eval.crop_size % self.model.patch_size:
-            err.append(f"eval.crop_size {self.eval.crop_size} is not a multiple of model.patch_size")
-        err += phases_config_errors(self) + distill_config_errors(self)
+        err: list[str] = []
+        for section in (self.train, self.model, self.head, self.loss, self.optim, self.compute, self.checkpoint,
+                        self.eval, self.phases, self.distill, self.slurm):
+            err += section.errors()
+        err += self._cross_section_errors()
         if err:
             raise ConfigError("invalid training config: " + "; ".join(err))
         if self.data.sources:
             self.data.validate()
+
+    def _cross_section_errors(self) -> list[str]:
+        err = []
+        patch = self.model.patch_size
+        crop = self.data.crops.global_crops_size
+        if patch > 0 and crop % patch:
+            err.append(f"global crop size {crop} is not a multiple of model.patch_size {patch}")
+        if self.data.patch_size != patch:
+            err.append(f"data.patch_size {self.data.patch_size} != model.patch_size {patch} "
+                       "(the iBOT masks must use the model's patch grid)")
+        if patch > 0 and self.eval.crop_size % patch:
+            err.append(f"eval.crop_size {self.eval.crop_size} is not a multiple of model.patch_size")
+        h = self.phases.highres
+        if h.steps > 0 and patch > 0 and h.global_crops_size % patch:
+            err.append(f"phases.highres.global_crops_size {h.global_crops_size} is not a multiple of "
+                       f"model.patch_size {patch}")
+        if h.steps > 0 and not self.checkpoint.save_final:
+            err.append("phases.highres.steps > 0 needs checkpoint.save_final=true (phase 2 starts from the "
+                       "main phase's final checkpoint)")
+        return err
 
     @property
     def total_steps(self) -> int:
         full = self.optim.epochs * self.optim.epoch_length
         return min(full, self.optim.max_steps) if self.optim.max_steps > 0 else full
 
-
-def _global_crop_size(data) -> int | None:
-    crops = getattr(data, "crops", None)
-    return getattr(crops, "global_crops_size", None) if crops is not None else None
+    @property
+    def global_crop_size(self) -> int:
+        return int(self.data.crops.global_crops_size)
 
 
 def global_crop_size(cfg: TrainConfig) -> int:
-    size = _global_crop_size(cfg.data)
-    if size is None:
-        raise ConfigError("data.crops.global_crops_size is missing")
-    return int(size)
+    return cfg.global_crop_size
 
 
 def load_train_config(path: str | Path | None, overrides: Sequence[str] = ()) -> TrainConfig:

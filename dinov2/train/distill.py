@@ -12,8 +12,9 @@ The objective is the usual DINO + iBOT + KoLeo, with the targets computed by the
 itself — in distillation mode ``arch.teacher`` *is* that student EMA (same shapes as the student,
 updated by ``update_teacher`` as usual) — so checkpoints, evaluation during training and
 ``dinov2 export`` (which read ``teacher.backbone.*``) all see the student EMA, the model the paper
-keeps.  The frozen teacher lives in ``arch.frozen_teacher`` and is *not* written into checkpoints:
-it is rebuilt deterministically from ``teacher_checkpoint`` on every (re)start.
+keeps.  The frozen teacher is a *teacher source* handed to ``SSLMetaArch(..., teacher_source=…)``
+(built by :func:`load_frozen_teacher`); it lives in ``arch.frozen_teacher`` and is *not* written
+into checkpoints: it is rebuilt deterministically from ``teacher_checkpoint`` on every (re)start.
 
 Teacher heads (the teacher-side DINO / iBOT projection heads that produce the prototype scores):
 
@@ -42,42 +43,18 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-if TYPE_CHECKING:
-    from dinov2.train.config import TrainConfig
-    from dinov2.train.ssl_meta_arch import SSLMetaArch
+from dinov2.models.checkpoint import load_pretrained
+from dinov2.models.head import DINOHead
+from dinov2.train.checkpoint import read_checkpoint_tensors
+from dinov2.train.config import TeacherHeads, TrainConfig
 
 log = logging.getLogger("dinov2.train.distill")
-
-_HEAD_MODES = ("auto", "checkpoint", "random_frozen")
-
-
-@dataclass
-class DistillConfig:
-    teacher_checkpoint: str = ""  # "" → no distillation
-    teacher_heads: str = "auto"  # auto | checkpoint | random_frozen
-
-
-def distill_config_errors(cfg: TrainConfig) -> list[str]:
-    d = cfg.distill
-    err: list[str] = []
-    if d.teacher_heads not in _HEAD_MODES:
-        err.append(f"distill.teacher_heads must be one of {'|'.join(_HEAD_MODES)}, got {d.teacher_heads!r}")
-    if d.teacher_checkpoint:
-        p = Path(d.teacher_checkpoint)
-        if not p.exists():
-            err.append(f"distill.teacher_checkpoint {d.teacher_checkpoint} does not exist")
-        elif d.teacher_heads == "checkpoint" and not p.is_dir():
-            err.append("distill.teacher_heads=checkpoint needs a run or checkpoint folder of ours as "
-                       "distill.teacher_checkpoint (weight files have no heads)")
-    return err
 
 
 def _head_shape(state: dict[str, torch.Tensor]) -> tuple[int, int, int, int, int]:
@@ -130,9 +107,7 @@ class FrozenRandomHead(nn.Module):
         return self.head(z, split_at=split_at)
 
 
-def _head_from_state(state: dict[str, torch.Tensor], what: str):
-    from dinov2.models.head import DINOHead
-
+def _head_from_state(state: dict[str, torch.Tensor], what: str) -> DINOHead:
     in_dim, out_dim, hidden, bottleneck, nlayers = _head_shape(state)
     use_bn = any(k.endswith("running_mean") for k in state)
     head = DINOHead(in_dim, out_dim, hidden if nlayers > 1 else 2048, bottleneck, nlayers, use_bn=use_bn)
@@ -142,16 +117,23 @@ def _head_from_state(state: dict[str, torch.Tensor], what: str):
 
 
 def load_frozen_teacher(cfg: TrainConfig, use_ibot: bool, separate_ibot_head: bool) -> nn.ModuleDict:
-    """The frozen teacher: ``backbone``, ``dino_head`` and (if separate) ``ibot_head``."""
-    from dinov2.models.checkpoint import load_pretrained
-    from dinov2.models.head import DINOHead
+    """The frozen teacher: ``backbone``, ``dino_head`` and (if separate) ``ibot_head``.
 
+    Draws no numbers from the global RNG (seeded heads use a forked one), so building it before the
+    student leaves the student's initialisation as without distillation."""
+    with torch.random.fork_rng(devices=[]):
+        teacher = _load_frozen_teacher(cfg, use_ibot, separate_ibot_head)
+    n_t = sum(p.numel() for p in teacher.parameters())
+    log.info("distill: frozen teacher %.1fM params (the student EMA is what checkpoints and export keep)",
+             n_t / 1e6)
+    return teacher
+
+
+def _load_frozen_teacher(cfg: TrainConfig, use_ibot: bool, separate_ibot_head: bool) -> nn.ModuleDict:
     d, h = cfg.distill, cfg.head
     src = Path(d.teacher_checkpoint)
     heads: dict[str, dict[str, torch.Tensor]] = {}
     if src.is_dir():
-        from dinov2.train.checkpoint import read_checkpoint_tensors
-
         tensors = read_checkpoint_tensors(src, "teacher.")
         backbone = load_pretrained({k[len("backbone."):]: v for k, v in tensors.items() if k.startswith("backbone.")})
         for name in ("dino_head", "ibot_head"):
@@ -173,10 +155,10 @@ def load_frozen_teacher(cfg: TrainConfig, use_ibot: bool, separate_ibot_head: bo
     for name, out_dim in wanted.items():
         state = heads.get(name)
         fits = state is not None and _head_shape(state)[:2] == (dim, out_dim)
-        if d.teacher_heads == "checkpoint" and not fits:
+        if d.teacher_heads == TeacherHeads.checkpoint and not fits:
             raise ValueError(f"distill.teacher_heads=checkpoint: {src} has no teacher {name} with input dim {dim} "
                              f"and {out_dim} prototypes" + (f" (found {_head_shape(state)[:2]})" if state else ""))
-        if fits and d.teacher_heads != "random_frozen":
+        if fits and d.teacher_heads != TeacherHeads.random_frozen:
             mods[name] = _head_from_state(state, name)
         else:
             # Fixed seed, isolated from the training RNG: identical on every rank and every restart.
@@ -194,11 +176,3 @@ def load_frozen_teacher(cfg: TrainConfig, use_ibot: bool, separate_ibot_head: bo
         p.requires_grad_(False)
     return teacher
 
-
-def attach_frozen_teacher(arch: SSLMetaArch, cfg: TrainConfig) -> None:
-    """Turn a freshly built ``SSLMetaArch`` into a distillation setup (before ``parallelize``)."""
-    arch.frozen_teacher = load_frozen_teacher(cfg, arch.use_ibot, arch.separate_ibot_head)
-    n_t = sum(p.numel() for p in arch.frozen_teacher.parameters())
-    n_s = sum(p.numel() for p in arch.student.parameters())
-    log.info("distill: frozen teacher %.1fM params → student %.1fM params (student EMA is exported)",
-             n_t / 1e6, n_s / 1e6)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from dinov2.run.slurm_env import in_slurm_task, torch_dist_env
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -45,15 +47,10 @@ def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistInfo:
     if use_cuda and not torch.cuda.is_available():
         raise RuntimeError("device=cuda requested but CUDA is not available")
 
-    # SLURM without torchrun: map SLURM variables onto the torchrun ones.
-    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and _env_int("SLURM_NTASKS", 1) > 1:
-        os.environ["RANK"] = os.environ["SLURM_PROCID"]
-        os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
-        os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
-        os.environ.setdefault("MASTER_PORT", "29500")
-        if "MASTER_ADDR" not in os.environ:
-            nodelist = os.environ.get("SLURM_JOB_NODELIST", "127.0.0.1")
-            os.environ["MASTER_ADDR"] = nodelist.split(",")[0].split("[")[0]
+    # SLURM without torchrun (srun starts one process per task): the torchrun variables from the
+    # task's SLURM ones.
+    if "RANK" not in os.environ and in_slurm_task() and _env_int("SLURM_NTASKS", 1) > 1:
+        os.environ.update(torch_dist_env())
 
     rank = _env_int("RANK", 0)
     world_size = _env_int("WORLD_SIZE", 1)
@@ -74,15 +71,6 @@ def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistInfo:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
-    """Mean over ranks (returns a new tensor; identity without a process group)."""
-    if not dist.is_initialized():
-        return t
-    t = t.detach().clone()
-    dist.all_reduce(t)
-    return t / dist.get_world_size()
 
 
 def broadcast_object(obj):

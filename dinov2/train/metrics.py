@@ -10,6 +10,7 @@ import json
 import math
 import resource
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,29 +27,31 @@ def peak_memory_mb(device: torch.device) -> float:
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024
 
 
+# The monitors return 0-d tensors on the input's device: the trainer reads them together with the
+# loss terms in one transfer at its log steps.
 @torch.no_grad()
-def mean_entropy(probs: torch.Tensor) -> float:
+def mean_entropy(probs: torch.Tensor) -> torch.Tensor:
     """Mean over rows of the entropy (nats) of a probability matrix [N, K].
 
     Collapse monitor: ~log(K) means uniform outputs, ~0 means one-hot onto one prototype."""
     p = probs.float().clamp_min(1e-12)
-    return float(-(p * p.log()).sum(-1).mean())
+    return -(p * p.log()).sum(-1).mean()
 
 
 @torch.no_grad()
-def prototype_usage_entropy(probs: torch.Tensor) -> float:
+def prototype_usage_entropy(probs: torch.Tensor) -> torch.Tensor:
     """Entropy of the batch-mean distribution (low when all samples use the same prototypes)."""
     m = probs.float().mean(0).clamp_min(1e-12)
-    return float(-(m * m.log()).sum())
+    return -(m * m.log()).sum()
 
 
 @torch.no_grad()
-def feature_std(features: torch.Tensor) -> float:
+def feature_std(features: torch.Tensor) -> torch.Tensor:
     """Mean over dims of the across-batch std of L2-normalised features (0 = collapsed)."""
     f = torch.nn.functional.normalize(features.float(), dim=-1)
     if f.shape[0] < 2:
-        return float("nan")
-    return float(f.std(0).mean())
+        return f.new_full((), float("nan"))
+    return f.std(0).mean()
 
 
 def _clean(v: Any) -> Any:
@@ -113,8 +116,24 @@ class MetricsLogger:
             self._tb = None
 
 
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+class StepWindow:
+    """Timing of the steps since the previous log step.  Steps in between are not synchronised with
+    the device, so one step's wall time means little on a GPU; the window's average does."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.steps = 0
+        self.data_time = 0.0
+
+    def add_data_time(self, seconds: float) -> None:
+        self.steps += 1
+        self.data_time += seconds
+
+    def take(self) -> tuple[float, float]:
+        """(mean step time, mean data time) since the last call; call at a sync step."""
+        now = time.perf_counter()
+        n = max(self.steps, 1)
+        out = ((now - self.t0) / n, self.data_time / n)
+        self.t0, self.steps, self.data_time = now, 0, 0.0
+        return out

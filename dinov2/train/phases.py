@@ -28,68 +28,25 @@ Design choices (why):
   follows a half cosine to ``min_lr`` over the M steps; the EMA momentum follows a half cosine from
   its value at step N to ``optim.final_momentum_teacher``; weight decay and teacher temperature stay
   at their step-N values; the head's last layer is not frozen again.
-* Data: the stream continues at the first batch boundary at or after the main phase's position
-  (``ceil(N·B1 / B2)·B2`` samples per rank, B = per-rank batch size), with the new crop sizes, so
-  phase 2 sees the next images of the same deterministic stream; a resumed phase 2 restarts at
-  that position plus the steps it already took.
+* Data: the stream continues at the first batch boundary at or after the main phase's final
+  position (``ceil(P / B2)·B2`` samples per rank, P = the position saved in the main phase's final
+  checkpoint, B2 = the new per-rank batch size), with the new crop sizes, so phase 2 sees the next
+  images of the same deterministic stream; a resumed phase 2 continues at its saved position.
+
+This module only plans the phases; :func:`dinov2.train.train.run_training` drives them, one
+:class:`dinov2.train.trainer.Trainer` per phase.
 """
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
 
-from dinov2.train.schedules import CosineSchedule, Schedules, scaled_lr
-
-if TYPE_CHECKING:
-    from dinov2.train.config import TrainConfig
-    from dinov2.train.distributed import DistInfo
-    from dinov2.train.train import TrainResult
+from dinov2.train.config import TrainConfig
+from dinov2.train.schedules import CosineSchedule, Schedules, ScheduleSource, scaled_lr, schedules_for
 
 MAIN = "main"
 HIGHRES = "highres"
-
-
-@dataclass
-class HighResPhaseConfig:
-    steps: int = 0  # 0 → no high-resolution phase
-    global_crops_size: int = 0  # 0 → 1.5 × the main phase's size, rounded to a patch multiple
-    local_crops_size: int = 0  # 0 → main phase's size
-    base_lr: float = 0.0  # 0 → the main schedule's LR at the end of the main phase (before scaling)
-    min_lr: float = 1.0e-6
-    warmup_steps: int = 0
-    batch_size: int = 0  # per rank; 0 → main phase's batch size
-
-
-@dataclass
-class PhasesConfig:
-    highres: HighResPhaseConfig = field(default_factory=HighResPhaseConfig)
-
-
-def phases_config_errors(cfg: TrainConfig) -> list[str]:
-    """Cross-field problems of ``cfg.phases`` (used by ``TrainConfig.validate``)."""
-    h = cfg.phases.highres
-    err: list[str] = []
-    if h.steps < 0:
-        err.append(f"phases.highres.steps must be >= 0, got {h.steps}")
-    if h.steps <= 0:
-        return err
-    for name in ("global_crops_size", "local_crops_size", "batch_size", "warmup_steps"):
-        if getattr(h, name) < 0:
-            err.append(f"phases.highres.{name} must be >= 0")
-    if h.global_crops_size and h.global_crops_size % cfg.model.patch_size:
-        err.append(f"phases.highres.global_crops_size {h.global_crops_size} is not a multiple of "
-                   f"model.patch_size {cfg.model.patch_size}")
-    if h.warmup_steps > h.steps:
-        err.append(f"phases.highres.warmup_steps {h.warmup_steps} exceeds phases.highres.steps {h.steps}")
-    if h.base_lr < 0 or h.min_lr < 0:
-        err.append("phases.highres.base_lr and min_lr must be >= 0")
-    if not cfg.checkpoint.save_final:
-        err.append("phases.highres.steps > 0 needs checkpoint.save_final=true (phase 2 starts from the "
-                   "main phase's final checkpoint)")
-    return err
 
 
 @dataclass(frozen=True)
@@ -111,20 +68,20 @@ class HighResSchedules:
 
 @dataclass(frozen=True)
 class PhasePlan:
-    """What ``run_training`` needs to run one phase of a multi-phase run."""
+    """One phase of a run: its global steps, schedules and what the trainer does differently."""
 
     name: str
     start_step: int  # global step at which this phase starts
     end_step: int  # global step at which it ends (the loop's total)
     batch_size: int  # per rank
-    data_start: int = 0  # per-rank sample position of the data stream at start_step
-    schedules: Any = None  # object with .values(step); None → the config's own schedules
+    schedules: ScheduleSource
     freeze_last_layer: bool = True  # False → never freeze the head's last layer in this phase
     config_name: str = "config.yaml"
 
-    def data_sample(self, step: int) -> int:
-        """Per-rank stream position before global step ``step`` (the loader's start_sample)."""
-        return self.data_start + (step - self.start_step) * self.batch_size
+    def first_sample(self, previous_position: int) -> int:
+        """Where this phase's stream starts, given the position the previous phase ended at: the
+        next boundary of this phase's batch size (the loader starts on batch boundaries)."""
+        return math.ceil(previous_position / self.batch_size) * self.batch_size
 
 
 def highres_global_size(cfg: TrainConfig) -> int:
@@ -172,62 +129,15 @@ def highres_schedules(cfg: TrainConfig, main_schedules: Schedules, world_size: i
 
 def plans(cfg: TrainConfig, world_size: int) -> list[tuple[PhasePlan, TrainConfig]]:
     """(plan, config) of every phase, in order."""
-    from dinov2.train.train import make_schedules
-
     n = cfg.total_steps
     main_cfg = copy.deepcopy(cfg)
     main_cfg.checkpoint.save_final = True
-    out = [(PhasePlan(MAIN, 0, n, cfg.data.batch_size), main_cfg)]
+    main_schedules = schedules_for(cfg, world_size)
+    out = [(PhasePlan(MAIN, 0, n, cfg.data.batch_size, main_schedules), main_cfg)]
     h = cfg.phases.highres
     if h.steps > 0:
         hcfg = highres_config(cfg)
-        b1, b2 = cfg.data.batch_size, hcfg.data.batch_size
-        data_start = math.ceil(n * b1 / b2) * b2
-        out.append((PhasePlan(HIGHRES, n, n + h.steps, b2, data_start,
-                              highres_schedules(cfg, make_schedules(cfg, world_size), world_size),
+        out.append((PhasePlan(HIGHRES, n, n + h.steps, hcfg.data.batch_size,
+                              highres_schedules(cfg, main_schedules, world_size),
                               freeze_last_layer=False, config_name=f"config.{HIGHRES}.yaml"), hcfg))
     return out
-
-
-BatchSourceFn = Callable[[int, int, int], Iterable[dict[str, Any]]]
-
-
-def run_phases(cfg: TrainConfig, batch_source: BatchSourceFn | Mapping[str, BatchSourceFn] | None = None,
-               info: DistInfo | None = None) -> TrainResult:
-    """Run every configured phase back to back, skipping phases a previous run completed.
-
-    ``batch_source``: one source for all phases, or ``{phase name: source}`` (a custom source must
-    yield the crop sizes of its phase); None → the real loader built from each phase's config.
-    """
-    from dinov2.train import checkpoint as ckpt_lib
-    from dinov2.train.distributed import broadcast_object, init_distributed
-    from dinov2.train.train import run_training
-
-    info = info or init_distributed(cfg.compute.device)
-    latest = broadcast_object(str(ckpt_lib.latest_checkpoint(cfg.train.output_dir) or "") if info.is_main else None)
-    done_step = int(ckpt_lib.read_meta(latest)["step"]) if latest else 0
-
-    result = None
-    first_start = None
-    rows: list[dict[str, Any]] = []
-    for plan, pcfg in plans(cfg, info.world_size):
-        if done_step >= plan.end_step:
-            continue  # finished by an earlier run
-        if plan.start_step > 0 and done_step < plan.start_step:
-            raise RuntimeError(f"phase {plan.name!r} starts at step {plan.start_step} but the latest checkpoint is "
-                               f"at step {done_step}: the previous phase did not finish")
-        source = batch_source.get(plan.name) if isinstance(batch_source, Mapping) else batch_source
-        result = run_training(pcfg, source, info, phase=plan)
-        if first_start is None:
-            first_start = result.start_step
-        rows.extend(result.metrics)
-        done_step = result.final_step
-    if result is None:  # everything was already done: report the final state without training
-        from pathlib import Path
-
-        from dinov2.train.train import TrainResult
-
-        return TrainResult(Path(cfg.train.output_dir), done_step, done_step, Path(latest) if latest else None)
-    result.start_step = first_start if first_start is not None else result.start_step
-    result.metrics = rows
-    return result

@@ -7,6 +7,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
+
+from dinov2.train.config import TrainConfig
+
+
+class ScheduleSource(Protocol):
+    """Anything with per-step values (main-phase :class:`Schedules`, a later phase's own)."""
+
+    def values(self, it: int) -> dict[str, float]: ...
 
 
 @dataclass(frozen=True)
@@ -131,3 +140,16 @@ class _FrozenPrefix:
 
     def __call__(self, it: int) -> float:
         return 0.0 if it < self.freeze_iters else self.inner(it)
+
+
+def schedules_for(cfg: TrainConfig, world_size: int) -> Schedules:
+    """The main phase's schedules of a training config (global batch = per-rank batch × ranks)."""
+    o, lo = cfg.optim, cfg.loss
+    return build_schedules(
+        base_lr=o.base_lr, min_lr=o.min_lr, global_batch=cfg.data.batch_size * world_size, lr_scaling=o.lr_scaling,
+        epochs=o.epochs, epoch_length=o.epoch_length, warmup_epochs=o.warmup_epochs,
+        freeze_last_layer_epochs=o.freeze_last_layer_epochs, weight_decay=o.weight_decay,
+        weight_decay_end=o.weight_decay_end, momentum_teacher=o.momentum_teacher,
+        final_momentum_teacher=o.final_momentum_teacher, warmup_teacher_temp=lo.warmup_teacher_temp,
+        teacher_temp=lo.teacher_temp, warmup_teacher_temp_epochs=lo.warmup_teacher_temp_epochs,
+    )

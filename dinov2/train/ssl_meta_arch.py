@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -31,16 +31,11 @@ from dinov2.loss.centering import SoftmaxCenter, sinkhorn_knopp
 from dinov2.loss.dino import DINOLoss
 from dinov2.loss.ibot import iBOTPatchLoss, masked_patch_weights
 from dinov2.loss.koleo import KoLeoLoss
+from dinov2.models.checkpoint import load_pretrained
 from dinov2.models.head import DINOHead
 from dinov2.models.vit import ARCHITECTURES, DinoVisionTransformer, build_model
+from dinov2.train.config import Centering, HeadConfig, LossConfig, ModelConfig, Precision
 from dinov2.train.metrics import feature_std, mean_entropy, prototype_usage_entropy
-
-if TYPE_CHECKING:
-    from dinov2.train.config import HeadConfig, LossConfig, ModelConfig
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss (or gradient norm) became NaN/inf: training stops without saving."""
 
 
 def build_backbone(cfg: ModelConfig, img_size: int, drop_path_rate: float) -> DinoVisionTransformer:
@@ -89,12 +84,45 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 @dataclass
 class StepOutput:
     loss: torch.Tensor  # total (differentiable)
-    terms: dict[str, torch.Tensor]  # detached loss terms
-    stats: dict[str, float]  # monitors (teacher entropy, feature std, ...)
+    terms: dict[str, torch.Tensor]  # detached loss terms (0-d, on the device)
+    stats: dict[str, torch.Tensor]  # monitors (teacher entropy, feature std, ...); only when asked for
+
+
+@dataclass
+class MaskLayout:
+    """iBOT masks of the global crops, with the flat indices of the masked patches and their loss
+    weights computed on the host (by the collate, or here from CPU masks), so gathering the masked
+    tokens by index needs no device→host sync the way ``tokens[masks]`` does."""
+
+    masks: torch.Tensor  # [n_images, n_patches] bool, on the device
+    indices: torch.Tensor  # [n_masked] long: row-major positions (the order of tokens[masks])
+    weights: torch.Tensor  # [n_masked] float: 1 / (#masked patches of the image)
+
+    @property
+    def count(self) -> int:
+        return int(self.indices.shape[0])  # a shape: known on the host
+
+    def gather(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens.flatten(0, 1).index_select(0, self.indices)
+
+    @staticmethod
+    def from_batch(batch: dict[str, Any], device: torch.device) -> MaskLayout:
+        masks = batch["collated_masks"].flatten(1).bool()
+        idx, weights = batch.get("mask_indices_list"), batch.get("masks_weight")
+        if idx is None or weights is None:
+            host = masks.cpu()  # no-op (no sync) for the loaders' CPU masks
+            idx = host.flatten().nonzero().flatten()
+            weights = masked_patch_weights(host)
+        return MaskLayout(masks.to(device, non_blocking=True), idx.to(device, non_blocking=True),
+                          weights.to(device, non_blocking=True))
 
 
 class SSLMetaArch(nn.Module):
-    def __init__(self, model: ModelConfig, head: HeadConfig, loss: LossConfig, global_crop_size: int):
+    """``teacher_source``: a frozen teacher (``backbone`` + heads, see dinov2.train.distill) that
+    produces the targets instead of the EMA teacher; ``self.teacher`` is then the student's EMA."""
+
+    def __init__(self, model: ModelConfig, head: HeadConfig, loss: LossConfig, global_crop_size: int,
+                 teacher_source: nn.ModuleDict | None = None):
         super().__init__()
         self.loss_cfg = loss
         self.use_ibot = loss.ibot_weight > 0
@@ -117,8 +145,6 @@ class SSLMetaArch(nn.Module):
         self.student = make(model.drop_path_rate)
         self.teacher = make(0.0)  # the teacher never drops paths
         if model.pretrained:
-            from dinov2.models.checkpoint import load_pretrained
-
             pre = load_pretrained(model.pretrained)
             missing, unexpected = self.student["backbone"].load_state_dict(pre.state_dict(), strict=False)
             if unexpected or [k for k in missing if "mask_token" not in k]:
@@ -130,9 +156,13 @@ class SSLMetaArch(nn.Module):
 
         self.dino_loss = DINOLoss(loss.student_temp)
         self.ibot_loss = iBOTPatchLoss(loss.student_temp)
-        self.koleo_loss = KoLeoLoss()
+        self.koleo_loss = KoLeoLoss(lazy_guards=True)
+        self.frozen_teacher = teacher_source  # not in checkpoints: rebuilt from its file on every start
+        if teacher_source is not None:
+            teacher_source.eval()
+            teacher_source.requires_grad_(False)
         self.centers = nn.ModuleDict()
-        if loss.centering == "softmax":
+        if loss.centering == Centering.softmax:
             self.centers["dino"] = SoftmaxCenter(head.dino_out_dim, loss.center_momentum)
             if self.use_ibot:
                 out = head.ibot_out_dim if self.separate_ibot_head else head.dino_out_dim
@@ -150,7 +180,7 @@ class SSLMetaArch(nn.Module):
 
     # ---------------------------------------------------------------- targets
     def _center(self, name: str, logits: torch.Tensor, temp: float) -> torch.Tensor:
-        if self.loss_cfg.centering == "sinkhorn_knopp":
+        if self.loss_cfg.centering == Centering.sinkhorn_knopp:
             return sinkhorn_knopp(logits, temp, self.loss_cfg.sinkhorn_iterations)
         center = self.centers[name]
         probs = center.probs(logits, temp)
@@ -158,14 +188,11 @@ class SSLMetaArch(nn.Module):
         return probs
 
     @torch.no_grad()
-    def _teacher_targets(self, global_crops: torch.Tensor, masks: torch.Tensor | None, temp: float):
-        # Distillation (dinov2.train.distill) attaches a frozen large teacher; self.teacher is then
-        # the student's EMA and only the frozen teacher produces targets.
-        teacher = getattr(self, "frozen_teacher", None)
-        teacher = self.teacher if teacher is None else teacher
+    def _teacher_targets(self, global_crops: torch.Tensor, masks: MaskLayout | None, temp: float):
+        teacher = self.teacher if self.frozen_teacher is None else self.frozen_teacher
         out = teacher["backbone"](global_crops, is_training=True)
         cls = out["x_norm_clstoken"]
-        masked = out["x_norm_patchtokens"][masks] if masks is not None else None
+        masked = masks.gather(out["x_norm_patchtokens"]) if masks is not None else None
         if masked is not None and not self.separate_ibot_head:
             # One head call for CLS and masked patches (shared head), then split.
             cls_logits, patch_logits = teacher["dino_head"](torch.cat([cls, masked]), split_at=cls.shape[0])
@@ -177,7 +204,7 @@ class SSLMetaArch(nn.Module):
         return cls, cls_probs, patch_probs
 
     # ------------------------------------------------------------------- step
-    def forward_loss(self, batch: dict[str, Any], teacher_temp: float) -> StepOutput:
+    def forward_loss(self, batch: dict[str, Any], teacher_temp: float, with_stats: bool = True) -> StepOutput:
         device = next(self.student.parameters()).device
         global_crops = batch["collated_global_crops"].to(device, non_blocking=True)
         local_crops = batch.get("collated_local_crops")
@@ -190,19 +217,17 @@ class SSLMetaArch(nn.Module):
             raise ValueError(f"global crops batch {global_crops.shape[0]} is not 2 × batch size")
         B = global_crops.shape[0] // n_global
         n_local = local_crops.shape[0] // B if local_crops is not None else 0
-        masks = None
-        if self.use_ibot:
-            masks = batch["collated_masks"].to(device, non_blocking=True).flatten(1).bool()
+        masks = MaskLayout.from_batch(batch, device) if self.use_ibot else None
 
         with self._autocast(device):
             t_cls, t_cls_probs, t_patch_probs = self._teacher_targets(global_crops, masks, teacher_temp)
 
             images = [global_crops] + ([local_crops] if local_crops is not None else [])
-            mask_list = [masks] + ([None] if local_crops is not None else [])
+            mask_list = [masks.masks if masks is not None else None] + ([None] if local_crops is not None else [])
             outs = self.student["backbone"](images, mask_list, is_training=True)
             s_cls_g = outs[0]["x_norm_clstoken"]
             s_cls_all = torch.cat([s_cls_g] + ([outs[1]["x_norm_clstoken"]] if local_crops is not None else []))
-            s_masked = outs[0]["x_norm_patchtokens"][masks] if masks is not None else None
+            s_masked = masks.gather(outs[0]["x_norm_patchtokens"]) if masks is not None else None
             if s_masked is not None and not self.separate_ibot_head:
                 s_cls_logits, s_patch_logits = self.student["dino_head"](torch.cat([s_cls_all, s_masked]),
                                                                          split_at=s_cls_all.shape[0])
@@ -218,9 +243,9 @@ class SSLMetaArch(nn.Module):
             terms["dino_loss"] = dino.detach()
             total = total + self.loss_cfg.dino_weight * dino
         if self.use_ibot:
-            weights = masked_patch_weights(masks)
-            if s_patch_logits.shape[0] > 0:
-                ibot = self.ibot_loss(s_patch_logits.float(), t_patch_probs, weights, n_images=masks.shape[0])
+            if masks.count > 0:
+                ibot = self.ibot_loss(s_patch_logits.float(), t_patch_probs, masks.weights,
+                                      n_images=masks.masks.shape[0])
             else:  # no masked patch on this rank: keep the head in the graph with a zero term
                 ibot = s_patch_logits.float().sum() * 0.0
             terms["ibot_loss"] = ibot.detach()
@@ -231,15 +256,17 @@ class SSLMetaArch(nn.Module):
             total = total + self.loss_cfg.koleo_weight * koleo
         terms["total_loss"] = total.detach()
 
-        with torch.no_grad():
-            stats = {
-                "teacher_entropy": mean_entropy(t_cls_probs),
-                "teacher_usage_entropy": prototype_usage_entropy(t_cls_probs),
-                "teacher_feature_std": feature_std(t_cls),
-                "student_feature_std": feature_std(s_cls_g),
-                "n_masked_patches": float(masks.sum()) if masks is not None else 0.0,
-                "max_entropy": math.log(t_cls_probs.shape[1]),
-            }
+        stats: dict[str, torch.Tensor] = {}
+        if with_stats:  # monitors cost kernels: only on the steps that log them
+            with torch.no_grad():
+                stats = {
+                    "teacher_entropy": mean_entropy(t_cls_probs),
+                    "teacher_usage_entropy": prototype_usage_entropy(t_cls_probs),
+                    "teacher_feature_std": feature_std(t_cls),
+                    "student_feature_std": feature_std(s_cls_g),
+                    "n_masked_patches": total.new_full((), float(masks.count if masks is not None else 0)),
+                    "max_entropy": total.new_full((), math.log(t_cls_probs.shape[1])),
+                }
         return StepOutput(total, terms, stats)
 
     def _autocast(self, device: torch.device):
@@ -263,8 +290,9 @@ class SSLMetaArch(nn.Module):
     def last_layer_params(self) -> list[nn.Parameter]:
         return [p for n, p in self.student.named_parameters() if "last_layer" in n]
 
-    def clip_gradients(self, max_norm: float) -> dict[str, float]:
-        """Clip each student module separately (as the reference); returns pre-clip norms."""
+    def clip_gradients(self, max_norm: float) -> dict[str, torch.Tensor]:
+        """Clip each student module separately (as the reference); returns pre-clip norms (0-d
+        tensors on the device: reading them is left to the trainer's sync steps)."""
         norms = {}
         for name, module in self.student.items():
             params = [p for p in module.parameters() if p.grad is not None]
@@ -276,7 +304,7 @@ class SSLMetaArch(nn.Module):
                 norm = torch.nn.utils.get_total_norm([p.grad for p in params])
             if hasattr(norm, "full_tensor"):
                 norm = norm.full_tensor()
-            norms[f"grad_norm_{name}"] = float(norm)
+            norms[f"grad_norm_{name}"] = norm
         return norms
 
 
@@ -285,13 +313,14 @@ def _checkpointed_forward(orig_forward, *args, **kwargs):
     return torch.utils.checkpoint.checkpoint(orig_forward, *args, use_reentrant=False, **kwargs)
 
 
-def parallelize(arch: SSLMetaArch, device: torch.device, precision: str, use_fsdp: bool,
+def parallelize(arch: SSLMetaArch, device: torch.device, precision: Precision | str, use_fsdp: bool,
                 activation_checkpointing: bool = False, compile_blocks: bool = False) -> None:
     """Move to ``device`` and apply AC → compile → FSDP2 (per block, then each root module)."""
     arch.to(device)
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    low = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    precision = Precision(precision)
+    if precision == Precision.auto:
+        precision = Precision.bf16 if device.type == "cuda" else Precision.fp32
+    low = {Precision.fp32: None, Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16}[precision]
 
     for part in (arch.student, arch.teacher):
         blocks = part["backbone"].blocks
