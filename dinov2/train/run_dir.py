@@ -6,6 +6,7 @@ rewritten) until the lock is held and the new config is known to fit the checkpo
 from __future__ import annotations
 
 import logging
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +33,9 @@ class ResumeConfigMismatch(ConfigError):
 
 
 def _effective(flat: dict[str, Any]) -> dict[str, Any]:
-    """Resolve defaults that hide a shape: img_size 0 means the global crop size."""
-    out = dict(flat)
+    """Resolve defaults that hide a shape: img_size 0 means the global crop size.  Enum members
+    compare by value (the saved YAML holds their strings)."""
+    out = {k: (v.value if isinstance(v, Enum) else v) for k, v in flat.items()}
     if not out.get("model.img_size"):
         out["model.img_size"] = out.get("data.crops.global_crops_size")
     return out
