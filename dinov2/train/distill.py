@@ -150,10 +150,13 @@ def load_frozen_teacher(cfg: TrainConfig, use_ibot: bool, separate_ibot_head: bo
     src = Path(d.teacher_checkpoint)
     heads: dict[str, dict[str, torch.Tensor]] = {}
     if src.is_dir():
-        from dinov2.train.checkpoint import read_checkpoint_tensors
+        from dinov2.train.checkpoint import read_checkpoint_tensors, resolve_checkpoint
+        from dinov2.train.run_weights import run_hints
 
         tensors = read_checkpoint_tensors(src, "teacher.")
-        backbone = load_pretrained({k[len("backbone."):]: v for k, v in tensors.items() if k.startswith("backbone.")})
+        # Head count / position-resize mode of the teacher run: its config, not the width's defaults.
+        backbone = load_pretrained({k[len("backbone."):]: v for k, v in tensors.items() if k.startswith("backbone.")},
+                                   **run_hints(resolve_checkpoint(src)))
         for name in ("dino_head", "ibot_head"):
             sub = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
             if sub:
