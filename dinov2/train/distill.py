@@ -149,7 +149,9 @@ def load_frozen_teacher(cfg: TrainConfig, use_ibot: bool, separate_ibot_head: bo
     d, h = cfg.distill, cfg.head
     src = Path(d.teacher_checkpoint)
     heads: dict[str, dict[str, torch.Tensor]] = {}
-    if src.is_dir():
+    from dinov2.models.formats.files import is_hf_folder
+
+    if src.is_dir() and not is_hf_folder(src):  # a run / checkpoint folder of ours (with heads)
         from dinov2.train.checkpoint import read_checkpoint_tensors, resolve_checkpoint
         from dinov2.train.run_weights import run_hints
 

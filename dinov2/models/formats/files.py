@@ -169,7 +169,9 @@ def hf_config_for(model: torch.nn.Module) -> dict[str, Any]:
         "hidden_size": int(model.embed_dim),
         "num_hidden_layers": len(model.blocks),
         "num_attention_heads": int(model.num_heads),
-        "mlp_ratio": hidden / model.embed_dim if not swiglu else 4.0,
+        # transformers 5 wants an int here (ViT-g's SwiGLU width 4096 comes from ratio 4).
+        "mlp_ratio": 4 if swiglu else (hidden // model.embed_dim if hidden % model.embed_dim == 0
+                                       else hidden / model.embed_dim),
         "hidden_act": "gelu",
         "hidden_dropout_prob": 0.0,
         "attention_probs_dropout_prob": 0.0,
@@ -182,6 +184,7 @@ def hf_config_for(model: torch.nn.Module) -> dict[str, Any]:
         "layerscale_value": 1.0,
         "drop_path_rate": 0.0,
         "use_swiglu_ffn": swiglu,
+        "use_mask_token": True,
         "torch_dtype": "float32",
     }
     if registers:
