@@ -129,7 +129,12 @@ def read_hf_folder(folder: str | Path) -> tuple[dict[str, Tensor], dict[str, Any
     config = read_hf_config(folder)
     hints, expect = hf_config_hints(config)
     if (folder / "model.safetensors").is_file():
-        state, _ = read_safetensors(folder / "model.safetensors")
+        state, metadata = read_safetensors(folder / "model.safetensors")
+        # Written by `dinov2 export`: the source model's own resize rule and eps reproduce it exactly.
+        _, recorded = metadata_to_hints(metadata, str(folder / "model.safetensors"))
+        if recorded.get("num_heads", hints.get("num_heads")) != hints.get("num_heads"):
+            raise WeightsFileError(f"{folder}: config.json and model.safetensors disagree on the head count")
+        hints.update(recorded)
     elif (folder / "model.safetensors.index.json").is_file():
         state = _read_sharded(folder, folder / "model.safetensors.index.json")
     elif (folder / "pytorch_model.bin").is_file():

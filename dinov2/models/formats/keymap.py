@@ -7,9 +7,7 @@ a guess: a key no rule matches is reported, not dropped.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
-
-from torch import Tensor
+from collections.abc import Iterable
 
 _FIELDS = {"i": r"(?P<i>\d+)", "p": r"(?P<p>weight|bias)"}
 
@@ -50,25 +48,3 @@ class KeyMap:
 
     def from_official(self, key: str) -> str | None:
         return self._apply(self._from_official, key)
-
-
-def rename_all(
-    state: Mapping[str, Tensor], rename, what: str, skip: Iterable[str] = ()
-) -> dict[str, Tensor]:
-    """``{rename(k): v}`` for every key not in ``skip``; unmapped keys and collisions are errors."""
-    skip = set(skip)
-    out: dict[str, Tensor] = {}
-    unmapped = []
-    for key, value in state.items():
-        if key in skip:
-            continue
-        new = rename(key)
-        if new is None:
-            unmapped.append(key)
-        elif new in out:
-            raise KeyMapError(f"{what}: two keys map to {new!r} (one of them is {key!r})")
-        else:
-            out[new] = value
-    if unmapped:
-        raise KeyMapError(f"{what}: keys that do not map to the backbone: {preview(unmapped)}")
-    return out
