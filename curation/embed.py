@@ -244,7 +244,8 @@ def load_embedder(cfg: EmbedderConfig) -> Embedder:
     cfg.validate()
     device = _resolve_device(cfg.device)
     # dinov2 weights may also be a folder (Hugging Face model folder, run or checkpoint folder).
-    if cfg.checkpoint and not (os.path.isfile(cfg.checkpoint) or (cfg.kind == "dinov2" and os.path.isdir(cfg.checkpoint))):
+    is_folder = cfg.kind == "dinov2" and bool(cfg.checkpoint) and os.path.isdir(cfg.checkpoint)
+    if cfg.checkpoint and not (os.path.isfile(cfg.checkpoint) or is_folder):
         raise EmbedError(f"{cfg.kind} checkpoint not found: {cfg.checkpoint}")
     if cfg.kind == "dinov2":
         from dinov2.models import load_pretrained  # the backbone package (loaded lazily)

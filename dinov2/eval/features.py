@@ -177,8 +177,8 @@ def _list_shards(shards: Sequence[str], require_labels: bool = True) -> LabeledS
             else:
                 skipped["no_label"] += 1
     if not items:
-        what = "labeled images" if require_labels else "images"
-        raise ValueError(f"no {what} in {len(shards)} shard(s) (labels go in <key>.cls or <key>.json)")
+        hint = " (labels go in <key>.cls or <key>.json)" if require_labels else ""
+        raise ValueError(f"no {'labeled ' if require_labels else ''}images in {len(shards)} shard(s){hint}")
     n_classes = max(i.label for i in items) + 1
     return LabeledSet(items, [str(i) for i in range(n_classes)], skipped)
 

@@ -347,7 +347,11 @@ def export_official(model: nn.Module) -> OrderedDict[str, Tensor]:
 
 
 def save_official(model: nn.Module, path: str | Path) -> Path:
-    """Write :func:`export_official` to ``path`` atomically (loadable by the official code)."""
+    """Write :func:`export_official` to ``path`` atomically (loadable by the official code).
+
+    A ``.pth`` cannot record the head count: use :func:`dinov2.models.export.export_weights`
+    (``.safetensors`` / HF), which refuses a ``.pth`` that would lose a non-default one.
+    """
     path = Path(path)
     state = export_official(model)
     with atomic_path(path) as tmp:
