@@ -243,7 +243,9 @@ def load_embedder(cfg: EmbedderConfig) -> Embedder:
     """Build the model described by ``cfg`` (once per task) on its device, in eval mode."""
     cfg.validate()
     device = _resolve_device(cfg.device)
-    if cfg.checkpoint and not os.path.isfile(cfg.checkpoint):
+    # dinov2 weights may also be a folder (Hugging Face model folder, run or checkpoint folder).
+    is_folder = cfg.kind == "dinov2" and bool(cfg.checkpoint) and os.path.isdir(cfg.checkpoint)
+    if cfg.checkpoint and not (os.path.isfile(cfg.checkpoint) or is_folder):
         raise EmbedError(f"{cfg.kind} checkpoint not found: {cfg.checkpoint}")
     if cfg.kind == "dinov2":
         from dinov2.models import load_pretrained  # the backbone package (loaded lazily)

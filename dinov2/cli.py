@@ -1,7 +1,8 @@
 """``dinov2`` console script.
 
     dinov2 train -c configs/train/tiny.yaml train.output_dir=runs/tiny key=value …
-    dinov2 export RUN_DIR_OR_CKPT OUT.pth          teacher backbone in the official layout
+    dinov2 export RUN_DIR_OR_CKPT OUT.pth [--format official|hf|timm]   teacher backbone (.safetensors too)
+    dinov2 features --weights W --input DIR_OR_SHARDS --out OUT [--format npy|parquet]
     dinov2 eval knn --weights W --train-dir D --val-dir D [--resize 256 --crop 224]
     dinov2 eval linear --weights W --train-dir D --val-dir D
 
@@ -55,25 +56,33 @@ def load_backbone_weights(path: str | Path) -> torch.nn.Module:
     """A plain backbone from a weights file or from a run/checkpoint folder's teacher."""
     from dinov2.models.checkpoint import load_pretrained
 
-    path = Path(path)
-    if path.is_dir():
-        from dinov2.train.checkpoint import load_teacher_backbone_state
-
-        # The architecture (and position-grid size) is inferred from the tensors themselves.
-        return load_pretrained(load_teacher_backbone_state(path))
+    # Run folders: the head count and position-resize mode come from the run's config.yaml.
     return load_pretrained(path)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from dinov2.models.checkpoint import export_official
-    from dinov2.utils.io import atomic_open
+    from dinov2.models.export import export_weights
 
-    model = load_backbone_weights(args.source)
-    state = export_official(model)
-    with atomic_open(args.out, "wb") as f:
-        torch.save(state, f)
-    n = sum(v.numel() for v in state.values())
-    print(f"wrote {args.out}: {len(state)} tensors, {n / 1e6:.2f}M parameters")
+    res = export_weights(load_backbone_weights(args.source), args.out, args.format)
+    for note in res.notes:
+        print(note, file=sys.stderr)
+    print(f"wrote {res.path} ({args.format}): {res.tensors} tensors, {res.parameters / 1e6:.2f}M parameters")
+    return 0
+
+
+def _cmd_features(args: argparse.Namespace) -> int:
+    from dinov2.eval.extract import ExtractConfig, extract_to_folder
+    from dinov2.models.checkpoint import load_pretrained
+
+    device = torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available()) or args.device == "cuda"
+                          else "cpu")
+    overrides = {"num_heads": args.num_heads} if args.num_heads else {}
+    model = load_pretrained(args.weights, **overrides).to(device)
+    cfg = ExtractConfig(resize_size=args.resize, crop_size=args.crop, batch_size=args.batch_size,
+                        num_workers=args.num_workers, patch=not args.cls_only, format=args.format)
+    res = extract_to_folder(model, args.input, args.out, cfg, device, weights=str(args.weights))
+    print(f"wrote {res.out_dir}: {res.written}/{res.images} images, dim {res.dim}, patch grid "
+          f"{res.grid[0]}x{res.grid[1]}" + (f", skipped {dict(res.bad)}" if res.bad else ""))
     return 0
 
 
@@ -130,10 +139,25 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.output_dir=runs/x")
     t.set_defaults(func=_cmd_train)
 
-    e = sub.add_parser("export", help="write the teacher backbone in the official single-file layout")
-    e.add_argument("source", help="run folder or checkpoint folder (ckpt/step_XXXXXX)")
-    e.add_argument("out", help="output .pth")
+    e = sub.add_parser("export", help="write a backbone (a run's teacher) for torch.hub, transformers or timm")
+    e.add_argument("source", help="run folder, checkpoint folder (ckpt/step_XXXXXX) or any weights load_pretrained reads")
+    e.add_argument("out", help="output .pth or .safetensors (official, timm) or folder (hf)")
+    e.add_argument("--format", default="official", choices=["official", "hf", "timm"])
     e.set_defaults(func=_cmd_export)
+
+    f = sub.add_parser("features", help="CLS + patch features of an image folder or shards (.npy / Parquet)")
+    f.add_argument("--weights", required=True, help="backbone file, HF folder or run/checkpoint folder")
+    f.add_argument("--input", required=True, help="image folder (recursive) or tar shards (folder, glob, {a..b})")
+    f.add_argument("--out", required=True, help="output folder")
+    f.add_argument("--format", default="npy", choices=["npy", "parquet"])
+    f.add_argument("--cls-only", action="store_true", help="skip the patch tokens")
+    f.add_argument("--resize", type=int, default=256)
+    f.add_argument("--crop", type=int, default=224)
+    f.add_argument("--batch-size", type=int, default=32)
+    f.add_argument("--num-workers", type=int, default=0)
+    f.add_argument("--num-heads", type=int, default=0, help="head count for a .pth that cannot record it")
+    f.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    f.set_defaults(func=_cmd_features)
 
     ev = sub.add_parser("eval", help="k-NN or linear evaluation on frozen features")
     evs = ev.add_subparsers(dest="kind", required=True)

@@ -64,9 +64,10 @@ def test_frozen_teacher_student_ema_checkpoint_and_export(tmp_path):
     assert not torch.equal(t["blocks.0.attn.qkv.weight"], s["blocks.0.attn.qkv.weight"])
     from dinov2.cli import main
 
-    assert main(["export", str(res.run_dir), str(tmp_path / "student_ema.pth")]) == 0
-    exported = load_pretrained(str(tmp_path / "student_ema.pth"))
-    assert exported.embed_dim == 64
+    # .safetensors: records the student's 2 heads (width 64 defaults to 1; a .pth is refused).
+    assert main(["export", str(res.run_dir), str(tmp_path / "student_ema.safetensors")]) == 0
+    exported = load_pretrained(str(tmp_path / "student_ema.safetensors"))
+    assert exported.embed_dim == 64 and exported.num_heads == 2
     assert torch.equal(exported.state_dict()["blocks.0.attn.qkv.weight"], t["blocks.0.attn.qkv.weight"])
 
 

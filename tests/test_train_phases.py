@@ -118,7 +118,7 @@ def test_two_phase_run_export_518_loss_continuity_and_resume_in_phase2(tmp_path)
     from dinov2.cli import main
     from dinov2.models.checkpoint import load_pretrained
 
-    pth = tmp_path / "final.pth"
+    pth = tmp_path / "final.safetensors"  # records the run's 2 heads (a .pth cannot: refused)
     assert main(["export", str(out), str(pth)]) == 0
     model = load_pretrained(str(pth))
     with torch.no_grad():

@@ -67,6 +67,7 @@ class Item:
     label: int
     offset: int = -1  # byte offset of the member's data in the tar (-1: plain file)
     size: int = -1
+    member: str = ""  # name inside the tar ("" for plain files)
 
 
 @dataclass
@@ -99,13 +100,8 @@ def _label_from_sidecar(ext: str, data: bytes) -> int:
     raise ValueError("json sidecar has no 'label' or 'cls'")
 
 
-def list_labeled(source: str | Path) -> LabeledSet:
-    """List an image folder with class sub-folders, or tar shards (a folder of .tar files, a file,
-    a glob or a brace pattern)."""
-    source = str(source)
+def _shard_paths(source: str) -> list[str]:
     p = Path(source)
-    if p.is_dir() and not any(p.glob("*.tar")):
-        return _list_folder(p)
     if p.is_dir():
         shards = sorted(str(x) for x in p.glob("*.tar"))
     else:
@@ -113,7 +109,30 @@ def list_labeled(source: str | Path) -> LabeledSet:
     missing = [s for s in shards if not os.path.isfile(s)]
     if missing:
         raise FileNotFoundError(f"labeled set: shard(s) not found: {missing[:3]}")
-    return _list_shards(shards)
+    return shards
+
+
+def list_labeled(source: str | Path) -> LabeledSet:
+    """List an image folder with class sub-folders, or tar shards (a folder of .tar files, a file,
+    a glob or a brace pattern)."""
+    source = str(source)
+    p = Path(source)
+    if p.is_dir() and not any(p.glob("*.tar")):
+        return _list_folder(p)
+    return _list_shards(_shard_paths(source))
+
+
+def list_images(source: str | Path) -> LabeledSet:
+    """Like :func:`list_labeled` without needing labels: every image of a folder (recursively, in
+    path order) or of tar shards; items carry their label when shards have one, else -1."""
+    source = str(source)
+    p = Path(source)
+    if p.is_dir() and not any(p.glob("*.tar")):
+        items = [Item(str(f), -1) for f in sorted(p.rglob("*")) if f.is_file() and f.suffix.lower() in IMAGE_EXTS]
+        if not items:
+            raise ValueError(f"{p}: no images found")
+        return LabeledSet(items, [])
+    return _list_shards(_shard_paths(source), require_labels=False)
 
 
 def _list_folder(root: Path) -> LabeledSet:
@@ -130,7 +149,7 @@ def _list_folder(root: Path) -> LabeledSet:
     return LabeledSet(items, classes)
 
 
-def _list_shards(shards: Sequence[str]) -> LabeledSet:
+def _list_shards(shards: Sequence[str], require_labels: bool = True) -> LabeledSet:
     items: list[Item] = []
     skipped: Counter = Counter()
     for shard in shards:
@@ -153,12 +172,13 @@ def _list_shards(shards: Sequence[str]) -> LabeledSet:
         except (tarfile.TarError, OSError, EOFError):
             skipped["truncated_tar"] += 1  # keep what was listed before the damage
         for key, m in images.items():
-            if key in labels:
-                items.append(Item(shard, labels[key], m.offset_data, m.size))
+            if key in labels or not require_labels:
+                items.append(Item(shard, labels.get(key, -1), m.offset_data, m.size, m.name))
             else:
                 skipped["no_label"] += 1
     if not items:
-        raise ValueError(f"no labeled images in {len(shards)} shard(s) (labels go in <key>.cls or <key>.json)")
+        hint = " (labels go in <key>.cls or <key>.json)" if require_labels else ""
+        raise ValueError(f"no {'labeled ' if require_labels else ''}images in {len(shards)} shard(s){hint}")
     n_classes = max(i.label for i in items) + 1
     return LabeledSet(items, [str(i) for i in range(n_classes)], skipped)
 

@@ -14,6 +14,10 @@ Understood layouts:
   ``student`` dict, ``teacher.`` / ``student.`` / ``backbone.`` / ``module.`` /
   ``_orig_mod.`` prefixes (heads are ignored), chunked ``blocks.<chunk>.<i>``.
 
+Beyond ``torch.save`` files it reads ``.safetensors`` files, Hugging Face folders
+(``config.json`` + ``model.safetensors`` / ``pytorch_model.bin``) and run / checkpoint folders; the
+key layout (official, HF, timm) is detected and converted by the adapters in :mod:`.formats`.
+
 :func:`export_official` writes the official flat layout back (same key names,
 order and shapes as the released files).
 """
@@ -33,6 +37,16 @@ import torch
 from torch import Tensor, nn
 
 from ..utils.io import atomic_path
+from .formats import KeyMapError, adapter, detect_format
+from .formats.files import (
+    WeightsFileError,
+    is_hf_folder,
+    is_safetensors,
+    metadata_to_hints,
+    read_hf_folder,
+    read_safetensors,
+)
+from .formats.official import OFFICIAL_KEY as _OFFICIAL_KEY
 from .vit import DinoVisionTransformer, default_num_heads
 
 # Wrapper keys of training checkpoints, in order of preference (the teacher is the model to evaluate).
@@ -42,13 +56,6 @@ WRAPPER_SEGMENTS = frozenset({"module", "_orig_mod", "_fsdp_wrapped_module", "_c
 
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
 _CHUNKED_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(\d+)\.")
-_OFFICIAL_KEY = re.compile(
-    r"^(cls_token|pos_embed|mask_token|register_tokens|patch_embed\.proj\.(weight|bias)|norm\.(weight|bias)"
-    r"|blocks\.\d+\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2|mlp\.w12|mlp\.w3)\.(weight|bias)"
-    r"|blocks\.\d+\.ls[12]\.gamma)$"
-)
-
-
 class CheckpointError(ValueError):
     """A checkpoint cannot be read or does not hold a ViT backbone we can build (message says why)."""
 
@@ -70,7 +77,8 @@ def read_checkpoint(path: str | Path) -> Any:
     # torch.save writes a zip archive (PK\x03\x04); pre-1.6 files are a raw pickle (protocol byte 0x80).
     if not head.startswith((b"PK\x03\x04", b"\x80")):
         raise CheckpointError(
-            f"{path}: not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle)"
+            f"{path}: not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle; "
+            "safetensors files must end in .safetensors)"
         )
     try:
         # DINO (2021) training checkpoints carry their argparse.Namespace; it is plain data.
@@ -214,17 +222,23 @@ def infer_architecture(state: Mapping[str, Tensor]) -> dict[str, Any]:
 
 
 def load_state_dict_strict(
-    model: nn.Module, state: Mapping[str, Tensor], allow_missing: tuple[str, ...] = (), assign: bool = False
+    model: nn.Module,
+    state: Mapping[str, Tensor],
+    allow_missing: tuple[str, ...] = (),
+    assign: bool = False,
+    source_key=None,
 ) -> None:
     """Load ``state`` into ``model`` after checking key sets and shapes; errors list every problem.
 
-    ``assign`` adopts the tensors (cast to float32 where needed) instead of copying them.
+    ``assign`` adopts the tensors (cast to float32 where needed) instead of copying them;
+    ``source_key`` maps an official key to the name it had in the file (for the messages).
     """
+    name = source_key or (lambda key: key)
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state and k not in allow_missing]
-    unexpected = [k for k in state if k not in expected]
+    missing = [name(k) for k in expected if k not in state and k not in allow_missing]
+    unexpected = [name(k) for k in state if k not in expected]
     mismatched = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        f"{name(k)}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
         for k, v in expected.items()
         if k in state and tuple(state[k].shape) != tuple(v.shape)
     ]
@@ -245,23 +259,59 @@ def load_state_dict_strict(
     model.load_state_dict(state, strict=False, assign=assign)
 
 
+def read_weights(path: str | Path) -> tuple[Any, dict[str, Any], dict[str, Any], str | None]:
+    """(raw state or checkpoint, constructor hints, values the shapes must agree with, layout or None).
+
+    Hints are what the tensors cannot show (head count, position-resize mode, LayerNorm eps); they
+    come from an HF ``config.json``, our safetensors metadata or a run folder's ``config.yaml``.
+    """
+    path = Path(path)
+    if path.is_dir():
+        if is_hf_folder(path):
+            state, hints, expect = read_hf_folder(path)
+            return state, hints, expect, "hf"
+        from ..train.run_weights import read_run_backbone  # run / checkpoint folder (DCP shards)
+
+        state, hints = read_run_backbone(path)
+        return state, hints, {}, "official"
+    if is_safetensors(path):
+        state, metadata = read_safetensors(path)
+        layout, hints = metadata_to_hints(metadata, str(path))
+        return state, hints, {}, layout
+    return read_checkpoint(path), {}, {}, None
+
+
+def _check_expected(kwargs: Mapping[str, Any], expect: Mapping[str, Any]) -> None:
+    wrong = [f"{k}: config {v} vs tensors {kwargs.get(k)}" for k, v in expect.items() if kwargs.get(k) != v]
+    if wrong:
+        raise CheckpointError("config.json does not match the tensors: " + "; ".join(wrong))
+
+
 def load_pretrained(
     path_or_state_dict: str | Path | Mapping[str, Any], **overrides: Any
 ) -> DinoVisionTransformer:
     """Build the backbone a checkpoint holds and load its weights (strict keys and shapes).
 
-    ``overrides`` are constructor kwargs applied on top of the inferred ones
-    (e.g. ``drop_path_rate=0.3``); overriding a shape-defining value that does
-    not fit the file raises :class:`CheckpointError`.  The model is returned in
-    eval mode, float32, on the CPU.
+    Accepts a ``.pth`` / ``.bin`` / ``.safetensors`` file, an HF folder, a run or checkpoint folder
+    or a state dict, in the official, HF or timm layout.  ``overrides`` are constructor kwargs
+    applied on top of the inferred ones (e.g. ``drop_path_rate=0.3``, or ``num_heads`` for a file
+    that cannot record it); overriding a shape-defining value that does not fit the file raises
+    :class:`CheckpointError`.  The model is returned in eval mode, float32, on the CPU.
     """
     source = path_or_state_dict
     from_file = isinstance(source, (str, Path))
-    raw = read_checkpoint(source) if from_file else source
     where = f"{source}: " if from_file else ""
     try:
+        if from_file:
+            raw, hints, expect, layout = read_weights(source)
+        else:
+            raw, hints, expect, layout = source, {}, {}, None
         state = normalize_state_dict(raw)
-        kwargs = {**infer_architecture(state), **overrides}
+        layout_adapter = adapter(layout or detect_format(state))
+        state, adapter_hints = layout_adapter.to_official(state)
+        # What the file records beats the layout's defaults; the caller's overrides beat both.
+        kwargs = {**infer_architecture(state), **adapter_hints, **hints, **overrides}
+        _check_expected(kwargs, expect)
         # Build without initialising (meta), then allocate: init of ViT-g takes minutes on a CPU.
         try:
             with torch.device("meta"):
@@ -273,11 +323,11 @@ def load_pretrained(
         allow_missing = ("mask_token",) if "mask_token" not in state else ()
         # Tensors read from a file are ours: adopt them instead of copying (halves peak memory for
         # ViT-g); a caller's dict is copied so the model never aliases it.
-        load_state_dict_strict(model, state, allow_missing, assign=from_file)
+        load_state_dict_strict(model, state, allow_missing, assign=from_file, source_key=layout_adapter.source_key)
         if allow_missing:
             with torch.no_grad():
                 model.mask_token.zero_()
-    except CheckpointError as exc:
+    except (CheckpointError, KeyMapError, WeightsFileError) as exc:
         raise CheckpointError(f"{where}{exc}") from exc
     return model.eval()
 
@@ -297,7 +347,11 @@ def export_official(model: nn.Module) -> OrderedDict[str, Tensor]:
 
 
 def save_official(model: nn.Module, path: str | Path) -> Path:
-    """Write :func:`export_official` to ``path`` atomically (loadable by the official code)."""
+    """Write :func:`export_official` to ``path`` atomically (loadable by the official code).
+
+    A ``.pth`` cannot record the head count: use :func:`dinov2.models.export.export_weights`
+    (``.safetensors`` / HF), which refuses a ``.pth`` that would lose a non-default one.
+    """
     path = Path(path)
     state = export_official(model)
     with atomic_path(path) as tmp:

@@ -50,8 +50,10 @@ import torch.distributed as dist
 from torch import nn
 
 from dinov2.models.checkpoint import load_pretrained
+from dinov2.models.formats.files import is_hf_folder
 from dinov2.models.head import DINOHead
-from dinov2.train.checkpoint import read_checkpoint_tensors
+from dinov2.train.checkpoint import read_checkpoint_tensors, resolve_checkpoint
+from dinov2.train.run_weights import run_hints
 from dinov2.train.config import TeacherHeads, TrainConfig
 
 log = logging.getLogger("dinov2.train.distill")
@@ -133,9 +135,11 @@ def _load_frozen_teacher(cfg: TrainConfig, use_ibot: bool, separate_ibot_head: b
     d, h = cfg.distill, cfg.head
     src = Path(d.teacher_checkpoint)
     heads: dict[str, dict[str, torch.Tensor]] = {}
-    if src.is_dir():
+    if src.is_dir() and not is_hf_folder(src):  # a run / checkpoint folder of ours (with heads)
         tensors = read_checkpoint_tensors(src, "teacher.")
-        backbone = load_pretrained({k[len("backbone."):]: v for k, v in tensors.items() if k.startswith("backbone.")})
+        # Head count / position-resize mode of the teacher run: its config, not the width's defaults.
+        backbone = load_pretrained({k[len("backbone."):]: v for k, v in tensors.items() if k.startswith("backbone.")},
+                                   **run_hints(resolve_checkpoint(src)))
         for name in ("dino_head", "ibot_head"):
             sub = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
             if sub:
