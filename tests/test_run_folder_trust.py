@@ -20,7 +20,7 @@ import torch
 from test_train_distributed import CONFIG, REPO, run, tiny_overrides
 
 from dinov2.train.checkpoint import CheckpointError, list_checkpoints, read_checkpoint_tensors
-from dinov2.train.safe_load import SafeLoadPlanner, UnsafeCheckpointError
+from dinov2.utils.safe_dcp import SafeLoadPlanner, UnsafeCheckpointError
 from dinov2.utils.config import ConfigError
 from dinov2.utils.lock import FolderLock, FolderLocked
 

@@ -24,9 +24,7 @@ order and shapes as the released files).
 
 from __future__ import annotations
 
-import argparse
 import math
-import pickle
 import re
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -45,8 +43,10 @@ from .formats.files import (
     metadata_to_hints,
     read_hf_folder,
     read_safetensors,
+    read_torch_file,
 )
 from .formats.official import OFFICIAL_KEY as _OFFICIAL_KEY
+from .run_folder import read_run_backbone
 from .vit import DinoVisionTransformer, default_num_heads
 
 # Wrapper keys of training checkpoints, in order of preference (the teacher is the model to evaluate).
@@ -67,39 +67,10 @@ def _preview(keys: list[str], limit: int = 8) -> str:
 
 def read_checkpoint(path: str | Path) -> Any:
     """``torch.load`` a file safely (``weights_only=True``), turning failures into :class:`CheckpointError`."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{path}: file is empty")
-    with path.open("rb") as f:
-        head = f.read(4)
-    # torch.save writes a zip archive (PK\x03\x04); pre-1.6 files are a raw pickle (protocol byte 0x80).
-    if not head.startswith((b"PK\x03\x04", b"\x80")):
-        raise CheckpointError(
-            f"{path}: not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle; "
-            "safetensors files must end in .safetensors)"
-        )
     try:
-        # DINO (2021) training checkpoints carry their argparse.Namespace; it is plain data.
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        text = str(exc).strip()
-        if "weights only load failed" not in text.lower():
-            raise CheckpointError(
-                f"{path}: not a readable PyTorch checkpoint (UnpicklingError: {text})"
-            ) from exc
-        unsupported = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-        what = f" such as {unsupported.group(1)}" if unsupported else ""
-        raise CheckpointError(
-            f"{path}: refused by torch.load(weights_only=True): it holds arbitrary Python objects{what}, "
-            "not just tensors; re-save it as a plain state dict"
-        ) from exc
-    except Exception as exc:  # torch.load raises many types on corrupt input (EOF, zip, index errors)
-        raise CheckpointError(
-            f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})"
-        ) from exc
+        return read_torch_file(path)
+    except WeightsFileError as exc:
+        raise CheckpointError(str(exc)) from exc
 
 
 def _strip_segments(key: str) -> str:
@@ -270,9 +241,7 @@ def read_weights(path: str | Path) -> tuple[Any, dict[str, Any], dict[str, Any],
         if is_hf_folder(path):
             state, hints, expect = read_hf_folder(path)
             return state, hints, expect, "hf"
-        from ..train.run_weights import read_run_backbone  # run / checkpoint folder (DCP shards)
-
-        state, hints = read_run_backbone(path)
+        state, hints = read_run_backbone(path)  # a run / checkpoint folder (DCP shards)
         return state, hints, {}, "official"
     if is_safetensors(path):
         state, metadata = read_safetensors(path)

@@ -12,7 +12,7 @@ Writing goes to ``step_X.tmp/``; rank 0 renames it after every rank has finished
 without the ``.tmp`` suffix is always complete and "latest complete checkpoint" is just the highest
 such step.  DCP reshards on load, so a run may resume on a different world size.
 
-Reading treats the folder as untrusted (``dinov2.train.safe_load``: allow-listed metadata
+Reading treats the folder as untrusted (``dinov2.utils.safe_dcp``: allow-listed metadata
 unpickler, ``weights_only`` everywhere) and checks it before use (:func:`verify_checkpoint`): a
 checkpoint whose files were truncated or lost after it was written is skipped, with a warning,
 for the newest intact one.
@@ -25,11 +25,9 @@ that resuming starts from a good one.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -47,136 +45,29 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from dinov2.train.distributed import barrier
-from dinov2.train.safe_load import (
-    DamagedCheckpointError,
-    SafeFileSystemReader,
-    SafeLoadPlanner,
-    UnsafeCheckpointError,
-    encode_rng_state,
-    load_rng_file,
-    read_dcp_metadata,
+from dinov2.utils.checkpoint_folder import (  # noqa: F401  (the read side, re-exported)
+    _STEP_RE,
+    META,
+    CheckpointError,
+    ckpt_root,
+    latest_checkpoint,
+    latest_intact_checkpoint,
+    list_checkpoints,
+    load_teacher_backbone_state,
+    quiet_single_process,
+    read_checkpoint_tensors,
+    read_meta,
+    resolve_checkpoint,
+    safe_dcp_load,
+    step_dir,
+    verify_checkpoint,
 )
 from dinov2.utils.io import atomic_write_json
+from dinov2.utils.safe_dcp import encode_rng_state, load_rng_file
 
 log = logging.getLogger(__name__)
-_STEP_RE = re.compile(r"^step_(\d+)$")
-META = "meta.json"
 VERIFIED = "verified.json"
 UNVERIFIED_SUFFIX = ".unverified"
-
-
-class CheckpointError(RuntimeError):
-    pass
-
-
-def ckpt_root(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "ckpt"
-
-
-def step_dir(run_dir: str | Path, step: int) -> Path:
-    return ckpt_root(run_dir) / f"step_{step:06d}"
-
-
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints (renamed and holding meta.json), oldest first."""
-    root = ckpt_root(run_dir)
-    if not root.is_dir():
-        return []
-    found = []
-    for p in root.iterdir():
-        m = _STEP_RE.match(p.name)
-        if m and p.is_dir() and (p / META).is_file():
-            found.append((int(m.group(1)), p))
-    return [p for _, p in sorted(found)]
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    ckpts = list_checkpoints(run_dir)
-    return ckpts[-1] if ckpts else None
-
-
-def verify_checkpoint(ckpt: str | Path) -> None:
-    """Raise :class:`CheckpointError` naming the file if a checkpoint folder is damaged.
-
-    Cheap structural checks (no tensor is read): ``meta.json`` parses; ``.metadata`` loads through
-    the allow-listed unpickler; every shard file it points to exists and is long enough for the
-    byte ranges it lists; every RNG file loads.  An :class:`UnsafeCheckpointError` (a file asking
-    for code) is raised as is: that is not damage to skip over.
-    """
-    ckpt = Path(ckpt)
-    try:
-        meta = json.loads((ckpt / META).read_text())
-        if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
-            raise ValueError("no integer 'step'")
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{ckpt / META}: damaged ({exc})") from None
-    try:
-        md = read_dcp_metadata(ckpt)
-    except (OSError, DamagedCheckpointError) as exc:
-        raise CheckpointError(str(exc)) from None
-    need: dict[str, int] = {}
-    for info in (getattr(md, "storage_data", None) or {}).values():
-        rel = str(getattr(info, "relative_path", ""))
-        if not rel or "/" in rel or rel.startswith("."):
-            raise CheckpointError(f"{ckpt / '.metadata'}: names a shard file outside the checkpoint: {rel!r}")
-        need[rel] = max(need.get(rel, 0), int(info.offset) + int(info.length))
-    for rel, size in sorted(need.items()):
-        f = ckpt / rel
-        have = f.stat().st_size if f.is_file() else -1
-        if have < size:
-            what = "missing" if have < 0 else f"truncated ({have} of {size} bytes)"
-            raise CheckpointError(f"{f}: {what}")
-    for rng_file in sorted(ckpt.glob("rng_rank*.pt")):
-        try:
-            load_rng_file(rng_file)
-        except DamagedCheckpointError as exc:
-            raise CheckpointError(str(exc)) from None
-
-
-def latest_intact_checkpoint(run_dir: str | Path, warn: bool = True) -> Path | None:
-    """The newest complete checkpoint that passes :func:`verify_checkpoint` (warns for each one
-    skipped).  Raises if checkpoints exist but none is intact: starting afresh would silently
-    overwrite the run."""
-    ckpts = list_checkpoints(run_dir)
-    problems = []
-    for ckpt in reversed(ckpts):
-        try:
-            verify_checkpoint(ckpt)
-        except CheckpointError as exc:
-            problems.append(str(exc))
-            if warn:
-                log.warning("checkpoint %s is damaged, skipped: %s", ckpt.name, exc)
-            continue
-        if problems and warn:
-            log.warning("using %s, the newest intact checkpoint", ckpt)
-        return ckpt
-    if problems:
-        raise CheckpointError(f"no intact checkpoint in {ckpt_root(run_dir)} (newest problem: {problems[0]}); "
-                              f"move the damaged step_* folders away to start this run afresh")
-    return None
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder (checked), or a run folder (→ its newest intact checkpoint)."""
-    path = Path(path)
-    if (path / META).is_file() and (path / ".metadata").is_file():
-        verify_checkpoint(path)
-        return path
-    latest = latest_intact_checkpoint(path)
-    if latest is None:
-        raise CheckpointError(f"no complete checkpoint found at {path} (expected a run folder with "
-                              f"ckpt/step_*/ or a step_* folder holding {META} and .metadata)")
-    return latest
-
-
-def read_meta(ckpt: str | Path) -> dict[str, Any]:
-    try:
-        meta = json.loads((Path(ckpt) / META).read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{Path(ckpt) / META}: damaged ({exc})") from None
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{Path(ckpt) / META}: damaged (not an object)")
-    return meta
 
 
 def remove_stale_tmp(run_dir: str | Path) -> None:
@@ -223,7 +114,7 @@ def save_checkpoint(run_dir: str | Path, step: int, arch, optimizer, meta: dict[
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
-    with _quiet_single_process():
+    with quiet_single_process():
         dcp.save(_app_state(arch, optimizer), checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
     torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
     barrier()
@@ -295,7 +186,7 @@ def load_checkpoint(ckpt: str | Path, arch, optimizer, load_optimizer: bool = Tr
         "teacher": get_model_state_dict(arch.teacher),
         "centers": arch.center_state_dict(),
     }
-    _safe_dcp_load(state, ckpt, no_dist=not dist.is_initialized())
+    safe_dcp_load(state, ckpt, no_dist=not dist.is_initialized())
     set_model_state_dict(arch.student, state["student"])
     set_model_state_dict(arch.teacher, state["teacher"])
     if load_optimizer:
@@ -306,61 +197,6 @@ def load_checkpoint(ckpt: str | Path, arch, optimizer, load_optimizer: bool = Tr
     if rng_file.is_file():
         _apply_rng_states(load_rng_file(rng_file))
     return read_meta(ckpt)
-
-
-def _safe_dcp_load(state: dict[str, Any], ckpt: Path, no_dist: bool) -> None:
-    """``dcp.load`` through the safe reader and planner; damage becomes a CheckpointError."""
-    try:
-        with _quiet_single_process():
-            dcp.load(state, storage_reader=SafeFileSystemReader(str(ckpt)), planner=SafeLoadPlanner(),
-                     no_dist=no_dist)
-    except UnsafeCheckpointError:
-        raise
-    except Exception as exc:  # DCP wraps per-rank failures; keep the first line only
-        if isinstance(exc, CheckpointError):
-            raise
-        if "UnsafeCheckpointError" in str(exc):
-            raise UnsafeCheckpointError(f"{ckpt}: refused to load: {_first_line(exc)}") from None
-        raise CheckpointError(f"{ckpt}: cannot be loaded ({type(exc).__name__}: {_first_line(exc)})") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [ln for ln in str(exc).splitlines() if ln.strip()]
-    return lines[-1].strip() if lines else type(exc).__name__
-
-
-def read_checkpoint_tensors(ckpt: str | Path, prefix: str = "") -> dict[str, torch.Tensor]:
-    """Full (unsharded) tensors whose DCP key starts with ``prefix`` (prefix stripped), read in one
-    process without building the training model.  Keys look like ``teacher.backbone.norm.weight``,
-    ``student.dino_head.mlp.0.weight``, ``optimizer.state.<param>.exp_avg``, ``centers.dino``."""
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    ckpt = resolve_checkpoint(ckpt)
-    md = read_dcp_metadata(ckpt)
-    state: dict[str, torch.Tensor] = {}
-    for key, item in md.state_dict_metadata.items():
-        if key.startswith(prefix) and isinstance(item, TensorStorageMetadata):
-            state[key] = torch.empty(item.size, dtype=item.properties.dtype)
-    if not state:
-        raise CheckpointError(f"{ckpt} holds no tensors under {prefix!r}")
-    _safe_dcp_load(state, ckpt, no_dist=True)
-    return {k[len(prefix):]: v for k, v in state.items()}
-
-
-def load_teacher_backbone_state(ckpt: str | Path) -> dict[str, torch.Tensor]:
-    """Full teacher backbone weights of a run/checkpoint folder (used by ``dinov2 export``)."""
-    return read_checkpoint_tensors(ckpt, "teacher.backbone.")
-
-
-def _quiet_single_process():
-    """DCP warns that it runs in one process when no process group exists: that is intended here."""
-    import contextlib
-    import warnings
-
-    stack = contextlib.ExitStack()
-    stack.enter_context(warnings.catch_warnings())
-    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-    return stack
 
 
 def _fsync_dir(path: Path) -> None:

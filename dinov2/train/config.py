@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 from dinov2.data.loader import DataConfig
-from dinov2.models.vit import POS_EMBED_INITS
+from dinov2.models.config import ModelConfig  # noqa: F401  (the model section, composed here)
 from dinov2.run.config import Launcher, SlurmLauncherConfig
 from dinov2.utils.config import ConfigError, load_config
 
@@ -47,36 +47,6 @@ class TeacherHeads(str, Enum):
     auto = "auto"  # checkpoint when the source holds heads that fit, else random_frozen
     checkpoint = "checkpoint"
     random_frozen = "random_frozen"
-
-
-@dataclass
-class ModelConfig:
-    arch: str = "vit_small"  # vit_tiny | vit_small | vit_base | vit_large | vit_giant2
-    patch_size: int = 14
-    img_size: int = 0  # position grid size; 0 → the global crop size
-    # 0 / "" keep the arch's value (lets tiny configs shrink a named arch)
-    embed_dim: int = 0
-    depth: int = 0
-    num_heads: int = 0
-    ffn_layer: str = ""  # "" → arch default; mlp | swiglufused
-    layerscale: Optional[float] = 1.0e-5  # null → no LayerScale (original DINO)
-    num_register_tokens: int = 0
-    drop_path_rate: float = 0.3
-    drop_path_uniform: bool = True
-    # trunc_normal (reference, std 0.02) | sincos (2-D sin-cos start, still learned; MoCo v3 / MAE).
-    # Only the initial values differ: checkpoints keep the official layout either way.
-    pos_embed_init: str = "trunc_normal"
-    # Initialise the student (and teacher) backbone from a checkpoint (ours or official layout).
-    pretrained: str = ""
-
-    def errors(self) -> list[str]:
-        err = []
-        if self.pos_embed_init not in POS_EMBED_INITS:
-            err.append(f"model.pos_embed_init must be one of {'|'.join(POS_EMBED_INITS)}, "
-                       f"got {self.pos_embed_init!r}")
-        if self.patch_size <= 0:
-            err.append("model.patch_size must be > 0")
-        return err
 
 
 @dataclass

@@ -53,7 +53,7 @@ from dinov2.models.checkpoint import load_pretrained
 from dinov2.models.formats.files import is_hf_folder
 from dinov2.models.head import DINOHead
 from dinov2.train.checkpoint import read_checkpoint_tensors, resolve_checkpoint
-from dinov2.train.run_weights import run_hints
+from dinov2.models.run_folder import run_hints
 from dinov2.train.config import TeacherHeads, TrainConfig
 
 log = logging.getLogger("dinov2.train.distill")

@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from dinov2.eval.features import list_labeled
 from dinov2.train import checkpoint as ckpt_lib
 from dinov2.train.distributed import DistInfo, barrier, broadcast_object
 from dinov2.utils.config import ConfigError, flatten, to_dict, to_yaml
@@ -81,8 +82,6 @@ def _check_eval_sets(cfg: Any) -> None:
     ev = getattr(cfg, "eval", None)
     if ev is None or not (ev.every_n_steps > 0 or ev.at_end) or not (ev.train_dir and ev.val_dir):
         return
-    from dinov2.eval.features import list_labeled
-
     for key in ("train_dir", "val_dir"):
         try:
             list_labeled(getattr(ev, key))

@@ -32,48 +32,10 @@ from dinov2.loss.dino import DINOLoss
 from dinov2.loss.ibot import iBOTPatchLoss, masked_patch_weights
 from dinov2.loss.koleo import KoLeoLoss
 from dinov2.models.checkpoint import load_pretrained
+from dinov2.models.config import build_backbone  # noqa: F401  (re-exported for the trainer)
 from dinov2.models.head import DINOHead
-from dinov2.models.vit import ARCHITECTURES, DinoVisionTransformer, build_model
 from dinov2.train.config import Centering, HeadConfig, LossConfig, ModelConfig, Precision
 from dinov2.train.metrics import feature_std, mean_entropy, prototype_usage_entropy
-
-
-def build_backbone(cfg: ModelConfig, img_size: int, drop_path_rate: float) -> DinoVisionTransformer:
-    if cfg.arch not in ARCHITECTURES:
-        raise ValueError(f"model.arch {cfg.arch!r} is not one of {sorted(ARCHITECTURES)}")
-    kwargs: dict[str, Any] = dict(
-        img_size=cfg.img_size or img_size,
-        init_values=cfg.layerscale,
-        num_register_tokens=cfg.num_register_tokens,
-        drop_path_rate=drop_path_rate,
-        drop_path_uniform=cfg.drop_path_uniform,
-        pos_embed_init=cfg.pos_embed_init,
-    )
-    if cfg.ffn_layer:
-        kwargs["ffn_layer"] = cfg.ffn_layer
-    if cfg.embed_dim or cfg.depth or cfg.num_heads:
-        # Shrunk/widened variant of a named arch: start from the arch's shape, override fields.
-        shape = _ARCH_SHAPES[cfg.arch]
-        embed_dim = cfg.embed_dim or shape[0]
-        kwargs.update(
-            embed_dim=embed_dim,
-            depth=cfg.depth or shape[1],
-            num_heads=cfg.num_heads or (shape[2] if not cfg.embed_dim else max(1, embed_dim // 64)),
-        )
-        if cfg.arch == "vit_giant2" and "ffn_layer" not in kwargs:
-            kwargs["ffn_layer"] = "swiglufused"
-        return DinoVisionTransformer(patch_size=cfg.patch_size, **kwargs)
-    return build_model(cfg.arch, patch_size=cfg.patch_size, **kwargs)
-
-
-# (embed_dim, depth, heads) of the named architectures
-_ARCH_SHAPES = {
-    "vit_tiny": (192, 12, 3),
-    "vit_small": (384, 12, 6),
-    "vit_base": (768, 12, 12),
-    "vit_large": (1024, 24, 16),
-    "vit_giant2": (1536, 40, 24),
-}
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

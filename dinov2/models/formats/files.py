@@ -6,7 +6,10 @@ a file reproduces the model it came from exactly.
 """
 from __future__ import annotations
 
+import argparse
 import json
+import pickle
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -121,10 +124,45 @@ def hf_config_hints(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str
     return hints, expect
 
 
+def read_torch_file(path: str | Path) -> Any:
+    """``torch.load`` a file safely (``weights_only=True``), turning failures into :class:`WeightsFileError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsFileError(f"{path}: no such checkpoint file")
+    if path.stat().st_size == 0:
+        raise WeightsFileError(f"{path}: file is empty")
+    with path.open("rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive (PK\x03\x04); pre-1.6 files are a raw pickle (protocol byte 0x80).
+    if not head.startswith((b"PK\x03\x04", b"\x80")):
+        raise WeightsFileError(
+            f"{path}: not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle; "
+            "safetensors files must end in .safetensors)"
+        )
+    try:
+        # DINO (2021) training checkpoints carry their argparse.Namespace; it is plain data.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        text = str(exc).strip()
+        if "weights only load failed" not in text.lower():
+            raise WeightsFileError(
+                f"{path}: not a readable PyTorch checkpoint (UnpicklingError: {text})"
+            ) from exc
+        unsupported = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        what = f" such as {unsupported.group(1)}" if unsupported else ""
+        raise WeightsFileError(
+            f"{path}: refused by torch.load(weights_only=True): it holds arbitrary Python objects{what}, "
+            "not just tensors; re-save it as a plain state dict"
+        ) from exc
+    except Exception as exc:  # torch.load raises many types on corrupt input (EOF, zip, index errors)
+        raise WeightsFileError(
+            f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
 def read_hf_folder(folder: str | Path) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Any]]:
     """(state dict in HF names, constructor hints, expected shape values) of a transformers folder."""
-    from ..checkpoint import read_checkpoint  # the torch.load(weights_only=True) reader
-
     folder = Path(folder)
     config = read_hf_config(folder)
     hints, expect = hf_config_hints(config)
@@ -138,7 +176,7 @@ def read_hf_folder(folder: str | Path) -> tuple[dict[str, Tensor], dict[str, Any
     elif (folder / "model.safetensors.index.json").is_file():
         state = _read_sharded(folder, folder / "model.safetensors.index.json")
     elif (folder / "pytorch_model.bin").is_file():
-        state = read_checkpoint(folder / "pytorch_model.bin")
+        state = read_torch_file(folder / "pytorch_model.bin")
     else:
         raise WeightsFileError(f"{folder}: has config.json but none of {', '.join(HF_WEIGHTS)}")
     return state, hints, expect

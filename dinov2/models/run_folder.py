@@ -12,9 +12,12 @@ from typing import Any
 
 import torch
 import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
+from dinov2.models.config import ModelConfig, build_backbone
 from dinov2.models.formats.files import WeightsFileError
-from dinov2.train.checkpoint import CheckpointError, load_teacher_backbone_state, resolve_checkpoint
+from dinov2.utils.checkpoint_folder import CheckpointError, load_teacher_backbone_state, resolve_checkpoint
 
 log = logging.getLogger("dinov2.export")
 # The main config first: the high-resolution phase's config has the same backbone.
@@ -36,12 +39,6 @@ def find_run_config(ckpt: Path) -> Path | None:
 
 def backbone_hints(config_path: Path) -> dict[str, Any]:
     """Constructor values of the run's backbone that the tensors cannot show."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    from dinov2.train.config import ModelConfig
-    from dinov2.train.ssl_meta_arch import build_backbone
-
     try:
         raw = yaml.safe_load(config_path.read_text()) or {}
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
