@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "write":
             import json
 
-            from .write import format_funnel
+            from .funnel import format_funnel
 
             summary = json.loads((Path(cfg.output_dir) / "final" / "summary.json").read_text())
             print("[curate] funnel:\n" + format_funnel(summary["funnel"]), flush=True)

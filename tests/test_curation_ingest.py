@@ -12,7 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from curation.ingest import InputError, InputReader, expand_braces, expand_inputs, read_bytes, split_key
+from curation.ingest import InputReader, read_bytes
+from curation.inputs import InputError, expand_braces, expand_inputs
+from dinov2.data.shards import split_key
 from curation.phash import hamming, phash, phash_bits
 
 
