@@ -31,7 +31,8 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from curation.embed import EmbedderConfig, embed_shard, load_embedder
+from curation.embed import embed_shard
+from curation.embedders import EmbedderConfig, load_embedder
 from dinov2.data.decode import decode_image
 
 SIGN_DIGITS = REPO.parent / "shared" / "data" / "sign-digits"

@@ -18,7 +18,7 @@ from dinov2.utils.config import ConfigError, load_config
 
 from .decontaminate import DecontamConfig
 from .dedup import DedupConfig
-from .embed import EmbedderConfig
+from .embedders import EmbedderConfig
 from .ingest import DEFAULT_MAX_BYTES
 from .jobs import ExecutorConfig
 from .retrieve import METHODS as RETRIEVE_METHODS

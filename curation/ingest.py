@@ -29,12 +29,10 @@ read up to the damage; the rest becomes one ``truncated_tar`` item.
 """
 from __future__ import annotations
 
-import glob
 import json
 import os
 import re
 import stat
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 

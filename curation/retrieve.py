@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 
 from curation.hkmeans import HKMeansConfig, balanced_sample, hierarchical_kmeans, size_ratio
 from curation.index import IndexConfig, as_vectors, assign, build_index, kmeans
+from curation import layout
 from curation.store import EmbeddingStore, Vectors, list_sources, resolve_embedder
 from dinov2.utils.io import atomic_write_json, atomic_write_parquet
 
@@ -235,18 +236,17 @@ def retrieve_core(pool: Vectors | np.ndarray, candidates: np.ndarray | None, que
 
 
 def selection_path(out_dir: str | Path) -> Path:
-    return Path(out_dir) / "retrieve" / "selection.parquet"
+    return layout.retrieve_selection(out_dir)
 
 
 def candidate_mask(out_dir: str | Path, ids: np.ndarray) -> np.ndarray:
     """Pool rows kept by dedup and not contaminated (decontamination optional)."""
-    out_dir = Path(out_dir)
-    dedup_file = out_dir / "dedup" / "decisions.parquet"
+    dedup_file = layout.dedup_decisions(out_dir)
     if not dedup_file.exists():
         raise FileNotFoundError(f"retrieval needs the dedup decisions: {dedup_file} is missing (run dedup first)")
     dd = pq.read_table(dedup_file, columns=["id", "kept"]).to_pandas()
     keep = pd.Series(dd["kept"].to_numpy(), index=dd["id"].to_numpy()).reindex(ids).fillna(False).to_numpy(bool).copy()
-    dc_file = out_dir / "decontaminate" / "decisions.parquet"
+    dc_file = layout.decontaminate_decisions(out_dir)
     if dc_file.exists():
         dc = pq.read_table(dc_file, columns=["id", "contaminated"]).to_pandas()
         bad = pd.Series(dc["contaminated"].to_numpy(), index=dc["id"].to_numpy()).reindex(ids).fillna(False)
@@ -263,13 +263,13 @@ def run_retrieve(out_dir: str | Path, cfg: RetrieveConfig | None = None, *, over
     if out.exists() and not overwrite:
         log.info("retrieval already done: %s", out)
         return out
-    embedder = resolve_embedder(out_dir, "pool", cfg.embedder)
-    pool = EmbeddingStore(out_dir, "pool", embedder)
+    embedder = resolve_embedder(out_dir, layout.POOL, cfg.embedder)
+    pool = EmbeddingStore(out_dir, layout.POOL, embedder)
     mask = candidate_mask(out_dir, pool.ids)
     query_sets = []
-    for source in list_sources(out_dir, "query-"):
+    for source in list_sources(out_dir, layout.QUERY_PREFIX):
         qstore = EmbeddingStore(out_dir, source, embedder)
-        query_sets.append(QuerySet(source.removeprefix("query-"), qstore.vectors, qstore.ids))
+        query_sets.append(QuerySet(source.removeprefix(layout.QUERY_PREFIX), qstore.vectors, qstore.ids))
     res = retrieve_core(pool.vectors, mask, query_sets, cfg)
     ids = pool.ids[res.rows]
     table = pa.table({
@@ -282,7 +282,7 @@ def run_retrieve(out_dir: str | Path, cfg: RetrieveConfig | None = None, *, over
         "cluster": pa.array(res.cluster, pa.int64()),
         "hk_path": pa.array(res.hk_path.tolist(), pa.string()),
     })
-    atomic_write_json(out.parent / "clusters.json", dict(res.clusters, embedder=embedder))
+    atomic_write_json(layout.retrieve_clusters(out_dir), dict(res.clusters, embedder=embedder))
     atomic_write_parquet(out, table)
     log.info("retrieval: selected %d of %d candidates", res.clusters["selected"], len(ids))
     return out

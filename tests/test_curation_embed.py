@@ -21,16 +21,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).parent))
 import badcorpus
 
-from curation.embed import (
-    EMBED_SCHEMA,
-    EmbedderConfig,
-    EmbedError,
-    embed_shard,
-    embed_stage,
-    load_embedder,
-    preprocess,
-    task_shards,
-)
+from curation.embed import EMBED_SCHEMA, embed_shard, embed_stage, task_shards
+from curation.embedders import EmbedderConfig, EmbedError, load_embedder, preprocess
 from curation.ingest import read_bytes
 from dinov2.utils.config import ConfigError, load_config
 
@@ -245,15 +237,16 @@ _CHILD = textwrap.dedent(
     import os, signal, sys
     import numpy as np
     import curation.embed as E
+    import curation.embedders as M
     mode, pattern, out = sys.argv[1], sys.argv[2], sys.argv[3]
     if mode.startswith("kill-at-embed-"):  # SIGKILL in the middle of a shard (before its files)
-        real, calls, at = E.Embedder.embed, [0], int(mode.rsplit("-", 1)[1])
+        real, calls, at = M.Embedder.embed, [0], int(mode.rsplit("-", 1)[1])
         def embed(self, batch):
             calls[0] += 1
             if calls[0] == at:
                 os.kill(os.getpid(), signal.SIGKILL)
             return real(self, batch)
-        E.Embedder.embed = embed
+        M.Embedder.embed = embed
     elif mode.startswith("kill-in-save-"):  # SIGKILL half way through writing an .npy
         real_save, saves, at = np.save, [0], int(mode.rsplit("-", 1)[1])
         def save(f, arr, **kw):
@@ -263,7 +256,7 @@ _CHILD = textwrap.dedent(
                 os.kill(os.getpid(), signal.SIGKILL)
             return real_save(f, arr, **kw)
         np.save = save
-    E.embed_stage("pool", [pattern], {"eff": E.EmbedderConfig(**eval(sys.argv[4]))}, out, progress=False)
+    E.embed_stage("pool", [pattern], {"eff": M.EmbedderConfig(**eval(sys.argv[4]))}, out, progress=False)
     """
 )
 _CFG = {"kind": "efficientnet_lite0", "image_size": 64, "batch_size": 3, "device": "cpu"}

@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import write_embed_shard
 from curation.dedup import knn_graph
 from curation.index import (
     IndexConfig,
@@ -24,7 +25,6 @@ from curation.store import (
     StoreError,
     list_sources,
     resolve_embedder,
-    write_embed_shard,
 )
 
 

@@ -22,7 +22,7 @@ from curation.hkmeans import (
     split_budget,
 )
 from curation.retrieve import QuerySet, QuerySetConfig, RetrieveConfig, retrieve_core, run_retrieve
-from curation.store import write_embed_shard
+from conftest import write_embed_shard
 
 
 def imbalanced(seed: int = 0, d: int = 32) -> tuple[np.ndarray, np.ndarray]:

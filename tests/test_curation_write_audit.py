@@ -24,8 +24,8 @@ from curation.write import (
     finalize_write,
     plan_write,
     write_shards,
-    write_stage,
 )
+from conftest import write_all as write_stage
 from dinov2.utils.io import atomic_write_parquet
 
 
