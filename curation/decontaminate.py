@@ -25,9 +25,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curation.index import IndexConfig, as_vectors, build_index
 from curation import layout
-from curation.store import EmbeddingStore, Vectors, list_sources, resolve_embedder
+from curation.index import IndexConfig, build_index
+from curation.store import EmbeddingStore, Vectors, as_vectors, list_sources, resolve_embedder
 from dinov2.utils.io import atomic_write_json, atomic_write_parquet
 
 log = logging.getLogger(__name__)

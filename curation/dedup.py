@@ -35,8 +35,9 @@ import pyarrow as pa
 
 from curation import layout
 from curation.hash_edges import exact_edges, hamming64, phash_edges
-from curation.index import IndexConfig, as_vectors, assign, build_index, kmeans
-from curation.store import EmbeddingStore, Vectors, resolve_embedder
+from curation.index import IndexConfig, build_index
+from curation.kmeans import assign, kmeans
+from curation.store import EmbeddingStore, Vectors, as_vectors, resolve_embedder
 from dinov2.utils.io import atomic_write_json, atomic_write_parquet
 
 log = logging.getLogger(__name__)

@@ -31,10 +31,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curation.hkmeans import HKMeansConfig, balanced_sample, hierarchical_kmeans, size_ratio
-from curation.index import IndexConfig, as_vectors, assign, build_index, kmeans
 from curation import layout
-from curation.store import EmbeddingStore, Vectors, list_sources, resolve_embedder
+from curation.hkmeans import HKMeansConfig, balanced_sample, hierarchical_kmeans, size_ratio
+from curation.index import IndexConfig, build_index
+from curation.kmeans import assign, kmeans
+from curation.store import EmbeddingStore, Vectors, as_vectors, list_sources, resolve_embedder
 from dinov2.utils.io import atomic_write_json, atomic_write_parquet
 
 log = logging.getLogger(__name__)

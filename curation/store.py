@@ -82,6 +82,11 @@ class ArrayVectors:
         return normalize_rows(self._x if mask is None else self._x[mask])
 
 
+def as_vectors(v: Vectors | np.ndarray) -> Vectors:
+    """In-memory arrays wrapped as Vectors; Vectors pass through."""
+    return ArrayVectors(v) if isinstance(v, np.ndarray) else v
+
+
 class ShardedVectors:
     """Concatenation of memory-mapped ``.npy`` shards, addressed by global row."""
 

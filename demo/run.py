@@ -195,7 +195,6 @@ def main(argv: list[str] | None = None) -> int:
     _banner("6/6 writing the report")
     t = time.perf_counter()
     from demo.report import write_report
-
     from dinov2.cli import load_backbone_weights
     from dinov2.data.decode import decode_image
 

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from conftest import jpeg_bytes, write_embed_shard
 from PIL import Image
 
 from curation.decontaminate import DecontamConfig, decontaminate_core, run_decontaminate
@@ -29,7 +30,6 @@ from curation.dedup import (
     dedup_core,
     run_dedup,
 )
-from conftest import jpeg_bytes, write_embed_shard
 from curation.hash_edges import exact_edges, phash_edges
 from curation.store import EmbeddingStore
 

@@ -14,8 +14,8 @@ from PIL import Image
 
 from curation.ingest import InputReader, read_bytes
 from curation.inputs import InputError, expand_braces, expand_inputs
-from dinov2.data.shards import split_key
 from curation.phash import hamming, phash, phash_bits
+from dinov2.data.shards import split_key
 
 
 def _photo(name: str, size=None) -> Image.Image:

@@ -8,7 +8,6 @@ Measured on the dev VM: teacher 0.347, distilled 0.349, scratch 0.165 (k-NN top-
 from __future__ import annotations
 
 import pytest
-
 from conftest import import_bench
 
 

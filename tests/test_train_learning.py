@@ -8,7 +8,6 @@ trained teacher 0.247 (k = 10, 829 queries: one binomial standard error ≈ 0.01
 from __future__ import annotations
 
 import pytest
-
 from conftest import import_bench
 
 

@@ -272,7 +272,7 @@ def list_tar(path: str | os.PathLike, use_tarfile: bool = False) -> TarListing:
             members: list[Member] = []
             try:
                 for m in lister(raw, file_size):
-                    members.append(m)
+                    members.append(m)  # noqa: PERF402 - kept incrementally: damage ends the loop
             except _NeedsTarfile:
                 continue
             except TarDamage as exc:

@@ -22,7 +22,16 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from dinov2.data.decode import DecodeError, decode_image
-from dinov2.data.shards import RangeReader, ShardWriter, expand_braces, group_samples, is_image_ext, list_tar, read_range
+from dinov2.data.shards import (
+    RangeReader,
+    ShardWriter,
+    expand_braces,
+    group_samples,
+    is_image_ext,
+    list_tar,
+    read_range,
+)
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
