@@ -21,12 +21,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from curation.choices import Device, DType, EmbedderKind, Pooling, coerce
 from dinov2.utils.config import ConfigError
 
-KINDS = ("dinov2", "torchscript", "efficientnet_lite0")
-POOLINGS = ("cls", "cls_avgpool")
-DEVICES = ("auto", "cpu", "cuda")
-DTYPES = ("auto", "fp32", "bf16")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # The Lite models were trained in TF with (x*255 - 127) / 128: on ImageNet photos this
@@ -41,17 +38,17 @@ class EmbedError(RuntimeError):
 
 @dataclass
 class EmbedderConfig:
-    kind: str = "dinov2"  # dinov2 | torchscript | efficientnet_lite0
+    kind: EmbedderKind = EmbedderKind.dinov2
     checkpoint: str | None = None  # required for dinov2/torchscript; efficientnet: packaged weights if None
-    pooling: str = "cls"  # cls | cls_avgpool (dinov2 only)
+    pooling: Pooling = Pooling.cls  # cls_avgpool: dinov2 only
     image_size: int = 224  # model input side (square)
     resize_size: int | None = None  # shorter side before the center crop; None = image_size
     center_crop: bool = True  # False: squash the whole image to image_size × image_size
     mean: list[float] | None = None  # None: ImageNet statistics (Lite0: its TF training statistics)
     std: list[float] | None = None
     batch_size: int = 64
-    device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    device: Device = Device.auto
+    dtype: DType = DType.auto  # auto: bf16 on CUDA, fp32 on CPU
 
     def validate(self) -> None:
         """Cross-field checks (called by ``load_config`` and ``load_embedder``)."""
@@ -59,14 +56,10 @@ class EmbedderConfig:
         def bad(msg: str) -> ConfigError:
             return ConfigError(f"embedder config: {msg}")
 
-        if self.kind not in KINDS:
-            raise bad(f"kind {self.kind!r} not in {KINDS}")
-        if self.pooling not in POOLINGS:
-            raise bad(f"pooling {self.pooling!r} not in {POOLINGS}")
-        if self.device not in DEVICES:
-            raise bad(f"device {self.device!r} not in {DEVICES}")
-        if self.dtype not in DTYPES:
-            raise bad(f"dtype {self.dtype!r} not in {DTYPES}")
+        self.kind = coerce(EmbedderKind, self.kind, "kind")
+        self.pooling = coerce(Pooling, self.pooling, "pooling")
+        self.device = coerce(Device, self.device, "device")
+        self.dtype = coerce(DType, self.dtype, "dtype")
         if self.image_size < 8 or self.batch_size < 1:
             raise bad("image_size must be >= 8 and batch_size >= 1")
         if self.resize_size is not None and self.resize_size < self.image_size:

@@ -24,17 +24,18 @@ from typing import Protocol
 import faiss
 import numpy as np
 
+from curation.choices import IndexKind, Quantizer, UseGpu, coerce
 from curation.store import Vectors
 
 
 @dataclass
 class IndexConfig:
-    kind: str = "auto"  # auto | flat | ivf | ivfpq | ivf_gemm
+    kind: IndexKind = IndexKind.auto
     flat_max: int = 100_000  # auto: exact flat search below this many vectors
     nlist: int = 0  # 0 = auto (N / target_list_size within [4√N, 16√N])
     target_list_size: int = 64
     nprobe: int = 16
-    quantizer: str = "auto"  # auto (hnsw when nlist >= hnsw_min_nlist) | flat | hnsw
+    quantizer: Quantizer = Quantizer.auto  # auto: hnsw when nlist >= hnsw_min_nlist
     hnsw_min_nlist: int = 8192  # below this the torch flat quantizer beats HNSW (bench/RESULTS.md)
     hnsw_m: int = 32
     hnsw_ef_search: int = 0  # 0 = max(64, 4·nprobe)
@@ -43,7 +44,7 @@ class IndexConfig:
     two_level_min_nlist: int = 1024  # train nlist >= this with two-level k-means (O(n·√nlist))
     pq_m: int = 0  # 0 = auto (≈ dim/8 sub-quantizers of 8 bits)
     max_memory_gb: float = 8.0  # auto switches IVF-Flat -> IVF-PQ above this
-    use_gpu: str = "auto"  # auto | never | always
+    use_gpu: UseGpu = UseGpu.auto
     search_batch: int = 16384
     seed: int = 0
     # ivf_gemm (CPU default for N >= flat_max): clusters of ~gemm_list_size rows scanned with BLAS GEMMs
@@ -53,14 +54,11 @@ class IndexConfig:
     def validate(self) -> None:
         from dinov2.utils.config import ConfigError
 
-        if self.kind not in ("auto", "flat", "ivf", "ivfpq", "ivf_gemm"):
-            raise ConfigError(f"index.kind must be auto|flat|ivf|ivfpq|ivf_gemm, got '{self.kind}'")
+        self.kind = coerce(IndexKind, self.kind, "index.kind")
+        self.quantizer = coerce(Quantizer, self.quantizer, "index.quantizer")
+        self.use_gpu = coerce(UseGpu, self.use_gpu, "index.use_gpu")
         if self.gemm_list_size < 1 or self.gemm_train_per_centroid < 1:
             raise ConfigError("index.gemm_list_size and index.gemm_train_per_centroid must be >= 1")
-        if self.quantizer not in ("auto", "flat", "hnsw"):
-            raise ConfigError(f"index.quantizer must be auto|flat|hnsw, got '{self.quantizer}'")
-        if self.use_gpu not in ("auto", "never", "always"):
-            raise ConfigError(f"index.use_gpu must be auto|never|always, got '{self.use_gpu}'")
         if self.nprobe < 1 or self.search_batch < 1 or self.target_list_size < 1:
             raise ConfigError("index.nprobe, index.search_batch and index.target_list_size must be >= 1")
         if not 1 <= self.train_per_centroid <= 1024:

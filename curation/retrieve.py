@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curation import layout
+from curation.choices import RetrieveMethod, coerce
 from curation.hkmeans import HKMeansConfig, balanced_sample, hierarchical_kmeans, size_ratio
 from curation.index import IndexConfig, build_index
 from curation.kmeans import assign, kmeans
@@ -40,13 +41,11 @@ from dinov2.utils.io import atomic_write_json, atomic_write_parquet
 
 log = logging.getLogger(__name__)
 
-METHODS = ("auto", "sample", "cluster", "none")
-
 
 @dataclass
 class QuerySetConfig:
     name: str = ""  # query set name (the source is "query-<name>")
-    method: str = "auto"  # auto | sample | cluster | none
+    method: RetrieveMethod = RetrieveMethod.auto
     k: int = 0  # sample-based neighbours per query; 0 = RetrieveConfig.sample_k
     max_per_set: int = 0  # 0 = RetrieveConfig.max_per_set
 
@@ -55,7 +54,7 @@ class QuerySetConfig:
 class RetrieveConfig:
     embedder: str = ""  # "" = the only embedder present for the pool
     query_sets: list[QuerySetConfig] = field(default_factory=list)  # overrides; unlisted sets use defaults
-    default_method: str = "auto"
+    default_method: RetrieveMethod = RetrieveMethod.auto
     sample_min_queries: int = 1_000_000  # auto: sample-based for sets at least this large (DINOv2), else cluster
     sample_k: int = 4
     n_clusters: int = 0  # cluster-based k-means size; 0 = auto (~1 cluster per 50 candidates)
@@ -74,10 +73,8 @@ class RetrieveConfig:
         for qs in self.query_sets:
             if not qs.name:
                 raise ConfigError("retrieve.query_sets entries need a 'name'")
-            if qs.method not in METHODS:
-                raise ConfigError(f"retrieve.query_sets[{qs.name}].method must be one of {METHODS}")
-        if self.default_method not in METHODS:
-            raise ConfigError(f"retrieve.default_method must be one of {METHODS}")
+            qs.method = coerce(RetrieveMethod, qs.method, f"retrieve.query_sets.{qs.name}.method")
+        self.default_method = coerce(RetrieveMethod, self.default_method, "retrieve.default_method")
         if self.sample_k < 1 or self.per_cluster < 1 or self.max_per_set < 1:
             raise ConfigError("retrieve.sample_k, per_cluster and max_per_set must be >= 1")
         self.hkmeans.validate()
