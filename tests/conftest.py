@@ -19,18 +19,6 @@ def sign_digits() -> Path:
     return SIGN_DIGITS
 
 
-def import_bench(name: str):
-    """A module of bench/ (the learning tests run the benches at a small budget)."""
-    import importlib
-    import sys
-
-    sys.path.insert(0, str(REPO / "bench"))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(str(REPO / "bench"))
-
-
 # ----------------------------------------------------------------------------- photos and shards
 def skimage_photo(name: str, size: tuple[int, int] | None = None):
     """A real photo shipped with scikit-image (``astronaut``, ``coffee``, …) as RGB, optionally resized."""
