@@ -56,9 +56,7 @@ def written_image_ext(ext: str | None, data: bytes) -> str:
     return e if e in IMAGE_EXTENSIONS else "jpg"
 
 
-# --------------------------------------------------------------------------------------------
-# Patterns and keys
-# --------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------- patterns and keys
 _RANGE = re.compile(r"\{(-?\d+)\.\.(-?\d+)(?:\.\.-?\d+)?\}")
 
 
@@ -93,9 +91,7 @@ def split_key(member_name: str) -> tuple[str, str]:
     return member_name[:dot], member_name[dot + 1 :]
 
 
-# --------------------------------------------------------------------------------------------
-# Listing
-# --------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------- listing
 @dataclass(frozen=True)
 class Member:
     """One tar member: where its data lives.  ``kind`` is ``file`` for regular members."""
@@ -200,7 +196,7 @@ def _members_fast(raw, file_size: int) -> Iterator[Member]:
                     prefix = block[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
                     name = f"{prefix}/{name}"
             if flag in _KINDS:
-                yield Member(name, offset, 0, start, _KINDS[flag])
+                yield Member(name.rstrip("/") if flag == b"5" else name, start, 0, start, _KINDS[flag])
                 size = 0 if flag in (b"1", b"2") else size  # links carry no data blocks
             else:
                 if "size" in pax:
@@ -309,9 +305,7 @@ def group_samples(members: Iterable[Member]) -> list[Sample]:
     return list(samples.values())
 
 
-# --------------------------------------------------------------------------------------------
-# Byte ranges
-# --------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------- byte ranges
 class ShortRead(OSError):
     """The file ends inside the requested range (it shrank after it was listed)."""
 
@@ -373,9 +367,7 @@ class RangeReader:
         self.close()
 
 
-# --------------------------------------------------------------------------------------------
-# Writing
-# --------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------- writing
 class ShardWriter:
     """Writes an uncompressed tar atomically (it appears only when closed without error).
 
@@ -385,7 +377,6 @@ class ShardWriter:
         self.path = path
         self._stack = contextlib.ExitStack()
         self._tar: tarfile.TarFile | None = None
-        self.count = 0
 
     def __enter__(self) -> ShardWriter:  # noqa: PYI034 - py3.10 has no typing.Self
         from dinov2.utils.io import atomic_open
@@ -404,7 +395,6 @@ class ShardWriter:
         info.type = tarfile.REGTYPE
         assert self._tar is not None, "use ShardWriter as a context manager"
         self._tar.addfile(info, io.BytesIO(data))
-        self.count += 1
 
     def __exit__(self, *exc) -> bool | None:
         return self._stack.__exit__(*exc)
