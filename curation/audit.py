@@ -132,7 +132,7 @@ def _check_shards(final: Path, summary: dict, manifest: pd.DataFrame, decode: bo
             elif m.name in names:
                 c.fail(f"{name}: member {m.name!r} appears more than once")
             names.add(m.name)
-        samples = group_samples(listing.members)
+        samples = list(group_samples(listing.members))
         if len(samples) != entry.get("count"):
             c.fail(f"{name}: holds {len(samples)} samples, summary.json says {entry.get('count')}")
         if len(samples) != by_shard.get(name, 0):

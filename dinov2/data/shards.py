@@ -6,6 +6,7 @@ are images and how keys are formed.
 
 * Keys: a sample key is the member path without its *final* extension (``a/img.0001.jpg`` →
   ``a/img.0001``), unlike the ``webdataset`` package, which splits at the first dot of the basename.
+  The members of one sample are consecutive in the tar (the WebDataset convention).
 * Images: :data:`IMAGE_EXTENSIONS` is the one list; every reader accepts all of it (the decoder
   reads each format), and the writer names a member after its bytes' real format.
 * Only local, uncompressed tars are read: members are addressed by (offset, size) and read in
@@ -22,7 +23,8 @@ import tarfile
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import NamedTuple
 
 from braceexpand import braceexpand
 
@@ -92,9 +94,8 @@ def split_key(member_name: str) -> tuple[str, str]:
 
 
 # ---------------------------------------------------------------- listing
-@dataclass(frozen=True)
-class Member:
-    """One tar member: where its data lives.  ``kind`` is ``file`` for regular members."""
+class Member(NamedTuple):
+    """One tar member: where its data lives (a tuple: resume lists many shards' members)."""
 
     name: str
     offset: int  # of the data
@@ -277,32 +278,40 @@ def list_tar(path: str | os.PathLike, use_tarfile: bool = False) -> TarListing:
     raise AssertionError("unreachable: the tarfile lister handles every header type")
 
 
-@dataclass
 class Sample:
     """The members sharing one key; ``members`` maps the lower-cased extension to its member."""
 
-    key: str
-    members: dict[str, Member] = field(default_factory=dict)
+    __slots__ = ("key", "members")
+
+    def __init__(self, key: str, members: dict[str, Member] | None = None):
+        self.key = key
+        self.members = {} if members is None else members
 
     def image(self) -> tuple[str, Member] | None:
         for ext in IMAGE_EXTENSIONS:
-            if ext in self.members:
-                return ext, self.members[ext]
+            m = self.members.get(ext)
+            if m is not None:
+                return ext, m
         return None
 
 
-def group_samples(members: Iterable[Member]) -> list[Sample]:
-    """Regular members grouped by key, in order of first appearance (first member of an ext wins)."""
-    samples: dict[str, Sample] = {}
+def group_samples(members: Iterable[Member]) -> Iterator[Sample]:
+    """Runs of consecutive regular members sharing a key (the WebDataset convention), in tar order.
+
+    Within a sample the first member of an extension wins.  Samples are yielded as they end, so
+    listing a shard keeps nothing but its members alive (resume walks many shards)."""
+    sample: Sample | None = None
     for m in members:
         if m.kind != "file":
             continue
         key, ext = split_key(m.name)
-        sample = samples.get(key)
-        if sample is None:
-            sample = samples[key] = Sample(key)
+        if sample is None or key != sample.key:
+            if sample is not None:
+                yield sample
+            sample = Sample(key)
         sample.members.setdefault(ext.lower(), m)
-    return list(samples.values())
+    if sample is not None:
+        yield sample
 
 
 # ---------------------------------------------------------------- byte ranges
@@ -369,9 +378,7 @@ class RangeReader:
 
 # ---------------------------------------------------------------- writing
 class ShardWriter:
-    """Writes an uncompressed tar atomically (it appears only when closed without error).
-
-    Headers are fixed (mtime, mode, owner), so the same members always give the same bytes."""
+    """An uncompressed tar written atomically, with fixed headers: same members → same bytes."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = path
