@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(VPY) -m dinov2.demo $(DEMO_ARGS)
+	$(VPY) -m demo $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(VPY) -m pytest -q $(PYTEST_ARGS)

@@ -105,7 +105,8 @@ def resume_skip_rate(photo_files: list[Path], n_skip: int) -> tuple[float, int]:
     """Samples per second that a resuming stream fast-forwards (tar headers only, no decoding)."""
     import tempfile
 
-    from dinov2.data.webdataset import SampleStream, write_tar_shard
+    from dinov2.data.shards import write_shard
+    from dinov2.data.webdataset import SampleStream
 
     with tempfile.TemporaryDirectory() as tmp:
         per = -(-len(photo_files) // 8)
@@ -113,7 +114,7 @@ def resume_skip_rate(photo_files: list[Path], n_skip: int) -> tuple[float, int]:
         for s in range(8):
             members = [(f"sd/{f.parent.name}.{f.stem}.jpg", f.read_bytes()) for f in photo_files[s * per : (s + 1) * per]]
             shards.append(f"{tmp}/sd-{s:02d}.tar")
-            write_tar_shard(shards[-1], members)
+            write_shard(shards[-1], members)
         stream = SampleStream([shards], [1.0], seed=0, slot=0, num_slots=1, shuffle_buffer=1000)
         start = time.perf_counter()
         stream.skip(n_skip)

@@ -34,7 +34,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from curation.dedup import DedupConfig, dedup_core
-from curation.index import IndexConfig, kmeans
+from curation.index import IndexConfig
+from curation.kmeans import kmeans
 from curation.store import ShardedVectors
 
 DIM = 384

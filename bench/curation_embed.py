@@ -19,7 +19,6 @@ import argparse
 import io
 import platform
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -31,8 +30,10 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from curation.embed import EmbedderConfig, embed_shard, load_embedder
+from curation.embed import embed_shard
+from curation.embedders import EmbedderConfig, load_embedder
 from dinov2.data.decode import decode_image
+from dinov2.data.shards import write_shard
 
 SIGN_DIGITS = REPO.parent / "shared" / "data" / "sign-digits"
 
@@ -58,11 +59,7 @@ def real_photos(n: int) -> list[bytes]:
 
 
 def write_tar(path: Path, images: list[bytes]) -> None:
-    with tarfile.open(path, "w") as tf:
-        for i, data in enumerate(images):
-            info = tarfile.TarInfo(f"{i:09d}.jpg")
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
+    write_shard(path, [(f"{i:09d}.jpg", data) for i, data in enumerate(images)])
 
 
 def make_model(name: str, tmp: Path, image_size: int, batch_size: int) -> EmbedderConfig:

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tarfile
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,9 +27,11 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from dinov2.data.decode import DecodeError, decode_image
+from dinov2.data.shards import RangeReader, group_samples, is_image_ext, list_tar
 from dinov2.utils.io import atomic_write_text, sha256_file
 
-from .write import IMAGE_EXTS, STAGES, funnel_counts
+from . import layout
+from .funnel import STAGES, funnel_counts
 
 MAX_LISTED = 20  # offending items listed per check
 
@@ -96,14 +96,6 @@ def _check_manifest(manifest: pd.DataFrame) -> Check:
     return c
 
 
-def _group_members(names: list[str]) -> dict[str, list[str]]:
-    groups: dict[str, list[str]] = defaultdict(list)
-    for n in names:
-        base, _, ext = n.rpartition(".")
-        groups[base if base else n].append(ext)
-    return groups
-
-
 def _check_shards(final: Path, summary: dict, manifest: pd.DataFrame, decode: bool) -> Check:
     c = Check("shards")
     listed = {s["name"]: s for s in summary.get("shards", [])}
@@ -127,25 +119,29 @@ def _check_shards(final: Path, summary: dict, manifest: pd.DataFrame, decode: bo
         if sha != entry.get("sha256"):
             c.fail(f"{name}: sha256 {sha[:16]}… differs from summary.json {str(entry.get('sha256'))[:16]}…")
         try:
-            payloads: dict[str, bytes] = {}
-            with tarfile.open(path, mode="r:") as tf:
-                for m in tf:
-                    if not m.isfile():
-                        c.fail(f"{name}: member {m.name!r} is not a regular file")
-                        continue
-                    f = tf.extractfile(m)
-                    payloads[m.name] = f.read() if f is not None else b""
-        except (tarfile.TarError, OSError, EOFError) as exc:
-            c.fail(f"{name}: unreadable tar ({type(exc).__name__}: {exc})")
+            listing = list_tar(path)
+        except OSError as exc:
+            c.fail(f"{name}: unreadable ({exc})")
             continue
-        groups = _group_members(list(payloads))
-        if len(groups) != entry.get("count"):
-            c.fail(f"{name}: holds {len(groups)} samples, summary.json says {entry.get('count')}")
-        if len(groups) != by_shard.get(name, 0):
-            c.fail(f"{name}: holds {len(groups)} samples, the manifest assigns {by_shard.get(name, 0)}")
-        for key, exts in sorted(groups.items()):
-            images = [e for e in exts if e.lower() in IMAGE_EXTS]
-            if len(images) != 1 or "json" not in exts:
+        if listing.damage is not None:
+            c.fail(f"{name}: damaged tar ({listing.damage.reason}: {listing.damage.detail})")
+        names: set[str] = set()
+        for m in listing.members:
+            if m.kind != "file":
+                c.fail(f"{name}: member {m.name!r} is not a regular file ({m.kind})")
+            elif m.name in names:
+                c.fail(f"{name}: member {m.name!r} appears more than once")
+            names.add(m.name)
+        samples = list(group_samples(listing.members))
+        if len(samples) != entry.get("count"):
+            c.fail(f"{name}: holds {len(samples)} samples, summary.json says {entry.get('count')}")
+        if len(samples) != by_shard.get(name, 0):
+            c.fail(f"{name}: holds {len(samples)} samples, the manifest assigns {by_shard.get(name, 0)}")
+        reader = RangeReader(max_open=1)
+        for sample in sorted(samples, key=lambda x: x.key):
+            key, exts = sample.key, sample.members
+            images = [e for e in exts if is_image_ext(e)]
+            if len(images) != 1 or "json" not in exts or len(exts) != 2:
                 c.fail(f"{name}:{key}: members {sorted(exts)} (want one image + json)")
                 continue
             if (name, key) not in kept.index:
@@ -153,11 +149,17 @@ def _check_shards(final: Path, summary: dict, manifest: pd.DataFrame, decode: bo
                 continue
             seen.add((name, key))
             row = kept.loc[(name, key)]
-            data = payloads[f"{key}.{images[0]}"]
+            try:
+                image, meta_member = exts[images[0]], exts["json"]
+                data = reader.read(str(path), image.offset, image.size)
+                meta_bytes = reader.read(str(path), meta_member.offset, meta_member.size)
+            except OSError as exc:
+                c.fail(f"{name}:{key}: unreadable member ({exc})")
+                continue
             if hashlib.sha256(data).hexdigest() != row["sha256"]:
                 c.fail(f"{name}:{key}: image sha256 differs from the manifest ({row['id']})")
             try:
-                meta = json.loads(payloads[f"{key}.json"])
+                meta = json.loads(meta_bytes)
                 if meta.get("id") != row["id"]:
                     c.fail(f"{name}:{key}: json id {meta.get('id')!r} != manifest id {row['id']!r}")
             except (ValueError, UnicodeDecodeError) as exc:
@@ -167,6 +169,7 @@ def _check_shards(final: Path, summary: dict, manifest: pd.DataFrame, decode: bo
                     decode_image(data)
                 except DecodeError as exc:
                     c.fail(f"{name}:{key}: does not decode ({exc})")
+        reader.close()
     missing = [k for k in kept.index if k not in seen and k[0] in listed and (final / k[0]).is_file()]
     for shard, key in missing[:MAX_LISTED]:
         c.fail(f"{shard}:{key} ({kept.loc[(shard, key), 'id']}): kept in the manifest but absent from its shard")
@@ -192,7 +195,7 @@ def _check_inputs(manifest: pd.DataFrame, relisted: set[str] | None) -> Check:
 
 
 def _load_inputs_from_config(out_dir: Path) -> list[str] | None:
-    path = out_dir / "config.yaml"
+    path = layout.config_path(out_dir)
     if not path.is_file():
         return None
     import yaml
@@ -209,7 +212,7 @@ def relist_input_ids(inputs: list[str]) -> set[str]:
     # Shard ids follow the contract: s000000, s000001, … over the sorted, expanded input list.
     for i, path in enumerate(expand_inputs(inputs)):
         with InputReader(path) as reader:
-            ids.update(f"pool/s{i:06d}/{item.id_key}" for item in reader.items())
+            ids.update(f"{layout.POOL}/{layout.shard_id(i)}/{item.id_key}" for item in reader.items())
     return ids
 
 
@@ -221,20 +224,20 @@ def audit(
 ) -> AuditReport:
     """Audit ``out_dir``; write ``out_dir/final/audit.txt``; return the report."""
     out_dir = Path(out_dir)
-    final = out_dir / "final"
+    final = layout.final_dir(out_dir)
     checks: list[Check] = []
     head = Check("outputs present")
     summary, manifest = None, None
     try:
-        summary = json.loads((final / "summary.json").read_text())
+        summary = json.loads(layout.summary(out_dir).read_text())
     except FileNotFoundError:
-        head.fail(f"{final / 'summary.json'} is missing (did the write stage finish?)")
+        head.fail(f"{layout.summary(out_dir)} is missing (did the write stage finish?)")
     except ValueError as exc:
         head.fail(f"summary.json is not valid JSON: {exc}")
     try:
-        manifest = pq.read_table(final / "manifest.parquet").to_pandas()
+        manifest = pq.read_table(layout.manifest(out_dir)).to_pandas()
     except FileNotFoundError:
-        head.fail(f"{final / 'manifest.parquet'} is missing (did the write stage finish?)")
+        head.fail(f"{layout.manifest(out_dir)} is missing (did the write stage finish?)")
     except Exception as exc:  # noqa: BLE001 - a damaged manifest is a finding, not a crash
         head.fail(f"manifest.parquet is unreadable: {exc}")
     checks.append(head)
@@ -254,5 +257,5 @@ def audit(
         checks.append(fc)
     report = AuditReport(str(out_dir), checks)
     if final.is_dir():
-        atomic_write_text(final / "audit.txt", report.text())
+        atomic_write_text(layout.audit_report(out_dir), report.text())
     return report

@@ -62,9 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "write":
             import json
 
-            from .write import format_funnel
+            from . import layout
+            from .funnel import format_funnel
 
-            summary = json.loads((Path(cfg.output_dir) / "final" / "summary.json").read_text())
+            summary = json.loads(layout.summary(cfg.output_dir).read_text())
             print("[curate] funnel:\n" + format_funnel(summary["funnel"]), flush=True)
         return 0
     except (StageFailed, WriteError) as exc:

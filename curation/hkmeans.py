@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from curation.index import ArrayVectors, as_vectors, assign, kmeans, kmeans_array
-from curation.store import Vectors
+from curation.kmeans import assign, kmeans, kmeans_array
+from curation.store import ArrayVectors, Vectors, as_vectors
 
 log = logging.getLogger(__name__)
 

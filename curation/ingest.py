@@ -4,9 +4,9 @@ Input kinds (one input = one shard of a source):
 
 - **tar shard** (``*.tar``, uncompressed) as img2dataset/webdataset write it:
   ``{key}.jpg|png|webp…`` plus sidecars ``{key}.json`` (url, caption, …),
-  ``{key}.txt`` (caption), ``{key}.cls``.  The key is the member path minus its
-  *final* extension, so dotted keys (``a.b.c.jpg``) stay whole.  Members are read
-  in place with ``os.pread`` (never extracted); names are only ever used as keys.
+  ``{key}.txt`` (caption), ``{key}.cls``.  Keys, image extensions and the tar
+  listing are :mod:`dinov2.data.shards`' (dotted keys ``a.b.c.jpg`` stay whole).
+  Members are read in place (never extracted); names are only ever used as keys.
 - **image folder**: every regular file below it, recursively, in sorted order;
   hidden files and folders (leading ``.``) are ignored; ``x.json``/``x.txt``
   beside ``x.jpg`` are sidecars as in tars.
@@ -19,27 +19,29 @@ file that holds them and ``[byte_offset, byte_offset + byte_size)`` the range
 (the tar for tar members; the image file itself, offset 0, for folder and list
 items).  ``read_bytes(input_path, byte_offset, byte_size)`` reads them back.
 
+Names and sidecar text that are not valid UTF-8 (tar names with stray bytes, file
+names in another encoding, JSON with lone surrogate escapes) are stored escaped
+(:func:`curation.text.safe_text`); the real path stays on the item for reading.
+
 Problems found while listing become items with a ``reason`` (see ``REASONS``)
 instead of exceptions, so one bad member never stops a shard.  A damaged tar is
 read up to the damage; the rest becomes one ``truncated_tar`` item.
 """
 from __future__ import annotations
 
-import glob
 import json
 import os
 import re
 import stat
-import tarfile
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from dinov2.data.webdataset import expand_braces as _expand_braces
-from dinov2.data.webdataset import split_key
+from dinov2.data.shards import SIDECAR_EXTENSIONS, RangeReader, is_image_ext, list_tar, read_range, split_key
 
-IMAGE_EXTS = frozenset({"jpg", "jpeg", "jfif", "png", "webp", "bmp", "gif", "tif", "tiff"})
-META_EXTS = frozenset({"json", "txt", "cls"})
+from .inputs import InputError, expand_inputs, input_kind
+from .text import safe_text
+
+__all__ = ["InputError", "InputReader", "Item", "expand_inputs", "read_bytes"]  # expand_inputs: re-exported
 
 # Reasons produced while listing (decoding adds dinov2.data.decode.REASONS).
 REASONS = (
@@ -58,87 +60,6 @@ SIDE_CAR_MAX_BYTES = 1 << 20  # sidecars are small; a 1 GiB "json" is not metada
 DEFAULT_MAX_BYTES = 256 << 20  # encoded bytes per image read into memory
 TRUNCATED_KEY = "__truncated_tar__"
 UNREADABLE_KEY = "__unreadable_input__"
-
-
-class InputError(ValueError):
-    """An input pattern is missing, matches nothing, or is of an unsupported kind."""
-
-
-# ----------------------------------------------------------------------------- input lists
-
-
-def expand_braces(pattern: str) -> list[str]:
-    """Shell-style brace expansion (``a-{000..003}.tar``, ``{x,y}/*.tar``), shared with the trainer."""
-    try:
-        return _expand_braces(pattern)
-    except ValueError as exc:
-        raise InputError(f"bad input pattern {pattern!r}: {exc}") from None
-
-
-def input_kind(path: str | Path) -> str:
-    """``"tar"``, ``"folder"`` or ``"parquet"`` for an existing input; InputError otherwise."""
-    p = Path(path)
-    if p.is_dir():
-        return "folder"
-    name = p.name.lower()
-    if name.endswith(".tar") and p.is_file():
-        return "tar"
-    if name.endswith(".parquet") and p.is_file():
-        return "parquet"
-    if not p.exists():
-        raise InputError(f"input not found: {path}")
-    if name.endswith((".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")):
-        raise InputError(
-            f"compressed tar not supported: {path} (items are read in place by byte offset; "
-            "use uncompressed .tar shards)"
-        )
-    raise InputError(f"unsupported input {path}: expected a .tar shard, an image folder or a .parquet list")
-
-
-def expand_inputs(patterns: Iterable[str]) -> list[str]:
-    """Expand brace ranges and globs; return absolute, sorted, de-duplicated inputs.
-
-    Each result is a tar shard, an image folder or a Parquet list (with a ``path``
-    column).  A missing input, a glob matching nothing, or an unsupported kind
-    raises :class:`InputError` naming it (all missing ones are listed together).
-    """
-    if isinstance(patterns, (str, Path)):
-        patterns = [str(patterns)]
-    found: set[str] = set()
-    missing: list[str] = []
-    for pattern in patterns:
-        pattern = os.path.expanduser(str(pattern))
-        for candidate in expand_braces(pattern):
-            if glob.has_magic(candidate):
-                matches = glob.glob(candidate, recursive=True)
-                if not matches:
-                    missing.append(f"{candidate} (pattern matched nothing)")
-                found.update(os.path.abspath(m) for m in matches)
-            elif os.path.exists(candidate):
-                found.add(os.path.abspath(candidate))
-            else:
-                missing.append(candidate)
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" … and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise InputError(f"{len(missing)} input(s) missing: {shown}")
-    result = sorted(found)
-    for path in result:
-        if input_kind(path) == "parquet":
-            _check_parquet_list(path)
-    if not result:
-        raise InputError("no inputs given")
-    return result
-
-
-def _check_parquet_list(path: str) -> None:
-    import pyarrow.parquet as pq
-
-    try:
-        names = pq.read_schema(path).names
-    except Exception as exc:  # noqa: BLE001 - any parse failure is a bad input list
-        raise InputError(f"cannot read Parquet list {path}: {exc}") from None
-    if "path" not in names:
-        raise InputError(f"Parquet list {path} has no 'path' column (columns: {', '.join(names)})")
 
 
 # ----------------------------------------------------------------------------- items
@@ -171,22 +92,7 @@ def is_unsafe_name(name: str) -> bool:
 
 def read_bytes(input_path: str, byte_offset: int, byte_size: int) -> bytes:
     """The original bytes of an item (as recorded in the embed parquet)."""
-    fd = os.open(input_path, os.O_RDONLY)
-    try:
-        return _pread_all(fd, byte_size, byte_offset)
-    finally:
-        os.close(fd)
-
-
-def _pread_all(fd: int, size: int, offset: int) -> bytes:
-    chunks, got = [], 0
-    while got < size:
-        chunk = os.pread(fd, size - got, offset + got)
-        if not chunk:
-            raise OSError(f"unexpected end of file at byte {offset + got} (wanted {size} bytes at {offset})")
-        chunks.append(chunk)
-        got += len(chunk)
-    return b"".join(chunks)
+    return read_range(input_path, byte_offset, byte_size)
 
 
 def _parse_sidecars(sidecars: dict[str, bytes]) -> tuple[str | None, str | None]:
@@ -229,7 +135,7 @@ class InputReader:
     def __init__(self, input_path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES):
         self.input_path = os.path.abspath(str(input_path))
         self.max_bytes = max_bytes
-        self._fd: int | None = None
+        self._reader = RangeReader(max_open=4)
         self._items: list[Item] | None = None
 
     def __enter__(self) -> InputReader:  # noqa: PYI034 - py3.10 has no typing.Self
@@ -239,9 +145,7 @@ class InputReader:
         self.close()
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        self._reader.close()
 
     # -- listing
     def items(self) -> list[Item]:
@@ -260,6 +164,8 @@ class InputReader:
                         self._items = self._parquet_items()
                 except Exception as exc:  # noqa: BLE001 - a bad input must never stop the job
                     self._items = [self._whole_input_error(f"{type(exc).__name__}: {exc}")]
+            for item in self._items:
+                _escape_text(item)
             _assign_unique_ids(self._items)
         return self._items
 
@@ -270,65 +176,24 @@ class InputReader:
         )
 
     def _tar_items(self) -> list[Item]:
-        self._fd = os.open(self.input_path, os.O_RDONLY)
-        file_size = os.fstat(self._fd).st_size
-        entries: list[_Entry] = []
-        damage: tuple[int, str, str] | None = None  # (offset, member name, detail)
-        with open(self.input_path, "rb") as f:
-            try:
-                tf = tarfile.open(fileobj=f, mode="r:")  # noqa: SIM115 - f is closed by the with
-            except (tarfile.TarError, EOFError, OSError) as exc:
-                if file_size == 0:
-                    return [self._whole_input_error("empty file (0 bytes)")]
-                if file_size < 512:
-                    damage = (0, "", f"file is {file_size} bytes, shorter than one tar header")
-                    return [self._truncated_item(*damage, file_size)]
-                return [self._whole_input_error(f"not a readable tar: {exc}")]
-            while True:
-                header_at = tf.offset
-                try:
-                    ti = tf.next()
-                except (tarfile.TarError, EOFError, OSError) as exc:
-                    damage = (header_at, "", f"damaged archive after byte {header_at}: {exc}")
-                    break
-                if ti is None:
-                    damage = self._check_end(f, tf.offset, file_size)
-                    break
-                name = ti.name
-                if ti.isreg() and not ti.issparse():
-                    if ti.offset_data + ti.size > file_size:
-                        damage = (
-                            ti.offset,
-                            name,
-                            f"member {name!r} needs bytes up to {ti.offset_data + ti.size}, file has {file_size}",
-                        )
-                        break
-                    entries.append(_Entry(name, "file", self.input_path, ti.offset_data, ti.size))
-                else:
-                    what = (
-                        "directory" if ti.isdir() else "symbolic link" if ti.issym() else
-                        "hard link" if ti.islnk() else "sparse file" if ti.issparse() else "special file"
-                    )
-                    entries.append(_Entry(name, "other", self.input_path, ti.offset, 0, what))
+        file_size = os.path.getsize(self.input_path)
+        if file_size == 0:
+            return [self._whole_input_error("empty file (0 bytes)")]
+        if file_size < 512:
+            return [self._truncated_item(0, "", f"file is {file_size} bytes, shorter than one tar header", file_size)]
+        listing = list_tar(self.input_path)
+        damage = listing.damage
+        if damage is not None and not listing.members and damage.reason == "tar_error":
+            return [self._whole_input_error(f"not a readable tar: {damage.detail}")]
+        entries = [
+            _Entry(m.name, "file" if m.kind == "file" else "other", self.input_path, m.offset, m.size,
+                   "" if m.kind == "file" else m.kind)
+            for m in listing.members
+        ]
         items = self._group(entries, tar=True)
         if damage is not None:
-            items.append(self._truncated_item(*damage, file_size))
+            items.append(self._truncated_item(damage.offset, "", damage.detail, file_size))
         return items
-
-    @staticmethod
-    def _check_end(f, offset: int, file_size: int) -> tuple[int, str, str] | None:
-        """tarfile stops silently on a bad header after the first member: tell a clean end
-        (a zero block) from a cut or damaged archive."""
-        remaining = file_size - offset
-        if remaining <= 0:
-            return (offset, "", "archive ends without the end-of-archive marker (cut at a member boundary)")
-        f.seek(offset)
-        block = f.read(512)
-        if len(block) < 512:
-            return (offset, "", f"archive ends inside a header ({remaining} bytes left)")
-        if block.count(0) == 512:
-            return None
-        return (offset, "", f"invalid tar header at byte {offset}")
 
     def _truncated_item(self, offset: int, member: str, detail: str, file_size: int) -> Item:
         return Item(
@@ -426,7 +291,7 @@ class InputReader:
                 out.append((pos, make("unsafe_member_name", f"member name {e.name!r} escapes the archive")))
             elif e.kind != "file":
                 out.append((pos, make("not_a_file", e.other_detail)))
-            elif low in IMAGE_EXTS:
+            elif is_image_ext(low):
                 if key in images:
                     first = out[images[key]][1].member
                     out.append((pos, make("duplicate_key", f"key {key!r} already used by {first!r}")))
@@ -435,7 +300,7 @@ class InputReader:
                     item = make(None, None)
                     self._check_size(item)
                     out.append((pos, item))
-            elif low in META_EXTS:
+            elif low in SIDECAR_EXTENSIONS:
                 sidecars.setdefault(key, {}).setdefault(low, e)  # first one wins
             else:
                 others.append((pos, e, key, ext))
@@ -464,9 +329,7 @@ class InputReader:
 
     # -- reading
     def _read_range(self, path: str, offset: int, size: int) -> bytes:
-        if self._fd is not None and path == self.input_path:
-            return _pread_all(self._fd, size, offset)
-        return read_bytes(path, offset, size)
+        return self._reader.read(path, offset, size)
 
     def read(self, item: Item) -> bytes:
         """The item's original bytes (raises OSError on I/O failure)."""
@@ -478,6 +341,14 @@ def _opt_str(cols: dict, name: str, row: int) -> str | None:
         return None
     value = cols[name][row]
     return None if value is None else str(value)
+
+
+def _escape_text(item: Item) -> None:
+    """Names and sidecar text as Parquet can store them (the real path stays for reading)."""
+    for name in ("key", "member", "url", "caption", "detail"):
+        value = getattr(item, name)
+        if value is not None:
+            setattr(item, name, safe_text(value))
 
 
 def _assign_unique_ids(items: list[Item]) -> None:

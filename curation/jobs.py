@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-CLUSTERS = ("local", "slurm", "debug")
+from curation.choices import Cluster, coerce
 
 
 @dataclass
 class ExecutorConfig:
-    cluster: str = "local"  # local | slurm | debug — never auto-detected
+    cluster: Cluster = Cluster.local  # never auto-detected
     shards_per_task: int = 1  # embed: input shards per array task
     write_tasks: int = 1  # write: array tasks over output shards (shard i → task i % n)
     timeout_min: int = 240
@@ -44,8 +44,7 @@ class ExecutorConfig:
     def validate(self) -> None:
         from dinov2.utils.config import ConfigError
 
-        if self.cluster not in CLUSTERS:
-            raise ConfigError(f"key 'executor.cluster': must be one of {CLUSTERS}, got {self.cluster!r}")
+        self.cluster = coerce(Cluster, self.cluster, "executor.cluster")
         for name in ("shards_per_task", "write_tasks", "timeout_min", "cpus_per_task", "mem_gb",
                      "array_parallelism", "gather_cpus_per_task", "gather_mem_gb"):
             if getattr(self, name) < 1:
@@ -79,7 +78,7 @@ def make_executor(cfg: ExecutorConfig, folder: str | Path, name: str, gather: bo
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    ex = submitit.AutoExecutor(folder=str(folder), cluster=cfg.cluster)
+    ex = submitit.AutoExecutor(folder=str(folder), cluster=str(cfg.cluster))
     params: dict[str, Any] = {
         "name": name,
         "timeout_min": cfg.timeout_min,

@@ -336,7 +336,7 @@ def run_pipeline(cfg: CurationConfig, stages: tuple[str, ...] = STAGES, audit: b
         for stage in stages:
             run_stage(cfg, stage, progress=progress)
     summary = json.loads((Path(cfg.output_dir) / "final" / "summary.json").read_text())
-    from .write import format_funnel
+    from .funnel import format_funnel
 
     print("[curate] funnel:\n" + format_funnel(summary["funnel"]), flush=True)
     if audit:

@@ -31,20 +31,21 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from curation import layout
+from curation.choices import RetrieveMethod, coerce
 from curation.hkmeans import HKMeansConfig, balanced_sample, hierarchical_kmeans, size_ratio
-from curation.index import IndexConfig, as_vectors, assign, build_index, kmeans
-from curation.store import EmbeddingStore, Vectors, list_sources, resolve_embedder
+from curation.index import IndexConfig, build_index
+from curation.kmeans import assign, kmeans
+from curation.store import EmbeddingStore, Vectors, as_vectors, list_sources, resolve_embedder
 from dinov2.utils.io import atomic_write_json, atomic_write_parquet
 
 log = logging.getLogger(__name__)
-
-METHODS = ("auto", "sample", "cluster", "none")
 
 
 @dataclass
 class QuerySetConfig:
     name: str = ""  # query set name (the source is "query-<name>")
-    method: str = "auto"  # auto | sample | cluster | none
+    method: RetrieveMethod = RetrieveMethod.auto
     k: int = 0  # sample-based neighbours per query; 0 = RetrieveConfig.sample_k
     max_per_set: int = 0  # 0 = RetrieveConfig.max_per_set
 
@@ -53,7 +54,7 @@ class QuerySetConfig:
 class RetrieveConfig:
     embedder: str = ""  # "" = the only embedder present for the pool
     query_sets: list[QuerySetConfig] = field(default_factory=list)  # overrides; unlisted sets use defaults
-    default_method: str = "auto"
+    default_method: RetrieveMethod = RetrieveMethod.auto
     sample_min_queries: int = 1_000_000  # auto: sample-based for sets at least this large (DINOv2), else cluster
     sample_k: int = 4
     n_clusters: int = 0  # cluster-based k-means size; 0 = auto (~1 cluster per 50 candidates)
@@ -72,10 +73,8 @@ class RetrieveConfig:
         for qs in self.query_sets:
             if not qs.name:
                 raise ConfigError("retrieve.query_sets entries need a 'name'")
-            if qs.method not in METHODS:
-                raise ConfigError(f"retrieve.query_sets[{qs.name}].method must be one of {METHODS}")
-        if self.default_method not in METHODS:
-            raise ConfigError(f"retrieve.default_method must be one of {METHODS}")
+            qs.method = coerce(RetrieveMethod, qs.method, f"retrieve.query_sets.{qs.name}.method")
+        self.default_method = coerce(RetrieveMethod, self.default_method, "retrieve.default_method")
         if self.sample_k < 1 or self.per_cluster < 1 or self.max_per_set < 1:
             raise ConfigError("retrieve.sample_k, per_cluster and max_per_set must be >= 1")
         self.hkmeans.validate()
@@ -235,18 +234,17 @@ def retrieve_core(pool: Vectors | np.ndarray, candidates: np.ndarray | None, que
 
 
 def selection_path(out_dir: str | Path) -> Path:
-    return Path(out_dir) / "retrieve" / "selection.parquet"
+    return layout.retrieve_selection(out_dir)
 
 
 def candidate_mask(out_dir: str | Path, ids: np.ndarray) -> np.ndarray:
     """Pool rows kept by dedup and not contaminated (decontamination optional)."""
-    out_dir = Path(out_dir)
-    dedup_file = out_dir / "dedup" / "decisions.parquet"
+    dedup_file = layout.dedup_decisions(out_dir)
     if not dedup_file.exists():
         raise FileNotFoundError(f"retrieval needs the dedup decisions: {dedup_file} is missing (run dedup first)")
     dd = pq.read_table(dedup_file, columns=["id", "kept"]).to_pandas()
     keep = pd.Series(dd["kept"].to_numpy(), index=dd["id"].to_numpy()).reindex(ids).fillna(False).to_numpy(bool).copy()
-    dc_file = out_dir / "decontaminate" / "decisions.parquet"
+    dc_file = layout.decontaminate_decisions(out_dir)
     if dc_file.exists():
         dc = pq.read_table(dc_file, columns=["id", "contaminated"]).to_pandas()
         bad = pd.Series(dc["contaminated"].to_numpy(), index=dc["id"].to_numpy()).reindex(ids).fillna(False)
@@ -263,13 +261,13 @@ def run_retrieve(out_dir: str | Path, cfg: RetrieveConfig | None = None, *, over
     if out.exists() and not overwrite:
         log.info("retrieval already done: %s", out)
         return out
-    embedder = resolve_embedder(out_dir, "pool", cfg.embedder)
-    pool = EmbeddingStore(out_dir, "pool", embedder)
+    embedder = resolve_embedder(out_dir, layout.POOL, cfg.embedder)
+    pool = EmbeddingStore(out_dir, layout.POOL, embedder)
     mask = candidate_mask(out_dir, pool.ids)
     query_sets = []
-    for source in list_sources(out_dir, "query-"):
+    for source in list_sources(out_dir, layout.QUERY_PREFIX):
         qstore = EmbeddingStore(out_dir, source, embedder)
-        query_sets.append(QuerySet(source.removeprefix("query-"), qstore.vectors, qstore.ids))
+        query_sets.append(QuerySet(source.removeprefix(layout.QUERY_PREFIX), qstore.vectors, qstore.ids))
     res = retrieve_core(pool.vectors, mask, query_sets, cfg)
     ids = pool.ids[res.rows]
     table = pa.table({
@@ -282,7 +280,7 @@ def run_retrieve(out_dir: str | Path, cfg: RetrieveConfig | None = None, *, over
         "cluster": pa.array(res.cluster, pa.int64()),
         "hk_path": pa.array(res.hk_path.tolist(), pa.string()),
     })
-    atomic_write_json(out.parent / "clusters.json", dict(res.clusters, embedder=embedder))
+    atomic_write_json(layout.retrieve_clusters(out_dir), dict(res.clusters, embedder=embedder))
     atomic_write_parquet(out, table)
     log.info("retrieval: selected %d of %d candidates", res.clusters["selected"], len(ids))
     return out

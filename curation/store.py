@@ -13,7 +13,6 @@ failing the whole stage.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +23,12 @@ import pandas as pd
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from curation import layout
+
 log = logging.getLogger(__name__)
 
 # Metadata columns the search stages need (others stay on disk).
 META_COLUMNS = ("id", "source", "shard_id", "sha256", "phash", "width", "height", "emb_row")
-_SHARD_RE = re.compile(r"^(s\d{6,})\.parquet$")
 
 
 class StoreError(RuntimeError):
@@ -80,6 +80,11 @@ class ArrayVectors:
 
     def load_all(self, mask: np.ndarray | None = None) -> np.ndarray:
         return normalize_rows(self._x if mask is None else self._x[mask])
+
+
+def as_vectors(v: Vectors | np.ndarray) -> Vectors:
+    """In-memory arrays wrapped as Vectors; Vectors pass through."""
+    return ArrayVectors(v) if isinstance(v, np.ndarray) else v
 
 
 class ShardedVectors:
@@ -154,13 +159,7 @@ class ShardProblem:
     reason: str
 
 
-def list_sources(out_dir: str | Path, prefix: str | None = None) -> list[str]:
-    """Sources with an embed folder (``pool``, ``eval-<name>``, ``query-<name>``), sorted."""
-    root = Path(out_dir) / "embed"
-    if not root.is_dir():
-        return []
-    names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    return [n for n in names if prefix is None or n == prefix or n.startswith(prefix)]
+list_sources = layout.sources  # kept under the name the stages use
 
 
 class EmbeddingStore:
@@ -180,15 +179,12 @@ class EmbeddingStore:
         metas: list[pd.DataFrame] = []
         dims: set[int] = set()
         for source in self.sources:
-            folder = self.out_dir / "embed" / source
+            folder = layout.embed_dir(self.out_dir, source)
             if not folder.is_dir():
                 raise StoreError(f"no embed outputs for source '{source}' (missing folder {folder})")
-            for pq_path in sorted(folder.iterdir()):
-                m = _SHARD_RE.match(pq_path.name)
-                if not m:
-                    continue
-                shard_id = m.group(1)
-                loaded = self._load_shard(source, shard_id, pq_path, folder / f"{shard_id}.{embedder}.npy")
+            for shard_id, pq_path in layout.embed_shards(self.out_dir, source):
+                npy = layout.embed_npy(self.out_dir, source, shard_id, embedder)
+                loaded = self._load_shard(source, shard_id, pq_path, npy)
                 if loaded is None:
                     continue
                 meta, npy, n_ok, dim = loaded
@@ -250,57 +246,10 @@ def resolve_embedder(out_dir: str | Path, source: str, name: str = "") -> str:
     """``name`` if given, else the single embedder whose ``.npy`` files exist for ``source``."""
     if name:
         return name
-    folder = Path(out_dir) / "embed" / source
-    found = set()
-    if folder.is_dir():
-        for p in folder.glob("s*.*.npy"):
-            parts = p.name.split(".")
-            if len(parts) >= 3:
-                found.add(".".join(parts[1:-1]))
+    found = layout.embedders_present(out_dir, source)
     if len(found) != 1:
         raise StoreError(
             f"cannot infer the embedder for source '{source}': found {sorted(found) or 'none'}; "
             "set the stage's 'embedder' option"
         )
     return found.pop()
-
-
-def write_embed_shard(out_dir: str | Path, source: str, shard_id: str, records: pd.DataFrame,
-                      embeddings: dict[str, np.ndarray]) -> Path:
-    """Write one shard in the ARCHITECTURE layout (tests and tools; embed.py has the real writer).
-
-    ``records`` needs ``key`` (and may give any other column); rows with
-    ``status == "ok"`` (default) get consecutive ``emb_row`` values and must match
-    the rows of each ``embeddings[name]`` array ([n_ok, D], stored as float16).
-    """
-    from dinov2.utils.io import atomic_save_npy, atomic_write_parquet
-
-    df = records.copy().reset_index(drop=True)
-    if "key" not in df.columns:
-        raise ValueError("records need a 'key' column")
-    n = len(df)
-    defaults = {"source": source, "shard_id": shard_id, "input_path": "", "member": None, "ext": "jpg",
-                "url": None, "caption": None, "sha256": None, "phash": None, "width": None, "height": None,
-                "orig_mode": "RGB", "status": "ok", "reason": None, "detail": None, "byte_offset": 0,
-                "byte_size": 0}
-    for col, val in defaults.items():
-        if col not in df.columns:
-            df[col] = [val] * n
-    df["status"] = df["status"].fillna("ok")
-    df["id"] = [f"{source}/{shard_id}/{k}" for k in df["key"]]
-    ok = (df["status"] == "ok").to_numpy()
-    df["emb_row"] = np.where(ok, np.cumsum(ok) - 1, -1).astype(np.int64)
-    df["phash"] = pd.array(df["phash"], dtype="Int64")
-    folder = Path(out_dir) / "embed" / source
-    for name, emb in embeddings.items():
-        emb = np.asarray(emb)
-        if emb.shape[0] != int(ok.sum()):
-            raise ValueError(f"embeddings '{name}' have {emb.shape[0]} rows for {int(ok.sum())} ok records")
-        emb = normalize_rows(emb).astype(np.float16)
-        atomic_save_npy(folder / f"{shard_id}.{name}.npy", emb)
-    cols = ["id", "source", "shard_id", "input_path", "member", "key", "ext", "url", "caption", "sha256",
-            "phash", "width", "height", "orig_mode", "status", "reason", "detail", "emb_row", "byte_offset",
-            "byte_size"]
-    path = folder / f"{shard_id}.parquet"
-    atomic_write_parquet(path, df[cols])
-    return path

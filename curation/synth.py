@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
-from dinov2.utils.io import atomic_open, atomic_write_bytes, atomic_write_json
+from dinov2.data.shards import ShardWriter, is_image_ext
+from dinov2.utils.io import atomic_write_bytes, atomic_write_json
 
 # scikit-image photos that ship inside the wheel (no download). Pure textures (brick, grass, gravel)
 # are left out: any two crops of a texture are near-duplicates, which would blur the ground truth.
@@ -34,7 +34,6 @@ _SKIMAGE_PHOTOS = (
     "astronaut", "camera", "chelsea", "clock", "coffee", "coins", "hubble_deep_field",
     "immunohistochemistry", "moon", "retina", "rocket", "cell", "colorwheel",
 )
-_IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 
 
 def load_photos(folder: str | Path | None = None, max_side: int = 640, limit: int | None = None):
@@ -44,7 +43,7 @@ def load_photos(folder: str | Path | None = None, max_side: int = 640, limit: in
         folder = Path(folder)
         if not folder.is_dir():
             raise FileNotFoundError(f"photo folder not found: {folder}")
-        for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in _IMAGE_EXTS):
+        for path in sorted(p for p in folder.rglob("*") if is_image_ext(p.suffix.lstrip("."))):
             try:
                 with Image.open(path) as im:
                     img = ImageOps.exif_transpose(im).convert("RGB")
@@ -156,15 +155,6 @@ def _junk(rng: np.random.Generator, i: int, sample_jpeg: bytes) -> tuple[str, by
     return "jpg", b"<html><body>404 Not Found</body></html>", kind
 
 
-def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0
-    info.mode = 0o644
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
-
-
 def build_crawl(photos, out_dir: str | Path, spec: CrawlSpec | None = None, seed: int = 0) -> dict:
     """Write the crawl, eval, query and held-out sets under ``out_dir``; return the truth dict."""
     spec = spec or CrawlSpec()
@@ -245,30 +235,29 @@ def build_crawl(photos, out_dir: str | Path, spec: CrawlSpec | None = None, seed
     for s in range(n_shards):
         idx = order[s * spec.images_per_shard : (s + 1) * spec.images_per_shard]
         stats = {"count": len(idx), "successes": 0, "failed_to_download": 0}
-        with atomic_open(shard_dir / f"{s:05d}.tar", "wb") as f:
-            with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-                for pos, i in enumerate(idx):
-                    item = items[int(i)]
-                    key = f"{s:05d}{pos:04d}"
-                    caption = f"photo of {item['photo'] or 'something'}"
-                    meta = {
-                        "url": f"https://img.example.com/{item['photo'] or 'x'}/{int(i)}.jpg",
-                        "caption": caption,
-                        "key": key,
-                        "status": "success",
-                        "error_message": None,
-                    }
-                    try:
-                        with Image.open(io.BytesIO(item["data"])) as im:
-                            meta["width"], meta["height"] = im.size
-                            meta["original_width"], meta["original_height"] = im.size
-                    except Exception:  # noqa: BLE001 - junk has no size
-                        meta["width"] = meta["height"] = None
-                    _tar_add(tar, f"{key}.{item['ext']}", item["data"])
-                    _tar_add(tar, f"{key}.json", json.dumps(meta).encode())
-                    _tar_add(tar, f"{key}.txt", caption.encode())
-                    stats["successes"] += 1
-                    truth_items[key] = {k: item[k] for k in ("kind", "group", "photo", "transform")}
+        with ShardWriter(shard_dir / f"{s:05d}.tar") as tar:
+            for pos, i in enumerate(idx):
+                item = items[int(i)]
+                key = f"{s:05d}{pos:04d}"
+                caption = f"photo of {item['photo'] or 'something'}"
+                meta = {
+                    "url": f"https://img.example.com/{item['photo'] or 'x'}/{int(i)}.jpg",
+                    "caption": caption,
+                    "key": key,
+                    "status": "success",
+                    "error_message": None,
+                }
+                try:
+                    with Image.open(io.BytesIO(item["data"])) as im:
+                        meta["width"], meta["height"] = im.size
+                        meta["original_width"], meta["original_height"] = im.size
+                except Exception:  # noqa: BLE001 - junk has no size
+                    meta["width"] = meta["height"] = None
+                tar.add(f"{key}.{item['ext']}", item["data"])
+                tar.add(f"{key}.json", json.dumps(meta).encode())
+                tar.add(f"{key}.txt", caption.encode())
+                stats["successes"] += 1
+                truth_items[key] = {k: item[k] for k in ("kind", "group", "photo", "transform")}
         atomic_write_json(shard_dir / f"{s:05d}_stats.json", stats)
 
     truth = {
@@ -281,14 +270,6 @@ def build_crawl(photos, out_dir: str | Path, spec: CrawlSpec | None = None, seed
     }
     atomic_write_json(out_dir / "truth.json", truth)
     return truth
-
-
-def duplicate_truth(truth: dict) -> dict[str, bool]:
-    """Per crawl key: is it one of several crawl images derived from the same base image?"""
-    from collections import Counter
-
-    counts = Counter(v["group"] for v in truth["items"].values() if v["group"] >= 0)
-    return {k: v["group"] >= 0 and counts[v["group"]] > 1 for k, v in truth["items"].items()}
 
 
 if __name__ == "__main__":  # pragma: no cover - manual use

@@ -8,7 +8,8 @@ Three steps, each resumable on its own:
    permutation of the sorted ids).  Written to ``OUT/write/plan.parquet``.
 2. ``write_shards`` copies the ORIGINAL bytes of each kept image (via the embed
    parquet's ``input_path``/``byte_offset``/``byte_size``, sha256-verified) into
-   ``OUT/final/lvd-%06d.tar`` (atomic, byte-identical on rerun) and records the
+   ``OUT/final/lvd-%06d.tar`` (atomic, byte-identical on rerun; members named after the
+   bytes' real format, see :mod:`dinov2.data.shards`) and records the
    shard's sha256/count in ``OUT/write/shards/lvd-%06d.json``.  Shards are split over
    tasks (shard i → task i % num_tasks) so this step can be a job array.
 3. ``finalize_write`` merges the shard records into ``OUT/final/manifest.parquet``
@@ -19,10 +20,8 @@ Three steps, each resumable on its own:
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
-import tarfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,17 +32,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dinov2.utils.io import atomic_open, atomic_write_json, atomic_write_parquet, sha256_file
+from dinov2.data.shards import RangeReader, ShardWriter, ShortRead, written_image_ext
+from dinov2.utils.io import atomic_write_json, atomic_write_parquet, sha256_file
 
-# Image extensions the trainer's loader recognises (dinov2/data/webdataset.py).
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
-_PIL_FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "TIFF": "tif", "GIF": "gif"}
-
-# Fixed tar header fields so the same input always gives the same bytes.
-TAR_MTIME = 946684800  # 2000-01-01T00:00:00Z
-TAR_MODE = 0o644
-
-STAGES = ("embed", "dedup", "decontaminate", "retrieve", "write")
+from . import layout
+from .funnel import funnel_counts
+from .health import output_warnings
+from .text import stored_path
 
 MANIFEST_COLUMNS = (
     "id", "source_shard", "input_path", "member", "key", "sha256", "width", "height",
@@ -75,19 +70,6 @@ class WriteError(RuntimeError):
     """The write stage cannot run (missing or inconsistent inputs); the message says why."""
 
 
-# ----------------------------------------------------------------------------- paths
-def plan_path(out_dir: str | Path) -> Path:
-    return Path(out_dir) / "write" / "plan.parquet"
-
-
-def shard_record_path(out_dir: str | Path, shard_name: str) -> Path:
-    return Path(out_dir) / "write" / "shards" / f"{Path(shard_name).stem}.json"
-
-
-def shard_name(prefix: str, index: int) -> str:
-    return f"{prefix}-{index:06d}.tar"
-
-
 def _none(v: Any) -> Any:
     """pandas/numpy missing values and scalars → plain Python (JSON/parquet friendly)."""
     if v is None:
@@ -105,8 +87,8 @@ def _none(v: Any) -> Any:
 
 # ----------------------------------------------------------------------------- step 1: plan
 def _read_embed_pool(out_dir: Path) -> pd.DataFrame:
-    folder = out_dir / "embed" / "pool"
-    files = sorted(folder.glob("s*.parquet")) if folder.is_dir() else []
+    folder = layout.embed_dir(out_dir, layout.POOL)
+    files = [p for _, p in layout.embed_shards(out_dir, layout.POOL)]
     if not files:
         raise WriteError(f"no embed outputs under {folder}: run the embed stage first")
     tables = [pq.read_table(f) for f in files]
@@ -149,7 +131,7 @@ def build_plan(
     reason[~ok] = df.loc[~ok, "reason"].fillna("error").to_numpy()
 
     dedup = _read_decisions(
-        out_dir / "dedup" / "decisions.parquet",
+        layout.dedup_decisions(out_dir),
         ("id", "component", "component_size", "kept", "reason", "representative_id", "nn_id", "nn_sim"),
         required=True,
     )
@@ -167,7 +149,7 @@ def build_plan(
     alive = ok & ~dropped
 
     decon = _read_decisions(
-        out_dir / "decontaminate" / "decisions.parquet",
+        layout.decontaminate_decisions(out_dir),
         ("id", "contaminated", "eval_set", "eval_id", "eval_sim"),
         required=decontaminate_required,
     )
@@ -193,7 +175,7 @@ def build_plan(
             df[c] = None
 
     sel = _read_decisions(
-        out_dir / "retrieve" / "selection.parquet",
+        layout.retrieve_selection(out_dir),
         ("id", "selected", "query_sets", "cluster", "hk_path", "best_query_id", "best_query_sim"),
         required=retrieve_required,
     )
@@ -225,7 +207,7 @@ def build_plan(
     out_key = np.full(n, None, dtype=object)
     out_pos = np.full(n, -1, dtype=np.int64)
     for pos, i in enumerate(kept_idx):
-        out_shard[i] = shard_name(cfg.shard_prefix, pos // cfg.images_per_shard)
+        out_shard[i] = layout.output_shard_name(cfg.shard_prefix, pos // cfg.images_per_shard)
         out_key[i] = f"{pos:09d}"
         out_pos[i] = pos
     df["output_shard"], df["output_key"], df["output_pos"] = out_shard, out_key, out_pos
@@ -235,13 +217,13 @@ def build_plan(
     # Left joins turn integer columns with gaps into floats; keep them integers (nullable).
     for c in ("width", "height", "component", "component_size", "cluster", "byte_offset", "byte_size"):
         df[c] = pd.to_numeric(df[c], errors="coerce").round().astype("Int64")
-    extra = ["ext", "url", "caption", "byte_offset", "byte_size", "output_pos"]
+    extra = ["ext", "url", "caption", "byte_offset", "byte_size", "input_path_bytes", "output_pos"]
     return df[list(MANIFEST_COLUMNS) + [c for c in extra if c in df.columns]].sort_values("id", kind="stable").reset_index(drop=True)
 
 
 def plan_write(out_dir: str | Path, cfg: WriteConfig, seed: int = 0, **kw: Any) -> pd.DataFrame:
     """Build (or load, if already written) the write plan."""
-    path = plan_path(out_dir)
+    path = layout.write_plan(out_dir)
     if path.is_file():
         return pq.read_table(path).to_pandas()
     plan = build_plan(out_dir, cfg, seed=seed, **kw)
@@ -262,43 +244,6 @@ def _to_table(df: pd.DataFrame) -> pa.Table:
 
 
 # ----------------------------------------------------------------------------- step 2: shards
-class _SourceReader:
-    """Reads byte ranges from source files, keeping a few handles open."""
-
-    def __init__(self, max_open: int = 16):
-        self.max_open = max_open
-        self.handles: dict[str, Any] = {}
-
-    def read(self, path: str, offset: int, size: int) -> bytes:
-        f = self.handles.pop(path, None)
-        if f is None:
-            if len(self.handles) >= self.max_open:
-                oldest = next(iter(self.handles))
-                self.handles.pop(oldest).close()
-            f = open(path, "rb")  # noqa: SIM115 - closed in close()
-        self.handles[path] = f  # re-insert: most recently used last
-        f.seek(offset)
-        return f.read(size)
-
-    def close(self) -> None:
-        for f in self.handles.values():
-            f.close()
-        self.handles.clear()
-
-
-def _output_ext(ext: Any, data: bytes) -> str:
-    e = str(ext or "").lower().lstrip(".")
-    if e in IMAGE_EXTS:
-        return e
-    from PIL import Image
-
-    try:
-        fmt = Image.open(io.BytesIO(data)).format
-    except Exception:  # noqa: BLE001 - decodable per the embed stage; fall back to a neutral name
-        fmt = None
-    return _PIL_FORMAT_EXT.get(fmt or "", "jpg")
-
-
 def _sample_json(row: dict) -> bytes:
     meta = {
         "key": row["output_key"],
@@ -319,17 +264,6 @@ def _sample_json(row: dict) -> bytes:
     return json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8")
 
 
-def _tar_add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = TAR_MTIME
-    info.mode = TAR_MODE
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    info.type = tarfile.REGTYPE
-    tf.addfile(info, io.BytesIO(data))
-
-
 def _rows_digest(rows: pd.DataFrame) -> str:
     h = hashlib.sha256()
     for rid, key, sha in zip(rows["id"], rows["output_key"], rows["sha256"]):
@@ -342,36 +276,32 @@ def write_one_shard(out_dir: str | Path, name: str, rows: pd.DataFrame, verify_s
     out_dir = Path(out_dir)
     rows = rows.sort_values("output_key", kind="stable")
     digest = _rows_digest(rows)
-    record_path = shard_record_path(out_dir, name)
-    tar_path = out_dir / "final" / name
+    record_path = layout.write_shard_record(out_dir, name)
+    tar_path = layout.final_shard(out_dir, name)
     if record_path.is_file() and tar_path.is_file():
         record = json.loads(record_path.read_text())
         if record.get("plan_digest") == digest and tar_path.stat().st_size == record.get("bytes"):
             return record  # complete from an earlier run
     failed: dict[str, list[str]] = {}
-    reader = _SourceReader()
-    count = 0
-    try:
-        with atomic_open(tar_path, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tf:
-            for row in rows.to_dict("records"):
-                try:
-                    data = reader.read(row["input_path"], int(row["byte_offset"]), int(row["byte_size"]))
-                except OSError as exc:
-                    failed[row["id"]] = ["source_unreadable", f"{row['input_path']}: {exc}"]
-                    continue
-                if len(data) != int(row["byte_size"]):
-                    failed[row["id"]] = ["source_changed", f"read {len(data)} of {row['byte_size']} bytes"]
-                    continue
-                if verify_sha256 and hashlib.sha256(data).hexdigest() != row["sha256"]:
-                    failed[row["id"]] = ["sha256_mismatch", f"source bytes of {row['member']} changed"]
-                    continue
-                ext = _output_ext(row.get("ext"), data)
-                members = sorted([(f"{row['output_key']}.{ext}", data), (f"{row['output_key']}.json", _sample_json(row))])
-                for member_name, payload in members:
-                    _tar_add(tf, member_name, payload)
-                count += 1
-    finally:
-        reader.close()
+    with RangeReader() as reader, ShardWriter(tar_path) as tar:
+        for row in rows.to_dict("records"):
+            source = stored_path(row["input_path"], _none(row.get("input_path_bytes")))
+            try:
+                data = reader.read(source, int(row["byte_offset"]), int(row["byte_size"]))
+            except ShortRead as exc:
+                failed[row["id"]] = ["source_changed", str(exc)]
+                continue
+            except OSError as exc:
+                failed[row["id"]] = ["source_unreadable", f"{row['input_path']}: {exc}"]
+                continue
+            if verify_sha256 and hashlib.sha256(data).hexdigest() != row["sha256"]:
+                failed[row["id"]] = ["sha256_mismatch", f"source bytes of {row['member']} changed"]
+                continue
+            ext = written_image_ext(row.get("ext"), data)
+            for member_name, payload in sorted([(f"{row['output_key']}.{ext}", data),
+                                                (f"{row['output_key']}.json", _sample_json(row))]):
+                tar.add(member_name, payload)
+    count = len(rows) - len(failed)
     record = {
         "name": name,
         "sha256": sha256_file(tar_path),
@@ -393,7 +323,7 @@ def shard_groups(plan: pd.DataFrame) -> dict[str, pd.DataFrame]:
 def write_shards(out_dir: str | Path, cfg: WriteConfig, task_index: int = 0, num_tasks: int = 1,
                  progress: bool = True) -> list[dict]:
     """Write the shards that belong to this task (shard i → task i % num_tasks)."""
-    path = plan_path(out_dir)
+    path = layout.write_plan(out_dir)
     if not path.is_file():
         raise WriteError(f"missing {path}: run the write plan step first")
     plan = pq.read_table(path).to_pandas()
@@ -418,14 +348,14 @@ def _clean_stale_tmp(folder: Path) -> None:
 def finalize_write(out_dir: str | Path, cfg: WriteConfig) -> dict:
     """Merge shard records into manifest.parquet and summary.json; return the summary."""
     out_dir = Path(out_dir)
-    if not plan_path(out_dir).is_file():
-        raise WriteError(f"missing {plan_path(out_dir)}: the write stage did not finish its plan step")
-    plan = pq.read_table(plan_path(out_dir)).to_pandas()
+    if not layout.write_plan(out_dir).is_file():
+        raise WriteError(f"missing {layout.write_plan(out_dir)}: the write stage did not finish its plan step")
+    plan = pq.read_table(layout.write_plan(out_dir)).to_pandas()
     groups = shard_groups(plan)
     shards, failed = [], {}
     for name in sorted(groups):
-        rp = shard_record_path(out_dir, name)
-        if not rp.is_file() or not (out_dir / "final" / name).is_file():
+        rp = layout.write_shard_record(out_dir, name)
+        if not rp.is_file() or not layout.final_shard(out_dir, name).is_file():
             raise WriteError(f"shard {name} was not written (no {rp}): rerun the write stage")
         rec = json.loads(rp.read_text())
         shards.append({"name": name, "sha256": rec["sha256"], "count": rec["count"], "bytes": rec["bytes"]})
@@ -441,10 +371,8 @@ def finalize_write(out_dir: str | Path, cfg: WriteConfig) -> dict:
         manifest.loc[hit, "output_shard"] = None
         manifest.loc[hit, "output_key"] = None
     manifest = manifest[list(MANIFEST_COLUMNS)]
-    final = out_dir / "final"
-    atomic_write_parquet(final / "manifest.parquet", _to_table(manifest))
-
-    from .health import output_warnings
+    final = layout.final_dir(out_dir)
+    atomic_write_parquet(layout.manifest(out_dir), _to_table(manifest))
 
     funnel = funnel_counts(manifest)
     summary = {
@@ -458,43 +386,6 @@ def finalize_write(out_dir: str | Path, cfg: WriteConfig) -> dict:
         "num_shards": len(shards),
         "shards": shards,
     }
-    atomic_write_json(final / "summary.json", summary)
+    atomic_write_json(layout.summary(out_dir), summary)
     _clean_stale_tmp(final)
     return summary
-
-
-def funnel_counts(manifest: pd.DataFrame) -> dict[str, int]:
-    """inputs → decoded → after dedup → after decontamination → retrieved → written."""
-    stage = manifest["stage"]
-    kept = manifest["decision"] == "kept"
-    dropped_at = {s: int(((stage == s) & ~kept).sum()) for s in STAGES}
-    inputs = len(manifest)
-    decoded = inputs - dropped_at["embed"]
-    after_dedup = decoded - dropped_at["dedup"]
-    after_decon = after_dedup - dropped_at["decontaminate"]
-    retrieved = after_decon - dropped_at["retrieve"]
-    return {
-        "inputs": inputs,
-        "decoded": decoded,
-        "after_dedup": after_dedup,
-        "after_decontamination": after_decon,
-        "retrieved": retrieved,
-        "written": int(kept.sum()),
-    }
-
-
-FUNNEL_ORDER = ("inputs", "decoded", "after_dedup", "after_decontamination", "retrieved", "written")
-
-
-def format_funnel(funnel: dict[str, int]) -> str:
-    keys = [k for k in FUNNEL_ORDER if k in funnel]  # summary.json stores keys sorted; print in flow order
-    width = max(len(k) for k in keys)
-    total = max(funnel.get("inputs", 0), 1)
-    return "\n".join(f"  {k:<{width}} {funnel[k]:>12,d}  ({100.0 * funnel[k] / total:5.1f}%)" for k in keys)
-
-
-def write_stage(out_dir: str | Path, cfg: WriteConfig, seed: int = 0, **plan_kw: Any) -> dict:
-    """All three steps in one process (the pipeline may run step 2 as an array instead)."""
-    plan_write(out_dir, cfg, seed=seed, **plan_kw)
-    write_shards(out_dir, cfg)
-    return finalize_write(out_dir, cfg)

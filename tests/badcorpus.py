@@ -25,6 +25,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+from conftest import encode, skimage_photo
 from PIL import Image
 
 EXIF_KEY = "exif_rot6"
@@ -37,21 +38,11 @@ ORIG_MODES = {"cmyk": "CMYK", "palette": "P", "rgba": "RGBA", "gray": "L"}
 UNSAFE_NAMES = ("../evil.jpg", "/abs.jpg")
 
 
-def _photo(name: str, size: tuple[int, int]) -> Image.Image:
-    import skimage.data
-
-    return Image.fromarray(getattr(skimage.data, name)()).convert("RGB").resize(size, Image.Resampling.BICUBIC)
-
-
-def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, fmt, **kw)
-    return buf.getvalue()
 
 
 def _png_declaring(width: int, height: int) -> bytes:
     """A valid tiny PNG whose IHDR claims ``width × height`` (a decompression bomb header)."""
-    data = bytearray(_encode(Image.new("L", (1, 1)), "PNG"))
+    data = bytearray(encode(Image.new("L", (1, 1)), "PNG"))
     ihdr = data.index(b"IHDR")
     data[ihdr + 4 : ihdr + 12] = struct.pack(">II", width, height)
     crc = zlib.crc32(bytes(data[ihdr : ihdr + 17])) & 0xFFFFFFFF
@@ -60,7 +51,7 @@ def _png_declaring(width: int, height: int) -> bytes:
 
 
 def _corrupt_png(img: Image.Image) -> bytes:
-    data = bytearray(_encode(img, "PNG"))
+    data = bytearray(encode(img, "PNG"))
     i = data.index(b"IDAT")
     data[i + 10 : i + 60] = bytes(50)  # zero a stretch of the deflate stream
     return bytes(data)
@@ -100,17 +91,17 @@ def make_bad_corpus(directory: str | Path, source: str = "pool") -> dict[str, st
     """Write the corpus into ``directory``; return ``{id: expected reason or "ok"}``."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    astronaut = _photo("astronaut", (160, 160))
-    coffee = _photo("coffee", (150, 100))
-    chelsea = _photo("chelsea", (135, 90))
-    rocket = _photo("rocket", (96, 144))
-    jpg = _encode(astronaut, "JPEG", quality=90)
+    astronaut = skimage_photo("astronaut", (160, 160))
+    coffee = skimage_photo("coffee", (150, 100))
+    chelsea = skimage_photo("chelsea", (135, 90))
+    rocket = skimage_photo("rocket", (96, 144))
+    jpg = encode(astronaut, "JPEG", quality=90)
 
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: rotate 90° clockwise to display
-    rotated = _encode(_photo("chelsea", EXIF_STORED_SIZE), "JPEG", quality=90, exif=exif.tobytes())
+    rotated = encode(skimage_photo("chelsea", EXIF_STORED_SIZE), "JPEG", quality=90, exif=exif.tobytes())
     grey16 = (np.asarray(coffee.convert("L"), dtype=np.uint16) * 257).astype(np.uint16)
-    png16 = _encode(Image.fromarray(grey16), "PNG")  # uint16 array → mode I;16
+    png16 = encode(Image.fromarray(grey16), "PNG")  # uint16 array → mode I;16
     rgba = coffee.convert("RGBA")
     rgba.putalpha(Image.linear_gradient("L").resize(coffee.size))
 
@@ -119,24 +110,24 @@ def make_bad_corpus(directory: str | Path, source: str = "pool") -> dict[str, st
         ("good_jpeg.json", json.dumps({"url": "https://example.com/astronaut.jpg", "key": "good_jpeg"}).encode()),
         ("good_jpeg.txt", GOOD_JPEG_CAPTION.encode()),
         ("good_jpeg.cls", b"3"),
-        ("good_png.png", _encode(coffee, "PNG")),
-        ("good_webp.webp", _encode(chelsea, "WEBP", quality=85)),
+        ("good_png.png", encode(coffee, "PNG")),
+        ("good_webp.webp", encode(chelsea, "WEBP", quality=85)),
         ("random_bytes.jpg", np.random.default_rng(0).bytes(4000)),
         ("corrupt.png", _corrupt_png(rocket)),
         ("truncated.jpg", jpg[: len(jpg) // 2]),
         ("empty.jpg", b""),
         ("notes.md", b"# not an image\n"),
-        ("dup.jpg", _encode(rocket, "JPEG")),
-        ("dup.jpg", _encode(coffee, "JPEG")),
-        ("dup2.jpg", _encode(chelsea, "JPEG")),
-        ("dup2.png", _encode(chelsea, "PNG")),
-        (f"{DOTTED_KEY}.jpg", _encode(rocket, "JPEG", quality=80)),
+        ("dup.jpg", encode(rocket, "JPEG")),
+        ("dup.jpg", encode(coffee, "JPEG")),
+        ("dup2.jpg", encode(chelsea, "JPEG")),
+        ("dup2.png", encode(chelsea, "PNG")),
+        (f"{DOTTED_KEY}.jpg", encode(rocket, "JPEG", quality=80)),
         (f"{DOTTED_KEY}.json", json.dumps({"url": DOTTED_URL, "caption": "a rocket"}).encode()),
-        ("cmyk.jpg", _encode(coffee.convert("CMYK"), "JPEG")),
+        ("cmyk.jpg", encode(coffee.convert("CMYK"), "JPEG")),
         ("png16.png", png16),
-        ("palette.png", _encode(chelsea.convert("P", palette=Image.Palette.ADAPTIVE, colors=64), "PNG")),
-        ("rgba.png", _encode(rgba, "PNG")),
-        ("gray.jpg", _encode(astronaut.convert("L"), "JPEG")),
+        ("palette.png", encode(chelsea.convert("P", palette=Image.Palette.ADAPTIVE, colors=64), "PNG")),
+        ("rgba.png", encode(rgba, "PNG")),
+        ("gray.jpg", encode(astronaut.convert("L"), "JPEG")),
         (f"{EXIF_KEY}.jpg", rotated),
         ("huge.png", _png_declaring(50000, 50000)),
         ("../evil.jpg", jpg),
@@ -158,7 +149,7 @@ def make_bad_corpus(directory: str | Path, source: str = "pool") -> dict[str, st
     result = {s0 + k: v for k, v in expected.items()}
 
     # A tar cut in the middle of its third member (a killed writer, a partial download).
-    cut_members = [("t0.jpg", _encode(coffee, "JPEG")), ("t1.png", _encode(rocket, "PNG")), ("t2.jpg", jpg)]
+    cut_members = [("t0.jpg", encode(coffee, "JPEG")), ("t1.png", encode(rocket, "PNG")), ("t2.jpg", jpg)]
     data, offsets = _tar_bytes(cut_members)
     (d / "bad-001.tar").write_bytes(data[: offsets["t2.jpg"] + len(jpg) // 2])
     s1 = f"{source}/s000001/"

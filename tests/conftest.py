@@ -1,3 +1,5 @@
+"""Shared fixtures and helpers of the test suite (real photos, tars, curation outputs)."""
+import io
 import os
 from pathlib import Path
 
@@ -17,13 +19,89 @@ def sign_digits() -> Path:
     return SIGN_DIGITS
 
 
-def import_bench(name: str):
-    """A module of bench/ (the learning tests run the benches at a small budget)."""
-    import importlib
-    import sys
+# ----------------------------------------------------------------------------- photos and shards
+def skimage_photo(name: str, size: tuple[int, int] | None = None):
+    """A real photo shipped with scikit-image (``astronaut``, ``coffee``, …) as RGB, optionally resized."""
+    import skimage.data
+    from PIL import Image
 
-    sys.path.insert(0, str(REPO / "bench"))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(str(REPO / "bench"))
+    img = Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
+    return img.resize(size, Image.Resampling.BICUBIC) if size else img
+
+
+def encode(img, fmt: str = "JPEG", **kw) -> bytes:
+    """``img`` encoded as ``fmt`` (JPEG at quality 90 unless told otherwise)."""
+    if fmt == "JPEG":
+        kw.setdefault("quality", 90)
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def jpeg_bytes(img, quality: int = 90) -> bytes:
+    return encode(img, "JPEG", quality=quality)
+
+
+def write_tar(path, members) -> None:
+    """A tar of ``(name, bytes)`` members written with the standard library (default headers)."""
+    import tarfile
+
+    with tarfile.open(path, "w") as tf:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tf.addfile(info, io.BytesIO(payload))
+
+
+# ----------------------------------------------------------------------------- curation outputs
+def write_embed_shard(out_dir, source: str, shard_id: str, records, embeddings: dict) -> Path:
+    """Write one embed shard in the ARCHITECTURE layout (curation/embed.py is the real writer).
+
+    ``records`` needs ``key`` (and may give any other column); rows with
+    ``status == "ok"`` (default) get consecutive ``emb_row`` values and must match
+    the rows of each ``embeddings[name]`` array ([n_ok, D], stored as float16).
+    """
+    import numpy as np
+    import pandas as pd
+
+    from curation import layout
+    from curation.store import normalize_rows
+    from dinov2.utils.io import atomic_save_npy, atomic_write_parquet
+
+    df = records.copy().reset_index(drop=True)
+    if "key" not in df.columns:
+        raise ValueError("records need a 'key' column")
+    n = len(df)
+    defaults = {"source": source, "shard_id": shard_id, "input_path": "", "member": None, "ext": "jpg",
+                "url": None, "caption": None, "sha256": None, "phash": None, "width": None, "height": None,
+                "orig_mode": "RGB", "status": "ok", "reason": None, "detail": None, "byte_offset": 0,
+                "byte_size": 0}
+    for col, val in defaults.items():
+        if col not in df.columns:
+            df[col] = [val] * n
+    df["status"] = df["status"].fillna("ok")
+    df["id"] = [f"{source}/{shard_id}/{k}" for k in df["key"]]
+    ok = (df["status"] == "ok").to_numpy()
+    df["emb_row"] = np.where(ok, np.cumsum(ok) - 1, -1).astype(np.int64)
+    df["phash"] = pd.array(df["phash"], dtype="Int64")
+    for name, emb in embeddings.items():
+        emb = np.asarray(emb)
+        if emb.shape[0] != int(ok.sum()):
+            raise ValueError(f"embeddings '{name}' have {emb.shape[0]} rows for {int(ok.sum())} ok records")
+        emb = normalize_rows(emb).astype(np.float16)
+        atomic_save_npy(layout.embed_npy(out_dir, source, shard_id, name), emb)
+    cols = ["id", "source", "shard_id", "input_path", "member", "key", "ext", "url", "caption", "sha256",
+            "phash", "width", "height", "orig_mode", "status", "reason", "detail", "emb_row", "byte_offset",
+            "byte_size"]
+    path = layout.embed_parquet(out_dir, source, shard_id)
+    atomic_write_parquet(path, df[cols])
+    return path
+
+
+def write_all(out_dir, cfg, seed: int = 0, **plan_kw) -> dict:
+    """The write stage's three steps in one process (the pipeline runs them as separate tasks)."""
+    from curation.write import finalize_write, plan_write, write_shards
+
+    plan_write(out_dir, cfg, seed=seed, **plan_kw)
+    write_shards(out_dir, cfg, progress=False)
+    return finalize_write(out_dir, cfg)

@@ -5,7 +5,7 @@ exact copies (same bytes), near copies (re-encode, resize, crop, flip, colour; f
 curation.synth.near_copy) and near copies of an evaluation set.  Embeddings: the real
 ImageNet-trained EfficientNet-Lite0 (mean-pooled features, centred on the pool mean —
 mean-pooled ReLU features are all positively correlated otherwise), written in the
-ARCHITECTURE layout with curation.store.write_embed_shard.
+ARCHITECTURE layout with conftest.write_embed_shard.
 """
 from __future__ import annotations
 
@@ -18,21 +18,20 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from conftest import jpeg_bytes, write_embed_shard
 from PIL import Image
 
 from curation.decontaminate import DecontamConfig, decontaminate_core, run_decontaminate
 from curation.dedup import (
     DedupConfig,
     SemDedupConfig,
-    UnionFind,
     choose_representatives,
     connected_components,
     dedup_core,
-    exact_edges,
-    phash_edges,
     run_dedup,
 )
-from curation.store import EmbeddingStore, write_embed_shard
+from curation.hash_edges import exact_edges, phash_edges
+from curation.store import EmbeddingStore
 
 SIGN_DIGITS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sign-digits"
 EMBEDDER = "effnet"
@@ -73,12 +72,6 @@ def embed_images(images: list[Image.Image], size: int = 128, batch: int = 32) ->
         with torch.no_grad():
             out.append(model.extract_features(torch.from_numpy(np.ascontiguousarray(x))).mean((2, 3)).numpy())
     return np.concatenate(out)
-
-
-def jpeg_bytes(img: Image.Image, quality: int = 90) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
 
 
 def sign_digit_paths(n: int, seed: int, exclude: set | None = None) -> list[Path]:
@@ -179,6 +172,26 @@ def pair_metrics(component: np.ndarray, kept: np.ndarray, rep: np.ndarray, group
 
 
 # ----------------------------------------------------------------------------- unit tests
+class UnionFind:
+    """Scalar, incremental union-find: the obviously-correct reference for connected_components."""
+
+    def __init__(self, n: int):
+        self.parent = list(range(n))
+
+    def find(self, x: int) -> int:
+        while self.parent[x] != x:
+            self.parent[x] = self.parent[self.parent[x]]
+            x = self.parent[x]
+        return x
+
+    def union(self, x: int, y: int) -> None:
+        rx, ry = self.find(x), self.find(y)
+        if rx != ry:  # the smaller index becomes the root, as in connected_components
+            self.parent[max(rx, ry)] = min(rx, ry)
+
+    def labels(self) -> np.ndarray:
+        return np.array([self.find(i) for i in range(len(self.parent))], dtype=np.int64)
+
 
 
 def test_union_find_matches_incremental_and_is_order_free():

@@ -20,17 +20,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
 import badcorpus
+from conftest import jpeg_bytes, skimage_photo
 
-from curation.embed import (
-    EMBED_SCHEMA,
-    EmbedderConfig,
-    EmbedError,
-    embed_shard,
-    embed_stage,
-    load_embedder,
-    preprocess,
-    task_shards,
-)
+from curation.embed import EMBED_SCHEMA, embed_shard, embed_stage, task_shards
+from curation.embedders import EmbedderConfig, EmbedError, load_embedder, preprocess
 from curation.ingest import read_bytes
 from dinov2.utils.config import ConfigError, load_config
 
@@ -53,22 +46,12 @@ def lite0():
     return load_embedder(EmbedderConfig(kind="efficientnet_lite0", image_size=SIZE, batch_size=8, device="cpu"))
 
 
-def _photo(name: str) -> Image.Image:
-    import skimage.data
-
-    return Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
-
-
-def _jpeg(img: Image.Image, quality: int = 90) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=quality)
-    return buf.getvalue()
 
 
 def _crops(n: int, seed: int) -> list[Image.Image]:
     """``n`` distinct real images: random crops of scikit-image sample photos."""
     rng = np.random.default_rng(seed)
-    photos = [_photo(p) for p in ("astronaut", "coffee", "chelsea", "rocket")]
+    photos = [skimage_photo(p) for p in ("astronaut", "coffee", "chelsea", "rocket")]
     out = []
     for i in range(n):
         p = photos[i % len(photos)]
@@ -91,7 +74,7 @@ def write_img2dataset_shards(folder: Path, n_shards: int, per_shard: int, seed: 
                 meta = {"url": f"https://example.org/img/{key}.jpg", "caption": f"photo number {key}", "key": key,
                         "status": "success", "error_message": None, "width": img.width, "height": img.height,
                         "original_width": img.width * 2, "original_height": img.height * 2, "exif": "{}"}
-                for ext, payload in (("jpg", _jpeg(img)), ("json", json.dumps(meta).encode()),
+                for ext, payload in (("jpg", jpeg_bytes(img)), ("json", json.dumps(meta).encode()),
                                      ("txt", meta["caption"].encode())):
                     info = tarfile.TarInfo(f"{key}.{ext}")
                     info.size, info.mtime = len(payload), 1_700_000_000
@@ -185,7 +168,7 @@ def test_folder_and_parquet_list_sources(tmp_path, lite0):
     (folder / "cls_b").mkdir(parents=True)
     (folder / "cls_a").mkdir()
     for i, img in enumerate(images[:3]):
-        (folder / ("cls_a" if i < 2 else "cls_b") / f"{i}.jpg").write_bytes(_jpeg(img))
+        (folder / ("cls_a" if i < 2 else "cls_b") / f"{i}.jpg").write_bytes(jpeg_bytes(img))
     (folder / "cls_a" / "labels.csv").write_text("0,1")
     listed = tmp_path / "query"
     listed.mkdir()
@@ -245,15 +228,16 @@ _CHILD = textwrap.dedent(
     import os, signal, sys
     import numpy as np
     import curation.embed as E
+    import curation.embedders as M
     mode, pattern, out = sys.argv[1], sys.argv[2], sys.argv[3]
     if mode.startswith("kill-at-embed-"):  # SIGKILL in the middle of a shard (before its files)
-        real, calls, at = E.Embedder.embed, [0], int(mode.rsplit("-", 1)[1])
+        real, calls, at = M.Embedder.embed, [0], int(mode.rsplit("-", 1)[1])
         def embed(self, batch):
             calls[0] += 1
             if calls[0] == at:
                 os.kill(os.getpid(), signal.SIGKILL)
             return real(self, batch)
-        E.Embedder.embed = embed
+        M.Embedder.embed = embed
     elif mode.startswith("kill-in-save-"):  # SIGKILL half way through writing an .npy
         real_save, saves, at = np.save, [0], int(mode.rsplit("-", 1)[1])
         def save(f, arr, **kw):
@@ -263,7 +247,7 @@ _CHILD = textwrap.dedent(
                 os.kill(os.getpid(), signal.SIGKILL)
             return real_save(f, arr, **kw)
         np.save = save
-    E.embed_stage("pool", [pattern], {"eff": E.EmbedderConfig(**eval(sys.argv[4]))}, out, progress=False)
+    E.embed_stage("pool", [pattern], {"eff": M.EmbedderConfig(**eval(sys.argv[4]))}, out, progress=False)
     """
 )
 _CFG = {"kind": "efficientnet_lite0", "image_size": 64, "batch_size": 3, "device": "cpu"}
@@ -308,8 +292,8 @@ def test_killed_stage_resumes_byte_identical(tmp_path):
 def test_lite0_embeddings_find_copies(tmp_path, lite0):
     """A pretrained embedder must place an edited copy nearest to its original."""
     names = ["astronaut", "coffee", "chelsea", "rocket", "camera", "hubble_deep_field"]
-    originals = [_photo(n) for n in names]
-    copies = [Image.open(io.BytesIO(_jpeg(p.resize((p.width // 2, p.height // 2)), quality=40))).convert("RGB")
+    originals = [skimage_photo(n) for n in names]
+    copies = [Image.open(io.BytesIO(jpeg_bytes(p.resize((p.width // 2, p.height // 2)), quality=40))).convert("RGB")
               for p in originals]
     batch = torch.stack([lite0.preprocess(im) for im in originals + copies])
     emb = lite0.embed(batch)
@@ -387,7 +371,7 @@ def test_config_and_name_errors(tmp_path, lite0):
 
 
 def test_preprocess_center_crop_and_extreme_aspect():
-    img = _photo("coffee")  # 600 × 400
+    img = skimage_photo("coffee")  # 600 × 400
     t = preprocess(img, 64)
     assert t.shape == (3, 64, 64) and t.dtype == torch.uint8
     # Equals "resize shorter side to 64 then center crop" up to resampling differences.

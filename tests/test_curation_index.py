@@ -6,25 +6,18 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import write_embed_shard
 
 from curation.dedup import knn_graph
-from curation.index import (
-    IndexConfig,
-    assign,
-    build_index,
-    gpu_available,
-    kmeans,
-    kmeans_array,
-    plan_index,
-    use_gpu,
-)
+from curation.index import IndexConfig, build_index
+from curation.index_plan import gpu_available, plan_index, use_gpu
+from curation.kmeans import assign, kmeans, kmeans_array
 from curation.store import (
     EmbeddingStore,
     ShardedVectors,
     StoreError,
     list_sources,
     resolve_embedder,
-    write_embed_shard,
 )
 
 

@@ -10,31 +10,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import jpeg_bytes, skimage_photo, write_tar
 from PIL import Image
 
-from curation.ingest import InputError, InputReader, expand_braces, expand_inputs, read_bytes, split_key
+from curation.ingest import InputReader, read_bytes
+from curation.inputs import InputError, expand_braces, expand_inputs
 from curation.phash import hamming, phash, phash_bits
-
-
-def _photo(name: str, size=None) -> Image.Image:
-    import skimage.data
-
-    img = Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
-    return img.resize(size, Image.Resampling.BICUBIC) if size else img
-
-
-def _jpeg(img: Image.Image, quality: int = 90) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=quality)
-    return buf.getvalue()
-
-
-def _tar(path, members):
-    with tarfile.open(path, "w") as tf:
-        for name, payload in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            tf.addfile(info, io.BytesIO(payload))
+from dinov2.data.shards import split_key
 
 
 # ----------------------------------------------------------------------------- expand_inputs
@@ -47,7 +29,7 @@ def test_brace_expansion_keeps_padding_and_nests():
 
 def test_expand_inputs_ranges_globs_folders_lists(tmp_path):
     for i in range(3):
-        _tar(tmp_path / f"lvd-{i:06d}.tar", [("0.jpg", b"x")])
+        write_tar(tmp_path / f"lvd-{i:06d}.tar", [("0.jpg", b"x")])
     (tmp_path / "photos").mkdir()
     pq.write_table(pa.table({"path": ["a.jpg"]}), tmp_path / "list.parquet")
     got = expand_inputs([str(tmp_path / "lvd-{000000..000001}.tar"), str(tmp_path / "*.tar"),
@@ -58,7 +40,7 @@ def test_expand_inputs_ranges_globs_folders_lists(tmp_path):
 
 
 def test_expand_inputs_errors_are_clear(tmp_path):
-    _tar(tmp_path / "lvd-000000.tar", [("0.jpg", b"x")])
+    write_tar(tmp_path / "lvd-000000.tar", [("0.jpg", b"x")])
     with pytest.raises(InputError, match=r"1 input\(s\) missing: .*lvd-000001.tar"):
         expand_inputs([str(tmp_path / "lvd-{000000..000001}.tar")])
     with pytest.raises(InputError, match="matched nothing"):
@@ -82,11 +64,11 @@ def test_split_key_only_final_extension():
 
 # ----------------------------------------------------------------------------- items
 def test_tar_items_group_sidecars_and_offsets(tmp_path):
-    jpg = _jpeg(_photo("coffee", (90, 60)))
+    jpg = jpeg_bytes(skimage_photo("coffee", (90, 60)))
     meta = {"url": "https://e.com/1.jpg", "caption": "a cup", "width": 90, "height": 60}
     path = tmp_path / "00000.tar"
     # json before the image and txt after it: grouping must not depend on member order
-    _tar(path, [("x.y.json", json.dumps(meta).encode()), ("x.y.jpg", jpg), ("x.y.txt", b"ignored caption"),
+    write_tar(path, [("x.y.json", json.dumps(meta).encode()), ("x.y.jpg", jpg), ("x.y.txt", b"ignored caption"),
                 ("solo.txt", b"orphan sidecar is silently ignored"), ("x.y.npy", b"extra sidecar")])
     with InputReader(path) as r:
         items = r.items()
@@ -99,7 +81,7 @@ def test_tar_items_group_sidecars_and_offsets(tmp_path):
 
 
 def test_tar_cut_at_member_boundary_and_in_header(tmp_path):
-    jpg = _jpeg(_photo("rocket", (40, 60)))
+    jpg = jpeg_bytes(skimage_photo("rocket", (40, 60)))
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tf:
         for name in ("a.jpg", "b.jpg"):
@@ -122,7 +104,7 @@ def test_folder_items_recursive_sorted_with_sidecars(tmp_path):
     (root / "b").mkdir(parents=True)
     (root / "a").mkdir()
     (root / ".cache").mkdir()
-    jpg = _jpeg(_photo("chelsea", (60, 40)))
+    jpg = jpeg_bytes(skimage_photo("chelsea", (60, 40)))
     (root / "b" / "2.jpg").write_bytes(jpg)
     (root / "a" / "1.jpg").write_bytes(jpg)
     (root / "a" / "1.txt").write_text("a cat")
@@ -142,7 +124,7 @@ def test_folder_items_recursive_sorted_with_sidecars(tmp_path):
 
 
 def test_parquet_list_items(tmp_path):
-    jpg = _jpeg(_photo("astronaut", (50, 50)))
+    jpg = jpeg_bytes(skimage_photo("astronaut", (50, 50)))
     (tmp_path / "imgs").mkdir()
     (tmp_path / "imgs" / "0.jpg").write_bytes(jpg)
     abs_path = tmp_path / "elsewhere.jpg"
@@ -168,7 +150,7 @@ def test_unreadable_inputs_become_one_item(tmp_path):
 
 
 def test_oversized_items_are_not_read(tmp_path):
-    _tar(tmp_path / "t.tar", [("big.jpg", b"\xff" * 5000), ("small.jpg", b"\xff" * 10)])
+    write_tar(tmp_path / "t.tar", [("big.jpg", b"\xff" * 5000), ("small.jpg", b"\xff" * 10)])
     with InputReader(tmp_path / "t.tar", max_bytes=1000) as r:
         assert [i.reason for i in r.items()] == ["too_large", None]
 
@@ -176,11 +158,11 @@ def test_oversized_items_are_not_read(tmp_path):
 # ----------------------------------------------------------------------------- phash
 def test_phash_robust_to_reencode_and_resize_not_to_content():
     names = ["astronaut", "coffee", "chelsea", "rocket", "camera", "immunohistochemistry"]
-    photos = {n: _photo(n) for n in names}
+    photos = {n: skimage_photo(n) for n in names}
     hashes = {n: phash(p) for n, p in photos.items()}
     assert all(isinstance(h, int) and -(2**63) <= h < 2**63 for h in hashes.values())
     for n, p in photos.items():
-        reencoded = Image.open(io.BytesIO(_jpeg(p, quality=50)))
+        reencoded = Image.open(io.BytesIO(jpeg_bytes(p, quality=50)))
         smaller = p.resize((p.width * 2 // 3, p.height * 2 // 3), Image.Resampling.BILINEAR)
         assert hamming(hashes[n], phash(reencoded)) <= 6, n
         assert hamming(hashes[n], phash(smaller)) <= 6, n
@@ -192,9 +174,9 @@ def test_phash_robust_to_reencode_and_resize_not_to_content():
 
 
 def test_phash_bits_balanced_and_stable():
-    bits = phash_bits(_photo("astronaut"))
+    bits = phash_bits(skimage_photo("astronaut"))
     assert bits.shape == (64,) and 28 <= int(bits.sum()) <= 36  # median threshold → about half set
-    grey = np.asarray(_photo("astronaut").convert("L"))
-    assert phash(grey) == phash(_photo("astronaut"))  # arrays and images agree
+    grey = np.asarray(skimage_photo("astronaut").convert("L"))
+    assert phash(grey) == phash(skimage_photo("astronaut"))  # arrays and images agree
     # A flat image has no structure: all AC coefficients 0, no bit above the median.
     assert phash(Image.new("RGB", (64, 64), (120, 30, 200))) == 0

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from conftest import write_embed_shard
 from PIL import Image
 
 from curation.decontaminate import run_decontaminate
@@ -22,7 +23,6 @@ from curation.hkmeans import (
     split_budget,
 )
 from curation.retrieve import QuerySet, QuerySetConfig, RetrieveConfig, retrieve_core, run_retrieve
-from curation.store import write_embed_shard
 
 
 def imbalanced(seed: int = 0, d: int = 32) -> tuple[np.ndarray, np.ndarray]:

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from conftest import write_all as write_stage
 from PIL import Image
 
 from curation.audit import audit
@@ -24,7 +25,6 @@ from curation.write import (
     finalize_write,
     plan_write,
     write_shards,
-    write_stage,
 )
 from dinov2.utils.io import atomic_write_parquet
 

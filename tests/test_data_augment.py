@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import skimage.data
 import torch
+from conftest import encode
 from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
@@ -19,11 +20,6 @@ from dinov2.utils.config import ConfigError, load_config
 def astronaut() -> Image.Image:
     return Image.fromarray(skimage.data.astronaut())  # 512 x 512 real photo
 
-
-def _jpeg(img: Image.Image, **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=90, **kw)
-    return buf.getvalue()
 
 
 def test_crop_shapes_and_normalisation(astronaut):
@@ -123,24 +119,24 @@ def test_hue_shift_matches_torchvision(astronaut):
 def test_draft_decoding_keeps_enough_pixels(astronaut):
     big = astronaut.resize((2048, 1536))
     aug = DataAugmentationDINO()
-    img = aug.decode(_jpeg(big))
+    img = aug.decode(encode(big))
     assert img.mode == "RGB"
     assert img.width * img.height >= aug.min_decode_area
     assert img.width < 2048  # decoded at a reduced scale
-    full = decode_for_crops(_jpeg(big), aug.min_decode_area, draft=False)
+    full = decode_for_crops(encode(big), aug.min_decode_area, draft=False)
     assert full.size == (2048, 1536)
-    small = aug.decode(_jpeg(astronaut))
+    small = aug.decode(encode(astronaut))
     assert small.size == (512, 512)  # no reduction when it would lose pixels
     # EXIF orientation is honoured on the draft path too.
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90
-    rotated = aug.decode(_jpeg(big, exif=exif.tobytes()))
+    rotated = aug.decode(encode(big, exif=exif.tobytes()))
     assert rotated.height > rotated.width
 
 
 def test_decode_failures_have_reasons(astronaut):
     aug = DataAugmentationDINO()
-    data = _jpeg(astronaut.resize((1600, 1600)))
+    data = encode(astronaut.resize((1600, 1600)))
     with pytest.raises(DecodeError) as e:
         aug.decode(data[: len(data) // 2])
     assert e.value.reason == "truncated"

@@ -11,7 +11,8 @@ from PIL import Image
 
 from dinov2.data.augment import CropsConfig
 from dinov2.data.loader import DataConfig, SourceConfig, build_train_loader
-from dinov2.data.webdataset import DataError, write_tar_shard
+from dinov2.data.shards import write_shard
+from dinov2.data.webdataset import DataError
 from dinov2.utils.config import ConfigError, load_config
 
 
@@ -44,10 +45,10 @@ def shards(tmp_path_factory, sign_digits) -> dict[str, str]:
             i += 1
         if s == 1:
             members[2:2] = _bad_members()
-        write_tar_shard(str(root / f"a-{s:03d}.tar"), members)
+        write_shard(str(root / f"a-{s:03d}.tar"), members)
     for s in range(2):  # source "b": 2 shards x 10, the second one truncated after ~6 samples
         members = [(f"b/{s}/p.{k}.jpg", photos[(i + k) % len(photos)]) for k in range(10)]
-        write_tar_shard(str(root / f"b-{s:03d}.tar"), members)
+        write_shard(str(root / f"b-{s:03d}.tar"), members)
     data = (root / "b-001.tar").read_bytes()
     (root / "b-001.tar").write_bytes(data[: len(data) // 2])
     return {"a": str(root / "a-{000..003}.tar"), "b": str(root / "b-{000..001}.tar")}
@@ -170,7 +171,7 @@ def test_real_photo_crops_are_sensible(shards):
 
 
 def test_all_bad_source_fails_clearly_instead_of_hanging(tmp_path):
-    write_tar_shard(str(tmp_path / "bad-0.tar"), [(n, d) for n, d in _bad_members() if "odd" not in n] * 3)
+    write_shard(str(tmp_path / "bad-0.tar"), [(n, d) for n, d in _bad_members() if "odd" not in n] * 3)
     cfg = DataConfig(sources=[SourceConfig(pattern=str(tmp_path / "bad-0.tar"))], batch_size=2, num_workers=0,
                      streams_per_rank=1, shuffle_buffer=2, patch_size=7, max_consecutive_empty_batches=5,
                      crops=CropsConfig(global_crops_size=28, local_crops_size=14, local_crops_number=1))

@@ -9,16 +9,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dinov2.data.shards import expand_braces, split_key, write_shard
 from dinov2.data.webdataset import (
     DataError,
     SampleStream,
     SourceSlotStream,
-    expand_braces,
     iter_tar_samples,
     scan_shard,
-    split_key,
     stream_batches_before,
-    write_tar_shard,
 )
 
 
@@ -37,7 +35,7 @@ def _make_shards(tmp_path: Path, photos: list[bytes], n_shards: int, per_shard: 
             # Dotted keys on purpose: webdataset would cut them at the first dot.
             members.append((f"{prefix}/img.{s:02d}.{i:05d}.jpg", photos[i % len(photos)]))
             members.append((f"{prefix}/img.{s:02d}.{i:05d}.json", b'{"i": %d}' % i))
-        write_tar_shard(str(tmp_path / f"{prefix}-{s:06d}.tar"), members)
+        write_shard(str(tmp_path / f"{prefix}-{s:06d}.tar"), members)
     return str(tmp_path / f"{prefix}-{{000000..{n_shards - 1:06d}}}.tar")
 
 
@@ -67,7 +65,7 @@ def test_scan_groups_dotted_keys_and_reads_bytes(tmp_path, sign_digits):
     for i, p in enumerate(photos):
         members += [(f"s/img.{i}.v2.json", b"{}"), (f"s/img.{i}.v2.JPG", p), (f"s/img.{i}.v2.txt", b"cap")]
     members.append(("s/caption_only.txt", b"no image here"))
-    write_tar_shard(str(tmp_path / "a.tar"), members)
+    write_shard(str(tmp_path / "a.tar"), members)
     scan = scan_shard(str(tmp_path / "a.tar"))
     assert [r.key for r in scan.refs] == ["s/img.0.v2", "s/img.1.v2", "s/img.2.v2"]
     assert scan.problems == Counter({"no_image": 1})
@@ -77,7 +75,7 @@ def test_scan_groups_dotted_keys_and_reads_bytes(tmp_path, sign_digits):
 
 def test_truncated_and_corrupt_tars(tmp_path, sign_digits):
     photos = _photo_bytes(sign_digits, 4)
-    write_tar_shard(str(tmp_path / "full.tar"), [(f"k.{i}.jpg", p) for i, p in enumerate(photos)])
+    write_shard(str(tmp_path / "full.tar"), [(f"k.{i}.jpg", p) for i, p in enumerate(photos)])
     data = (tmp_path / "full.tar").read_bytes()
     sizes = [len(p) for p in photos]
     # Cut in the middle of the third image: the first two samples survive, the damage is counted.
@@ -175,7 +173,7 @@ def test_stream_batches_before():
 
 def test_bytes_are_real_jpegs(tmp_path, sign_digits):
     photos = _photo_bytes(sign_digits, 2)
-    write_tar_shard(str(tmp_path / "x.tar"), [("a.b.jpg", photos[0]), ("c.d.jpg", photos[1])])
+    write_shard(str(tmp_path / "x.tar"), [("a.b.jpg", photos[0]), ("c.d.jpg", photos[1])])
     for _, _, data in iter_tar_samples(str(tmp_path / "x.tar")):
         img = Image.open(io.BytesIO(data))
         assert img.size == (100, 100)
@@ -219,7 +217,7 @@ def test_fast_header_reader_matches_tarfile(tmp_path, sign_digits, fmt):
 
 def test_random_corruption_never_raises(tmp_path, sign_digits):
     photos = _photo_bytes(sign_digits, 3)
-    write_tar_shard(str(tmp_path / "ok.tar"), [(f"k.{i}.jpg", p) for i, p in enumerate(photos)])
+    write_shard(str(tmp_path / "ok.tar"), [(f"k.{i}.jpg", p) for i, p in enumerate(photos)])
     data = (tmp_path / "ok.tar").read_bytes()
     rng = np.random.default_rng(0)
     for trial in range(150):

@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_demo_small_end_to_end(tmp_path, sign_digits):
     out = tmp_path / "demo"
     proc = subprocess.run(
-        [sys.executable, "-m", "dinov2.demo", "--size", "small", "--out", str(out), "--labeled", str(sign_digits)],
+        [sys.executable, "-m", "demo", "--size", "small", "--out", str(out), "--labeled", str(sign_digits)],
         cwd=REPO, capture_output=True, text=True, timeout=1500,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -49,7 +49,7 @@ def test_random_init_baseline_uses_the_runs_position_init():
     # re-initialised the way the run started (tiny.yaml: sin-cos positions), not the way load_pretrained does.
     import torch
 
-    from dinov2.demo import _fresh_like
+    from demo.run import _fresh_like
     from dinov2.models.vit import sincos_pos_embed, vit_tiny
 
     loaded = vit_tiny(img_size=84, depth=1)

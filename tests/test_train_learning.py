@@ -1,6 +1,6 @@
 """The tiny config learns for real: a short SSL run on sign-digits photos (labels unused) must beat
-the same architecture at random init on weighted k-NN by a clear margin (bench/train_learning.py
-at half of its recorded 600-step budget).
+the same architecture at random init on weighted k-NN by a clear margin (dinov2/eval/learning.py, as
+bench/train_learning.py runs it, at half of its recorded 600-step budget).
 
 Measured on the dev VM (seed 0, 300 steps × 32 images, about 3 CPU minutes): random init 0.185,
 trained teacher 0.247 (k = 10, 829 queries: one binomial standard error ≈ 0.015).
@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import import_bench
+from dinov2.eval.learning import run_learning
 
 
 @pytest.mark.slow
 def test_short_ssl_run_beats_random_init_on_knn(tmp_path, sign_digits):
-    run_learning = import_bench("train_learning").run_learning
     res = run_learning(sign_digits, 300, tmp_path, ["data.num_workers=1"])
     base, after = res["random_init"]["knn_top1_k10"], res["trained"]["knn_top1_k10"]
     assert after > base + 0.04, f"k-NN top-1 (k=10): trained {after:.3f} vs random init {base:.3f}"

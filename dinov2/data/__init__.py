@@ -18,11 +18,11 @@ _EXPORTS = {
     "build_train_loader": "dinov2.data.loader",
     "DataError": "dinov2.data.webdataset",
     "SampleStream": "dinov2.data.webdataset",
-    "expand_braces": "dinov2.data.webdataset",
     "iter_tar_samples": "dinov2.data.webdataset",
     "scan_shard": "dinov2.data.webdataset",
-    "split_key": "dinov2.data.webdataset",
-    "write_tar_shard": "dinov2.data.webdataset",
+    "expand_braces": "dinov2.data.shards",
+    "split_key": "dinov2.data.shards",
+    "write_shard": "dinov2.data.shards",
 }
 
 __all__ = list(_EXPORTS)

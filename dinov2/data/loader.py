@@ -33,13 +33,12 @@ from dinov2.data.augment import CropsConfig, DataAugmentationDINO
 from dinov2.data.collate import collate_data_and_cast
 from dinov2.data.decode import DEFAULT_MAX_PIXELS, DecodeError
 from dinov2.data.masking import MaskingGenerator
+from dinov2.data.shards import RangeReader, ShortRead, expand_braces
 from dinov2.data.webdataset import (
     TAG_AUGMENT,
     TAG_MASK,
-    ByteReader,
     DataError,
     SampleStream,
-    expand_braces,
     rng_for,
     stream_batches_before,
 )
@@ -163,21 +162,20 @@ class MultiCropBatches(IterableDataset):
         return SampleStream(self.shards, self.weights, self.cfg.seed, self.rank * K + k,
                             self.world_size * K, self.cfg.shuffle_buffer, counters)
 
-    def _load(self, reader: ByteReader, ref, counters: Counter):
+    def _load(self, reader: RangeReader, ref, counters: Counter):
         try:
-            data = reader.read(ref)
-            if len(data) != ref.size:
-                counters["short_read"] += 1
-                return None
+            data = reader.read(ref.shard, ref.offset, ref.size)
             return self.augment.decode(data, self.cfg.max_pixels)
         except DecodeError as exc:
             counters[exc.reason] += 1
+        except ShortRead:
+            counters["short_read"] += 1
         except OSError as exc:
             counters["shard_unreadable"] += 1
             log.warning("reading %s from %s: %s", ref.key, ref.shard, exc)
         return None
 
-    def _batch(self, j: int, stream: SampleStream, reader: ByteReader, counters: Counter) -> dict | None:
+    def _batch(self, j: int, stream: SampleStream, reader: RangeReader, counters: Counter) -> dict | None:
         B = self.cfg.batch_size
         refs = [stream.next_ref() for _ in range(B)]
         images = [self._load(reader, r, counters) for r in refs]
@@ -230,7 +228,7 @@ class MultiCropBatches(IterableDataset):
             if (k - j0) % n_workers == worker:
                 streams[k] = self._make_stream(k, counters)
                 streams[k].skip(self.cfg.batch_size * stream_batches_before(j0, k, K))
-        reader = ByteReader()
+        reader = RangeReader()
         B = self.cfg.batch_size
         j = j0 + worker
         try:

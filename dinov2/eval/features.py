@@ -11,8 +11,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import re
-import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,9 +22,16 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from dinov2.data.decode import DecodeError, decode_image
-from dinov2.utils.io import read_range
+from dinov2.data.shards import (
+    RangeReader,
+    ShardWriter,
+    expand_braces,
+    group_samples,
+    is_image_ext,
+    list_tar,
+    read_range,
+)
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -77,21 +82,9 @@ class LabeledSet:
     skipped: Counter = field(default_factory=Counter)  # listing-time problems by reason
 
 
-def _expand_braces(pattern: str) -> list[str]:
-    m = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
-    if not m:
-        return [pattern]
-    a, b = m.group(1), m.group(2)
-    width = len(a)
-    out = []
-    for i in range(int(a), int(b) + 1):
-        out.extend(_expand_braces(pattern[: m.start()] + str(i).zfill(width) + pattern[m.end():]))
-    return out
-
-
 def _label_from_sidecar(ext: str, data: bytes) -> int:
     text = data.decode("utf-8").strip()
-    if ext == ".cls":
+    if ext == "cls":
         return int(text)
     obj = json.loads(text)
     for key in ("label", "cls"):
@@ -105,7 +98,7 @@ def _shard_paths(source: str) -> list[str]:
     if p.is_dir():
         shards = sorted(str(x) for x in p.glob("*.tar"))
     else:
-        shards = sorted({s for pat in _expand_braces(source) for s in (glob.glob(pat) or [pat])})
+        shards = sorted({s for pat in expand_braces(source) for s in (glob.glob(pat) or [pat])})
     missing = [s for s in shards if not os.path.isfile(s)]
     if missing:
         raise FileNotFoundError(f"labeled set: shard(s) not found: {missing[:3]}")
@@ -142,7 +135,7 @@ def _list_folder(root: Path) -> LabeledSet:
     items = []
     for label, name in enumerate(classes):
         for f in sorted((root / name).rglob("*")):
-            if f.is_file() and f.suffix.lower() in IMAGE_EXTS:
+            if f.is_file() and is_image_ext(f.suffix.lstrip(".")):
                 items.append(Item(str(f), label))
     if not items:
         raise ValueError(f"{root}: no images found in the class folders")
@@ -153,29 +146,31 @@ def _list_shards(shards: Sequence[str], require_labels: bool = True) -> LabeledS
     items: list[Item] = []
     skipped: Counter = Counter()
     for shard in shards:
-        images: dict[str, tarfile.TarInfo] = {}
-        labels: dict[str, int] = {}
         try:
-            with tarfile.open(shard, "r:") as tf:
-                for m in tf:
-                    if not m.isfile():
+            listing = list_tar(shard)
+        except OSError:
+            skipped["shard_unreadable"] += 1
+            continue
+        if listing.damage is not None:
+            skipped[listing.damage.reason] += 1  # keep what was listed before the damage
+        with RangeReader(max_open=1) as reader:
+            for sample in group_samples(listing.members):
+                image = sample.image()
+                side = next((e for e in ("cls", "json") if e in sample.members), None)
+                if image is None:
+                    continue
+                label = -1
+                if side is not None:
+                    m = sample.members[side]
+                    try:
+                        label = _label_from_sidecar(side, reader.read(shard, m.offset, m.size))
+                    except (ValueError, UnicodeDecodeError, OSError):
+                        skipped["bad_label"] += 1
                         continue
-                    key, ext = os.path.splitext(m.name)
-                    ext = ext.lower()
-                    if ext in IMAGE_EXTS:
-                        images[key] = m
-                    elif ext in (".cls", ".json") and key not in labels:
-                        try:
-                            labels[key] = _label_from_sidecar(ext, tf.extractfile(m).read())
-                        except (ValueError, UnicodeDecodeError):
-                            skipped["bad_label"] += 1
-        except (tarfile.TarError, OSError, EOFError):
-            skipped["truncated_tar"] += 1  # keep what was listed before the damage
-        for key, m in images.items():
-            if key in labels or not require_labels:
-                items.append(Item(shard, labels.get(key, -1), m.offset_data, m.size, m.name))
-            else:
-                skipped["no_label"] += 1
+                elif require_labels:
+                    skipped["no_label"] += 1
+                    continue
+                items.append(Item(shard, label, image[1].offset, image[1].size, image[1].name))
     if not items:
         hint = " (labels go in <key>.cls or <key>.json)" if require_labels else ""
         raise ValueError(f"no {'labeled ' if require_labels else ''}images in {len(shards)} shard(s){hint}")
@@ -279,24 +274,18 @@ def write_labeled_shards(items: Sequence[Item], out_dir: str | Path, per_shard: 
                          prefix: str = "shard") -> list[str]:
     """Copy labeled images into WebDataset tar shards (``<key>.<ext>`` + ``<key>.cls``), original
     bytes unchanged, in item order; each shard is written atomically.  Returns the shard paths."""
-    import io
-
-    from dinov2.utils.io import atomic_open
+    from dinov2.data.shards import written_image_ext
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for s in range(0, len(items), per_shard):
         path = out_dir / f"{prefix}-{s // per_shard:06d}.tar"
-        with atomic_open(path, "wb") as f, tarfile.open(fileobj=f, mode="w") as tf:
+        with ShardWriter(path) as tar:
             for i, item in enumerate(items[s : s + per_shard]):
                 data = read_range(item.path, item.offset, item.size)
                 key = f"{s + i:08d}"
-                ext = Path(item.path).suffix.lower() if item.offset < 0 else ".jpg"
-                for name, payload in ((key + ext, data), (key + ".cls", str(item.label).encode())):
-                    info = tarfile.TarInfo(name)
-                    info.size = len(payload)
-                    info.mtime = 0  # reproducible bytes
-                    tf.addfile(info, io.BytesIO(payload))
+                ext = written_image_ext(Path(item.path).suffix if item.offset < 0 else None, data)
+                tar.add(f"{key}.{ext}", data)
+                tar.add(f"{key}.cls", str(item.label).encode())
         paths.append(str(path))
     return paths

@@ -41,7 +41,7 @@ class WeightNormLinear(nn.Module):
         # Norm in fp32 (fp16 squares overflow / underflow).  torch._weight_norm is the fused kernel behind
         # nn.utils weight norm: one pass each way over the [out, in] matrix (65536 x 256 in the reference
         # heads), where norm + broadcast divide materialises several full-size temporaries in backward
-        # (fwd+bwd incl. the 354-row matmul: 0.55 s vs 0.80 s here).  An all-zero row (training never
+        # (bench/RESULTS.md has the timing).  An all-zero row (training never
         # produces one) would give NaN, and the non-finite-loss guard then stops the run.
         w = self.weight.float()
         return torch._weight_norm(w, w.new_ones(w.shape[0], 1), 0)

@@ -113,12 +113,3 @@ def sha256_file(path: str | Path, block_size: int = 1 << 20) -> str:
         for block in iter(lambda: f.read(block_size), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def read_range(path: str | Path, offset: int = -1, size: int = -1) -> bytes:
-    """``size`` bytes at ``offset`` (a tar member in place), or the whole file when ``offset < 0``."""
-    with open(path, "rb") as f:
-        if offset < 0:
-            return f.read()
-        f.seek(offset)
-        return f.read(size)

@@ -9,8 +9,13 @@ from typing import Any
 
 import pandas as pd
 
-from dinov2.report import figures
-from dinov2.utils.io import atomic_write_text, read_range
+from curation import layout
+from curation.funnel import ordered_funnel
+from curation.store import EmbeddingStore, list_sources
+from curation.text import stored_path
+from demo.report import figures
+from dinov2.data.shards import read_range
+from dinov2.utils.io import atomic_write_text
 
 
 # ---------------------------------------------------------------- reading the curation outputs
@@ -25,7 +30,7 @@ class ImageBytes:
     """Original bytes of any embedded image (pool, eval or query) by id, via the embed index."""
 
     def __init__(self, curated_dir: Path):
-        parts = [_read_parquets(d) for d in sorted((curated_dir / "embed").iterdir()) if d.is_dir()]
+        parts = [_read_parquets(layout.embed_dir(curated_dir, s)) for s in layout.sources(curated_dir)]
         parts = [p for p in parts if len(p)]
         index = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["id"])
         self.rows = index.set_index("id", drop=False)
@@ -38,7 +43,9 @@ class ImageBytes:
         if size is None or pd.isna(size) or int(size) <= 0:
             return None
         try:
-            return read_range(row["input_path"], int(row.get("byte_offset") or 0), int(size))
+            raw = row.get("input_path_bytes")
+            path = stored_path(row["input_path"], raw if isinstance(raw, bytes) else None)
+            return read_range(path, int(row.get("byte_offset") or 0), int(size))
         except OSError:
             return None
 
@@ -54,7 +61,7 @@ def decision_quality(curated_dir: Path, truth: dict) -> dict[str, float]:
     extra_copies = sum(n - 1 for n in groups.values() if n > 1)
     eval_copies = sum(1 for v in items.values() if v["kind"] == "eval_copy")
     out: dict[str, float] = {}
-    dedup = pd.read_parquet(curated_dir / "dedup" / "decisions.parquet")
+    dedup = pd.read_parquet(layout.dedup_decisions(curated_dir))
     dropped = dedup[~dedup["kept"]]
     keys = [_key_of(i) for i in dropped["id"]]
     true_dup = sum(1 for k in keys if k in items and items[k]["group"] >= 0 and groups[items[k]["group"]] > 1)
@@ -62,7 +69,7 @@ def decision_quality(curated_dir: Path, truth: dict) -> dict[str, float]:
     out["dedup_precision"] = true_dup / len(keys) if keys else 1.0
     out["dedup_recall"] = true_dup / extra_copies if extra_copies else 1.0
     # Decontamination is judged on what it removed itself (images still in the pool after dedup).
-    manifest = pd.read_parquet(curated_dir / "final" / "manifest.parquet", columns=["id", "stage"])
+    manifest = pd.read_parquet(layout.manifest(curated_dir), columns=["id", "stage"])
     dkeys = [_key_of(i) for i in manifest.loc[manifest["stage"] == "decontaminate", "id"]]
     hits = sum(1 for k in dkeys if items.get(k, {}).get("kind") == "eval_copy")
     out["decontam_dropped"] = float(len(dkeys))
@@ -73,7 +80,7 @@ def decision_quality(curated_dir: Path, truth: dict) -> dict[str, float]:
 
 # ---------------------------------------------------------------- figures from the outputs
 def _duplicate_gallery(curated_dir: Path, images: ImageBytes, path: Path, n_components: int = 6) -> Path:
-    dedup = pd.read_parquet(curated_dir / "dedup" / "decisions.parquet")
+    dedup = pd.read_parquet(layout.dedup_decisions(curated_dir))
     sizes = dedup.groupby("component")["id"].transform("size")
     multi = dedup[sizes > 1].copy()
     multi["size"] = sizes[sizes > 1]
@@ -96,15 +103,13 @@ def _retrieval_examples(curated_dir: Path, images: ImageBytes, path: Path, n_que
     """Query images and their most similar selected pool images (retrieval embedder, cosine)."""
     import numpy as np
 
-    from curation.store import EmbeddingStore, list_sources
-
-    sel = pd.read_parquet(curated_dir / "retrieve" / "selection.parquet")
-    info = json.loads((curated_dir / "retrieve" / "clusters.json").read_text())
+    sel = pd.read_parquet(layout.retrieve_selection(curated_dir))
+    info = json.loads(layout.retrieve_clusters(curated_dir).read_text())
     embedder = info.get("embedder", "")
-    query_sources = list_sources(curated_dir, "query-")
+    query_sources = list_sources(curated_dir, layout.QUERY_PREFIX)
     if not query_sources or not sel["selected"].any():
         return None
-    pool = EmbeddingStore(curated_dir, "pool", embedder)
+    pool = EmbeddingStore(curated_dir, layout.POOL, embedder)
     queries = EmbeddingStore(curated_dir, query_sources, embedder)
     chosen = np.flatnonzero(np.isin(pool.ids, sel.loc[sel["selected"], "id"].to_numpy()))
     pool_vecs = pool.vectors.gather(chosen).astype(np.float32)
@@ -121,7 +126,7 @@ def _retrieval_examples(curated_dir: Path, images: ImageBytes, path: Path, n_que
 
 
 def _decontam_examples(curated_dir: Path, images: ImageBytes, path: Path, n: int = 6) -> Path | None:
-    dec = pd.read_parquet(curated_dir / "decontaminate" / "decisions.parquet")
+    dec = pd.read_parquet(layout.decontaminate_decisions(curated_dir))
     hit = dec[dec["contaminated"] & dec["eval_id"].notna()].sort_values("eval_sim", ascending=False).head(n)
     if hit.empty:
         return None
@@ -131,7 +136,7 @@ def _decontam_examples(curated_dir: Path, images: ImageBytes, path: Path, n: int
 
 
 def _cluster_figure(curated_dir: Path, path: Path) -> Path | None:
-    f = curated_dir / "retrieve" / "clusters.json"
+    f = layout.retrieve_clusters(curated_dir)
     if not f.exists():
         return None
     info = json.loads(f.read_text())
@@ -175,15 +180,6 @@ code{background:#eef0f4;padding:1px 5px;border-radius:4px}
 """
 
 
-FUNNEL_ORDER = ("inputs", "decoded", "after_dedup", "after_decontamination", "retrieved", "written")
-
-
-def ordered_funnel(funnel: dict[str, int]) -> dict[str, int]:
-    """Funnel counts in pipeline order (JSON files may store them sorted by name)."""
-    known = [k for k in FUNNEL_ORDER if k in funnel]
-    return {k: funnel[k] for k in known + sorted(set(funnel) - set(known))}
-
-
 def _card(value: str, label: str) -> str:
     return f'<div class="card"><div class="v">{html.escape(value)}</div><div class="l">{html.escape(label)}</div></div>'
 
@@ -207,7 +203,7 @@ def write_report(report_dir: Path, data_dir: Path, curated_dir: Path, run_dirs: 
     report_dir = Path(report_dir)
     img_dir = report_dir / "img"
     img_dir.mkdir(parents=True, exist_ok=True)
-    summary = json.loads((curated_dir / "final" / "summary.json").read_text())
+    summary = json.loads(layout.summary(curated_dir).read_text())
     funnel = ordered_funnel(summary["funnel"])
     images = ImageBytes(curated_dir)
     quality = decision_quality(curated_dir, truth) if truth else {}
@@ -224,7 +220,7 @@ def write_report(report_dir: Path, data_dir: Path, curated_dir: Path, run_dirs: 
         "evaluation set at decontamination, and the rest is balanced by retrieval against the query set.",
         figures.funnel(funnel, img_dir / "funnel.png"), report_dir,
         _table([[k.replace("_", " "), f"{v:,}"] for k, v in funnel.items()], ["stage", "images"])))
-    manifest = pd.read_parquet(curated_dir / "final" / "manifest.parquet")
+    manifest = pd.read_parquet(layout.manifest(curated_dir))
     reasons = manifest.loc[manifest["decision"] != "kept"].groupby(["stage", "reason"], dropna=False).size()
     sections.append(_section(
         "Why images were dropped", "Counts by stage and reason, from the manifest.", None, report_dir,
@@ -270,7 +266,7 @@ def write_report(report_dir: Path, data_dir: Path, curated_dir: Path, run_dirs: 
                              eval_fig, report_dir))
 
     if model is not None and sample_images:
-        from dinov2.report.visualize import cls_attention, patch_pca
+        from demo.report.visualize import cls_attention, patch_pca
 
         crops, pcs = patch_pca(model, sample_images, image_size)
         pca_fig = figures.feature_maps(crops, pcs, img_dir / "pca.png", "First 3 PCA components of patch features")

@@ -1,4 +1,4 @@
 """Visual report of a curation + training run (``report/index.html`` plus PNG figures)."""
-from dinov2.report.html import write_report
+from demo.report.html import write_report
 
 __all__ = ["write_report"]

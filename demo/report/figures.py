@@ -1,7 +1,6 @@
 """Figures for the report: each function takes plain data and writes one PNG."""
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -150,9 +149,3 @@ def feature_maps(images: Sequence[np.ndarray], maps: Sequence[np.ndarray], path:
         axes[1][i].axis("off")
     fig.suptitle(title)
     return _save(fig, path)
-
-
-def png_bytes(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()

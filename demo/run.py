@@ -110,7 +110,7 @@ def train_overrides(run_dir: Path, pattern: str, size: DemoSize, steps: int, hel
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m dinov2.demo", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m demo", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     ap.add_argument("--photos", default=None, help="folder of seed photos (default: packaged sample photos)")
     ap.add_argument("--labeled", default=None,
@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
+    from curation import layout
     from curation.synth import CrawlSpec, build_crawl, load_photos
 
     size = SIZES[args.size]
@@ -180,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     _banner("4/6 training the tiny config on the curated shards (+ high-resolution phase)")
     t = time.perf_counter()
     run = out / "train"
-    curated_pattern = _shard_pattern(curated / "final", "lvd-")
+    curated_pattern = _shard_pattern(layout.final_dir(curated), "lvd-")
     _run(_py("dinov2.cli", "train", "-c", str(REPO / "configs/train/tiny.yaml"),
              *train_overrides(run, curated_pattern, size, size.train_steps, heldout),
              f"phases.highres.steps={size.highres_steps}"), logs / "train.log")
@@ -193,8 +194,7 @@ def main(argv: list[str] | None = None) -> int:
 
     _banner("6/6 writing the report")
     t = time.perf_counter()
-    from dinov2.report import write_report
-
+    from demo.report import write_report
     from dinov2.cli import load_backbone_weights
     from dinov2.data.decode import decode_image
 
@@ -207,9 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     total = time.perf_counter() - timer.t0
     head = results["trained"]
     base = results["random init"]
-    from dinov2.report.html import ordered_funnel
+    from curation.funnel import ordered_funnel
 
-    funnel = ordered_funnel(json.loads((curated / "final" / "summary.json").read_text())["funnel"])
+    funnel = ordered_funnel(json.loads(layout.summary(curated).read_text())["funnel"])
     print(f"\nDone in {total / 60:.1f} min.  Report: {index}")
     print("funnel: " + " → ".join(f"{k} {v}" for k, v in funnel.items()))
     print(f"k-NN top-1 (k=20): trained {100 * head['knn_top1_k20']:.1f}% vs random init "
@@ -280,12 +280,13 @@ def split_labeled_folder(src: Path, dst: Path, seed: int = 0, val_fraction: floa
 
     if not src.is_dir():
         raise SystemExit(f"demo: labelled folder not found: {src}")
-    exts = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+    from dinov2.data.shards import is_image_ext
+
     classes = sorted(d for d in src.iterdir() if d.is_dir())
     if len(classes) < 2:
         raise SystemExit(f"demo: {src} needs at least two class subfolders")
     for cls in classes:
-        files = sorted(p for p in cls.rglob("*") if p.suffix.lower() in exts)
+        files = sorted(p for p in cls.rglob("*") if is_image_ext(p.suffix.lstrip(".")))
         random.Random(f"{seed}/{cls.name}").shuffle(files)
         n_val = max(1, int(len(files) * val_fraction))
         for split, part in (("val", files[:n_val]), ("train", files[n_val:])):

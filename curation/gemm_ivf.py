@@ -1,0 +1,199 @@
+"""GEMM-blocked IVF (the CPU index for large N): inverted lists scanned by dense float32 GEMMs."""
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from curation.index_plan import IndexConfig, IndexPlan
+from curation.kmeans import kmeans_array, sample_rows
+from curation.store import Vectors, as_vectors
+
+log = logging.getLogger(__name__)
+
+
+class CoarseQuantizer:
+    """Nearest IVF centroids by one matrix product + top-k in torch.
+
+    Faster than FAISS's flat search on CPU (bench/RESULTS.md), and coarse quantization
+    dominates IVF add and search once lists are short.
+    """
+
+    def __init__(self, centroids: np.ndarray, batch: int = 2048):
+        import torch
+
+        self._torch = torch
+        self.centroids = torch.from_numpy(np.ascontiguousarray(centroids, dtype=np.float32))
+        self.batch = batch
+
+    def search(self, x: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+        torch = self._torch
+        nprobe = min(nprobe, self.centroids.shape[0])
+        dq = np.empty((len(x), nprobe), np.float32)
+        iq = np.empty((len(x), nprobe), np.int64)
+        with torch.no_grad():
+            for s in range(0, len(x), self.batch):
+                sims = torch.from_numpy(np.ascontiguousarray(x[s : s + self.batch])) @ self.centroids.T
+                v, i = sims.topk(nprobe, dim=1)
+                dq[s : s + len(v)] = v.numpy()
+                iq[s : s + len(v)] = i.numpy()
+        return dq, iq
+
+
+class GemmIvfIndex:
+    """IVF whose list scans are dense float32 GEMMs instead of FAISS's per-query loops.
+
+    Build: spherical k-means on a sample → ``nlist`` centroids; one GEMM pass over the
+    memmaps gives every row its ``nprobe`` nearest centroids; the rows are then copied
+    into one float32 array sorted by nearest centroid (each list is a contiguous slice).
+    Search of a query block: group the (query, probed list) pairs by list, score each
+    list's queries × members with one GEMM, keep a top-k per (query, probe slot), then
+    one top-k over the slots.  Cost ≈ Q·nprobe·list_size·D, i.e. linear in N at a
+    fixed list size, and runs at BLAS speed (FAISS's IVF-Flat scan does not; bench/RESULTS.md).
+    The self-search (``search_vectors`` over the indexed rows) walks queries in list
+    order, so a block's queries share their lists and the GEMMs are large.
+    Results are sorted by (similarity desc, row asc), so equal scores break by row id.
+    """
+
+    def __init__(self, centroids: np.ndarray, db: np.ndarray, order: np.ndarray, bounds: np.ndarray,
+                 probes: np.ndarray, rows: np.ndarray, plan: IndexPlan, cfg: IndexConfig,
+                 source: Vectors, mask: np.ndarray | None):
+        import torch
+
+        self._torch = torch
+        self.coarse = CoarseQuantizer(centroids)
+        self.db = torch.from_numpy(db)  # [n, D] float32, rows sorted by list
+        self.order = order  # sorted position -> index position
+        self.bounds = bounds  # list c = sorted positions bounds[c]:bounds[c+1]
+        self.probes = probes  # [n, nprobe] int32 lists probed by each indexed row (index position)
+        self.rows = rows  # index position -> global row
+        self.plan = plan
+        self.cfg = cfg
+        self._source = source
+        self._mask = mask
+
+    @property
+    def ntotal(self) -> int:
+        return len(self.rows)
+
+    @classmethod
+    def build(cls, vectors: Vectors, rows: np.ndarray, plan: IndexPlan, cfg: IndexConfig,
+              mask: np.ndarray | None) -> GemmIvfIndex:
+        n, d = len(rows), vectors.dim
+        train = vectors.gather(sample_rows(rows, plan.n_train, cfg.seed))
+        centroids = kmeans_array(train, plan.nlist, niter=cfg.kmeans_niter, seed=cfg.seed,
+                                 max_points_per_centroid=cfg.gemm_train_per_centroid,
+                                 two_level_min_k=cfg.two_level_min_nlist)
+        del train
+        coarse = CoarseQuantizer(centroids)
+        probes = np.empty((n, plan.nprobe), np.int32)
+        labels = np.empty(n, np.int64)
+        batch = cfg.search_batch * 4
+        for grows, block in vectors.iter_blocks(batch, mask):
+            pos = np.searchsorted(rows, grows)  # global row -> index position
+            _, iq = coarse.search(block, plan.nprobe)
+            probes[pos] = iq
+            labels[pos] = iq[:, 0]
+        order = np.argsort(labels, kind="stable")  # by list, then by row: deterministic
+        sorted_pos = np.empty(n, np.int64)
+        sorted_pos[order] = np.arange(n)
+        db = np.empty((n, d), np.float32)
+        for grows, block in vectors.iter_blocks(batch, mask):
+            db[sorted_pos[np.searchsorted(rows, grows)]] = block
+        bounds = np.concatenate([[0], np.cumsum(np.bincount(labels, minlength=plan.nlist))]).astype(np.int64)
+        log.info("built ivf_gemm index over %d vectors (nlist=%d, nprobe=%d, largest list %d)",
+                 n, plan.nlist, plan.nprobe, int(np.diff(bounds).max()) if n else 0)
+        return cls(centroids, db, order, bounds, probes, rows, plan, cfg, vectors, mask)
+
+    def _search(self, xq, probes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k over the probed lists for float32 tensor queries ``xq`` [q, D]."""
+        torch = self._torch
+        q, p = probes.shape
+        kk = min(k, self.ntotal)
+        cand_s = torch.full((q, p, kk), -math.inf)
+        cand_i = torch.full((q, p, kk), -1, dtype=torch.int64)
+        flat_s, flat_i = cand_s.view(q * p, kk), cand_i.view(q * p, kk)
+        flat = probes.reshape(-1).astype(np.int64)
+        by_list = np.argsort(flat, kind="stable")
+        lists, starts = np.unique(flat[by_list], return_index=True)
+        ends = np.append(starts[1:], len(flat))
+        for c, a, b in zip(lists.tolist(), starts.tolist(), ends.tolist()):
+            lo, hi = int(self.bounds[c]), int(self.bounds[c + 1])
+            if hi == lo:
+                continue
+            pairs = torch.from_numpy(by_list[a:b])  # = query * p + probe slot
+            scores = xq[pairs // p] @ self.db[lo:hi].T
+            kc = min(kk, hi - lo)
+            v, j = scores.topk(kc, dim=1, sorted=False)  # order is fixed by the final sort
+            if kc == kk:  # whole rows: one index_copy_ instead of an advanced-index put
+                flat_s.index_copy_(0, pairs, v)
+                flat_i.index_copy_(0, pairs, j + lo)
+            else:
+                flat_s[pairs, :kc] = v
+                flat_i[pairs, :kc] = j + lo
+        v, j = cand_s.view(q, -1).topk(kk, dim=1, sorted=False)
+        sorted_pos = torch.gather(cand_i.view(q, -1), 1, j).numpy()
+        sims = v.numpy()
+        found = sorted_pos >= 0
+        grow = np.where(found, self.rows[self.order[np.maximum(sorted_pos, 0)]], -1)
+        sims = np.where(found, sims, -np.inf).astype(np.float32)
+        # deterministic order: similarity desc, then global row asc (missing entries last)
+        key_row = np.where(found, grow, np.iinfo(np.int64).max)
+        o = np.lexsort((key_row, -sims), axis=-1)
+        sims, grow = np.take_along_axis(sims, o, 1), np.take_along_axis(grow, o, 1)
+        out_s = np.full((q, k), -np.inf, np.float32)
+        out_r = np.full((q, k), -1, np.int64)
+        out_s[:, :kk], out_r[:, :kk] = sims, grow
+        return out_s, out_r
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(sims [q, k] float32, global rows [q, k] int64; -1 / -inf where fewer than k found)."""
+        torch = self._torch
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        if self.ntotal == 0 or len(q) == 0:
+            return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
+        out_s, out_r = [], []
+        with torch.no_grad():
+            for s in range(0, len(q), self.cfg.search_batch):
+                qb = q[s : s + self.cfg.search_batch]
+                _, iq = self.coarse.search(qb, self.plan.nprobe)
+                a, b = self._search(torch.from_numpy(qb), iq.astype(np.int32), k)
+                out_s.append(a)
+                out_r.append(b)
+        return np.concatenate(out_s), np.concatenate(out_r)
+
+    def _is_self(self, vectors: Vectors, mask: np.ndarray | None) -> bool:
+        if vectors is not self._source:
+            return False
+        if mask is None or self._mask is None:
+            return mask is None and self._mask is None
+        return mask is self._mask or np.array_equal(mask, self._mask)
+
+    def search_vectors(self, vectors: Vectors | np.ndarray, k: int, mask: np.ndarray | None = None,
+                       desc: str = "search") -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Query with every (masked) row of ``vectors`` in blocks → (query rows, sims, nbr rows).
+
+        Self-search yields blocks in list order (rows of one list together); callers
+        index results by the query rows, never by position.
+        """
+        vectors = as_vectors(vectors)
+        if not self._is_self(vectors, mask):
+            for qrows, block in vectors.iter_blocks(self.cfg.search_batch, mask):
+                sims, nbrs = self.search(block, k)
+                yield qrows, sims, nbrs
+            return
+        torch = self._torch
+        n = self.ntotal
+        bar = tqdm(total=n, desc=desc, leave=False, disable=n < 200_000)
+        with torch.no_grad():
+            for s in range(0, n, self.cfg.search_batch):
+                pos = self.order[s : s + self.cfg.search_batch]
+                sims, nbrs = self._search(self.db[s : s + len(pos)], self.probes[pos], k)
+                if bar is not None:
+                    bar.update(len(pos))
+                yield self.rows[pos], sims, nbrs
+        if bar is not None:
+            bar.close()
