@@ -67,7 +67,7 @@ def test_non_log_step_reads_nothing_on_the_host(tmp_path, no_host_reads):
     assert no_host_reads["reads"] == 0 and not res.out.stats
     no_host_reads["armed"] = True  # the fixture does catch a read (the lazy KoLeo guard count is one)
     with pytest.raises(_HostRead):
-        trainer.arch.koleo_loss.guard_counts
+        _ = trainer.arch.koleo_loss.guard_counts
     no_host_reads["armed"] = False
     assert trainer._is_sync_step(3) and torch.isfinite(res.out.terms["total_loss"])
     assert trainer.data.state_dict() == {"next_sample": 2 * cfg.data.batch_size}
