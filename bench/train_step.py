@@ -1,9 +1,10 @@
 """Training-step throughput on this machine: images/s and achieved FLOP/s relative to the FLOP/s of
 a 4096³ fp32 matmul measured in the same process.
 
-One step = teacher forward (2 global crops) + student packed forward/backward (2 global + local
-crops, heads, DINO + iBOT + KoLeo) + gradient clipping + AdamW + EMA update, exactly as in the
-trainer (SSLMetaArch.forward_loss, single process, fp32).  FLOPs of one step are counted with
+One step = ``Trainer.train_step``, the trainer's own step: teacher forward (2 global crops) + student
+packed forward/backward (2 global + local crops, heads, DINO + iBOT + KoLeo) + gradient clipping +
+the device-side non-finite check + AdamW + EMA update (single process, fp32), on a step that does not
+log (a log step adds the monitors and one host sync).  FLOPs of one step are counted with
 torch.utils.flop_counter.FlopCounterMode (matmuls, convolutions and attention; elementwise ops are
 not counted, so the ratio is a lower bound of the real utilisation).
 
@@ -12,7 +13,9 @@ not counted, so the ratio is a lower bound of the real utilisation).
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,8 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dinov2.train.config import load_train_config  # noqa: E402
-from dinov2.train.ssl_meta_arch import SSLMetaArch, parallelize  # noqa: E402
-from dinov2.train.build import build_optimizer  # noqa: E402
+from dinov2.train.distributed import DistInfo  # noqa: E402
+from dinov2.train.phases import plans  # noqa: E402
+from dinov2.train.trainer import Trainer  # noqa: E402
 
 
 def matmul_flops_per_s(n: int = 4096, reps: int = 3) -> float:
@@ -42,32 +46,28 @@ def make_batch(B: int, gsize: int, lsize: int, n_local: int, patch: int) -> dict
     n = (gsize // patch) ** 2
     masks = torch.rand(2 * B, n, generator=g) < 0.3
     masks[B:] = False  # half of the samples masked, like the collate
-    return {
+    per_image = 1.0 / masks.sum(-1).clamp(min=1).float()
+    return {  # the collate's keys, masked-patch indices and weights included
         "collated_global_crops": torch.randn(2 * B, 3, gsize, gsize, generator=g),
         "collated_local_crops": torch.randn(n_local * B, 3, lsize, lsize, generator=g),
         "collated_masks": masks,
+        "mask_indices_list": masks.flatten().nonzero().flatten(),
+        "masks_weight": per_image[:, None].expand_as(masks)[masks],
     }
 
 
 def bench(name: str, config: str, batch: int, steps: int, precision: str = "fp32") -> dict:
-    cfg = load_train_config(REPO / "configs" / "train" / config, ["train.output_dir=/tmp/unused",
-                                                                    "model.drop_path_rate=0.0"])
+    tmp = tempfile.mkdtemp(prefix="train_step_bench_")
+    cfg = load_train_config(REPO / "configs" / "train" / config, [
+        f"train.output_dir={tmp}", "model.drop_path_rate=0.0", "train.progress=false", "train.tensorboard=false",
+        f"compute.precision={precision}", "compute.device=cpu", f"data.batch_size={batch}", "optim.warmup_epochs=0"])
     c = cfg.data.crops
-    torch.manual_seed(0)
-    arch = SSLMetaArch(cfg.model, cfg.head, cfg.loss, c.global_crops_size)
-    parallelize(arch, torch.device("cpu"), precision, use_fsdp=False)
-    opt = build_optimizer(arch, cfg)
-    for grp in opt.param_groups:
-        grp["lr"] = 1e-4
     data = make_batch(batch, c.global_crops_size, c.local_crops_size, c.local_crops_number, cfg.model.patch_size)
+    trainer = Trainer(cfg, plans(cfg, 1)[0][0], DistInfo(), batch_source=lambda r, w, s: itertools.repeat(data))
+    trainer.setup()
 
     def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        out = arch.forward_loss(data, 0.05)
-        out.loss.backward()
-        arch.clip_gradients(3.0)
-        opt.step()
-        arch.update_teacher(0.99)
+        trainer.train_step(data)
 
     from torch.utils.flop_counter import FlopCounterMode
 

@@ -11,11 +11,11 @@ from test_train_distributed import CONFIG, GSIZE, photo_batch_source, tiny_overr
 
 from dinov2.models.checkpoint import load_pretrained, save_official
 from dinov2.models.vit import DinoVisionTransformer
+from dinov2.train.build import build_optimizer
 from dinov2.train.checkpoint import read_checkpoint_tensors
 from dinov2.train.config import load_train_config
 from dinov2.train.distill import load_frozen_teacher
 from dinov2.train.ssl_meta_arch import SSLMetaArch
-from dinov2.train.build import build_optimizer
 from dinov2.train.train import run_training
 from dinov2.utils.config import ConfigError
 

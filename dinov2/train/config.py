@@ -226,8 +226,8 @@ class DistillConfig:
         if not p.exists():
             return [f"distill.teacher_checkpoint {self.teacher_checkpoint} does not exist"]
         if self.teacher_heads == TeacherHeads.checkpoint and not p.is_dir():
-            return ["distill.teacher_heads=checkpoint needs a run or checkpoint folder of ours as "
-                    "distill.teacher_checkpoint (weight files have no heads)"]
+            return [("distill.teacher_heads=checkpoint needs a run or checkpoint folder of ours as "
+                     "distill.teacher_checkpoint (weight files have no heads)")]
         return []
 
 

@@ -15,6 +15,7 @@ sync, before anything is saved (dinov2.train.guard, dinov2.train.checkpoint).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -246,7 +247,7 @@ class Trainer:
     def _stop_non_finite(self, terms: dict[str, float]) -> None:
         first = int(self.guard.first_bad)
         where = f"step {first}" if first > 0 else f"a step up to {self.step} (on another rank)"
-        bad_terms = ", ".join(f"{k}={v}" for k, v in terms.items() if v != v or abs(v) == float("inf"))
+        bad_terms = ", ".join(f"{k}={v}" for k, v in terms.items() if not math.isfinite(v))
         good = None
         if self.info.is_main:
             good = ckpt_lib.newest_verified(self.run_dir)
