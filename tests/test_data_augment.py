@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
-from dinov2.data.augment import CropsConfig, DataAugmentationDINO, _hue_shift, decode_for_crops
+from dinov2.data.augment import ColourOpsOn, CropsConfig, DataAugmentationDINO, _hue_shift, decode_for_crops
 from dinov2.data.decode import DecodeError
 from dinov2.utils.config import ConfigError, load_config
 
@@ -168,3 +168,7 @@ def test_config_validation(tmp_path):
     path.write_text("local_crops_size: 96\nblur_sigma: [0.2, 1.0]\n")
     cfg = load_config(CropsConfig, path, ["blur_p_global2=0.3"])
     assert cfg.local_crops_size == 96 and cfg.blur_sigma == [0.2, 1.0] and cfg.blur_p_global2 == 0.3
+    assert cfg.colour_ops_on == ColourOpsOn.cpu
+    assert load_config(CropsConfig, None, ["colour_ops_on=cuda"]).colour_ops_on == ColourOpsOn.cuda
+    with pytest.raises(ConfigError, match="colour_ops_on"):
+        load_config(CropsConfig, None, ["colour_ops_on=gpu"])

@@ -222,6 +222,9 @@ def test_device_path_on_cpu_tensors_matches_cpu_path():
     a = collate_data_and_cast(cpu_samples, (0.1, 0.5), 0.5, torch.float32, 64, mg, np.random.default_rng(0), norm)
     b = collate_data_and_cast(dev_samples, (0.1, 0.5), 0.5, torch.float32, 64, mg, np.random.default_rng(0), norm)
     assert b["collated_global_crops"].dtype == torch.uint8 and "collated_global_crops_params" in b
+    # Once-per-batch normalisation = per-crop normalisation; crop-major order (crop c of sample i at c*n+i).
+    assert torch.equal(a["collated_global_crops"][n + 3], aug.normalize(cpu_samples[3]["global_crops"][1]))
+    assert torch.equal(a["collated_local_crops"][2 * n + 5], aug.normalize(cpu_samples[5]["local_crops"][2]))
     b = augment_batch(b, "cpu", *norm, torch.float32)
     std = torch.tensor(aug.cfg.std).view(1, 3, 1, 1)
     for key in ("collated_global_crops", "collated_local_crops"):

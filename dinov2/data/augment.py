@@ -173,7 +173,7 @@ def decode_for_crops(data: bytes, min_area: int, max_pixels: int = DEFAULT_MAX_P
                 if scale > 1:
                     img.draft("RGB", (math.ceil(w / scale), math.ceil(h / scale)))
                     img.load()
-                    img = ImageOps.exif_transpose(img)
+                    ImageOps.exif_transpose(img, in_place=True)  # the default returns a full copy
                     return img if img.mode == "RGB" else img.convert("RGB")
         except Exception as exc:  # noqa: BLE001 - the full decoder below classifies the failure
             log.debug("draft decode failed (%s); falling back to the full decoder", exc)
