@@ -24,6 +24,7 @@ import types
 from collections import defaultdict
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image
@@ -31,6 +32,7 @@ from torchvision import transforms as T
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dinov2.data import colour
 from dinov2.data.augment import CropsConfig, DataAugmentationDINO
 from dinov2.data.augment_reference import REFERENCE_BLUR_P, ReferenceMultiCrop, reference_decode
 
@@ -156,45 +158,25 @@ def ours_pipeline(cfg: CropsConfig, photometric: bool = True, acc=None):
         crops = []
         for p in params:
             crop = timed("crop+resize", aug.crop_resize, img, p)
-            for name, on, fn, args in (
-                ("flip", p.flip, lambda c: c.transpose(Image.Transpose.FLIP_LEFT_RIGHT), ()),
-                ("colour jitter", p.jitter, _jitter, (p,)), ("grayscale", p.grayscale, _gray, ()),
-                ("blur", p.blur, _blur, (p,)), ("solarize", p.solarize, _solarize, (aug,)),
+            crop = timed("to-tensor+normalise", np.asarray, crop)  # PIL → numpy (one copy)
+            for name, on, fn in (
+                ("flip", p.flip, lambda c, p: cv2.flip(c, 1)),
+                ("colour jitter", p.jitter, lambda c, p: colour.color_jitter(
+                    c, p.jitter_order, p.brightness, p.contrast, p.saturation, p.hue)),
+                ("grayscale", p.grayscale, lambda c, p: colour.grayscale(c)),
+                ("blur", p.blur, lambda c, p: colour.gaussian_blur(c, p.sigma)),
+                ("solarize", p.solarize, lambda c, p: colour.solarize(c, aug.cfg.solarize_threshold)),
             ):
                 if on:
-                    crop = timed(name, fn, crop, *args)
+                    crop = timed(name, fn, crop, p)
             crops.append(crop)
         by_size = defaultdict(list)
         for c in crops:
-            by_size[c.size].append(c)
+            by_size[c.shape[:2]].append(c)
         for group in by_size.values():
             timed("to-tensor+normalise", lambda g: aug.normalize([aug.to_uint8(c) for c in g]), group)
 
     return run
-
-
-def _jitter(c, p):
-    from dinov2.data import colour
-
-    return colour.color_jitter(c, p.jitter_order, p.brightness, p.contrast, p.saturation, p.hue)
-
-
-def _gray(c):
-    from dinov2.data import colour
-
-    return colour.grayscale(c)
-
-
-def _blur(c, p):
-    from dinov2.data import colour
-
-    return colour.gaussian_blur(c, p.sigma)
-
-
-def _solarize(c, aug):
-    from dinov2.data import colour
-
-    return colour.solarize(c, aug.cfg.solarize_threshold)
 
 
 def compare(fns: dict, photos: list[bytes], seconds: float) -> dict[str, float]:

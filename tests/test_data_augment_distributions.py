@@ -185,26 +185,21 @@ def test_fast_kernels_match_reference_pixels(photo_crops):
             for op in order:
                 ref = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)[op](
                     ref, (b, c, s, h)[op])
-            ours = colour.color_jitter(img, order, b, c, s, h)
-            errs.append(np.abs(_arr(ref) - _arr(ours)).mean())
-    assert np.mean(errs) < 1.2 and max(errs) < 2.5, (np.mean(errs), max(errs))
-    # Brightness and contrast alone are bit-exact (composed lookup table = PIL's blend arithmetic).
+            ours = colour.color_jitter(np.asarray(img), order, b, c, s, h)
+            errs.append(np.abs(_arr(ref) - ours.astype(np.int16)).mean())
+    assert np.mean(errs) < 0.8 and max(errs) < 2.0, (np.mean(errs), max(errs))
+    # Brightness then contrast is bit-exact (composed lookup table = PIL's blend arithmetic).
     img = photo_crops[0]
+    a = np.asarray(img)
     ref = TF.adjust_contrast(TF.adjust_brightness(img, 1.3), 0.7)
-    assert np.array_equal(_arr(ref), _arr(colour.color_jitter(img, [0, 1], 1.3, 0.7, 1.0, 0.0)))
-    inner = (slice(6, -6), slice(6, -6))  # borders: reflect vs edge padding
-
-    def hf(a):
-        return np.abs(np.diff(a[inner], axis=1)).mean()
-
-    for sigma in (0.1, 0.7, 1.3, 2.0):  # blur: same strength as the reference's 9-tap kernel
-        ref = _arr(TF.gaussian_blur(img, 9, [sigma, sigma])).astype(float)
-        ours = _arr(colour.gaussian_blur(img, sigma)).astype(float)
-        assert np.abs(ref - ours)[inner].mean() < 1.0, sigma
-        # PIL's box approximation keeps up to ~7 % more fine detail at sigma 0.5-1 (same variance).
-        assert abs(hf(ours) / hf(ref) - 1) < 0.1, sigma
-    assert np.array_equal(_arr(TF.solarize(img, 128)), _arr(colour.solarize(img, 128)))
-    assert np.array_equal(_arr(TF.rgb_to_grayscale(img, 3)), _arr(colour.grayscale(img)))
+    assert np.array_equal(_arr(ref), colour.color_jitter(a, [0, 1], 1.3, 0.7, 1.0, 0.0).astype(np.int16))
+    for sigma in (0.1, 0.7, 1.3, 2.0):  # blur: the reference's own 9-tap kernel and padding
+        ref = _arr(TF.gaussian_blur(img, 9, [sigma, sigma]))
+        ours = colour.gaussian_blur(a, sigma).astype(np.int16)
+        assert np.abs(ref - ours).max() <= 1 and np.abs(ref - ours).mean() < 0.01, sigma
+    assert np.array_equal(_arr(TF.solarize(img, 128)), colour.solarize(a, 128))
+    grey = np.asarray(TF.rgb_to_grayscale(img, 1), dtype=np.int16)
+    assert np.abs(grey - colour.grayscale(a)).max() <= 1
 
 
 def _crop_batch(aug: DataAugmentationDINO, n: int, photometric: bool) -> list[dict]:

@@ -28,6 +28,7 @@ import math
 from dataclasses import dataclass, field
 from enum import Enum
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image, ImageOps
@@ -249,27 +250,31 @@ class DataAugmentationDINO:
         left, top, w, h = p.box
         return img.resize((p.size, p.size), self.resample, box=(left, top, left + w, top + h))
 
-    def photometric(self, crop: Image.Image, p: CropParams) -> Image.Image:
+    def photometric(self, crop: Image.Image, p: CropParams) -> np.ndarray:
         """Flip, colour jitter, grayscale, blur, solarize (the reference's order) on one crop."""
+        a = np.asarray(crop)
         if p.flip:
-            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            a = cv2.flip(a, 1)
         if p.jitter:
-            crop = colour.color_jitter(crop, p.jitter_order, p.brightness, p.contrast, p.saturation, p.hue)
+            a = colour.color_jitter(a, p.jitter_order, p.brightness, p.contrast, p.saturation, p.hue)
         if p.grayscale:
-            crop = colour.grayscale(crop)
+            a = colour.grayscale(a)
         if p.blur:
-            crop = colour.gaussian_blur(crop, p.sigma)
+            a = colour.gaussian_blur(a, p.sigma)
         if p.solarize:
-            crop = colour.solarize(crop, self.cfg.solarize_threshold)
-        return crop
+            a = colour.solarize(a, self.cfg.solarize_threshold)
+        return a
 
     @staticmethod
-    def to_uint8(crop: Image.Image) -> torch.Tensor:
-        """uint8 CHW view of one copy of the pixels (a single-channel crop is broadcast to 3)."""
-        arr = torch.from_numpy(np.array(crop, dtype=np.uint8))
-        if arr.ndim == 2:
-            return arr.unsqueeze(0).expand(3, -1, -1)
-        return arr.permute(2, 0, 1)
+    def to_uint8(crop) -> torch.Tensor:
+        """uint8 CHW view of the crop's pixels (HWC underneath; a single channel is broadcast to 3)."""
+        arr = np.asarray(crop)
+        if not arr.flags.writeable:  # PIL's array view is read-only; torch wants a writable buffer
+            arr = arr.copy()
+        t = torch.from_numpy(arr)
+        if t.ndim == 2:
+            return t.unsqueeze(0).expand(3, -1, -1)
+        return t.permute(2, 0, 1)
 
     def normalize(self, crops, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """uint8 crop(s) (3, H, W) → ImageNet-normalised ``dtype``, one fused pass (once per batch)."""
