@@ -246,7 +246,8 @@ def test_device_path_ops_are_the_reference_tensor_kernels():
     out = apply_photometric(torch.stack([x, x]), pack_params(params), (0, 0, 0), (1, 1, 1))
     p = params[0]
     ref = TF.hflip(x.float() / 255)
-    for fn, f in ((TF.adjust_hue, p.hue), (TF.adjust_saturation, p.saturation), (TF.adjust_contrast, p.contrast),
+    hue = int(p.hue * 255) / 256  # the reference's 8-bit HSV step, as the CPU path applies it
+    for fn, f in ((TF.adjust_hue, hue), (TF.adjust_saturation, p.saturation), (TF.adjust_contrast, p.contrast),
                   (TF.adjust_brightness, p.brightness)):
         ref = fn(ref, f)
     ref = TF.gaussian_blur(ref, [9, 9], [1.5, 1.5])

@@ -6,8 +6,8 @@ per-crop random parameters — drawn on the CPU by the same
 path's — travel with the batch as small tensors (:func:`pack_params`).  :func:`apply_photometric`
 then runs the whole batch through plain tensor ops on whatever device the crops are on (the tests
 run it on CPU tensors).  Semantics are torchvision's tensor kernels (float in [0, 1], clamped after
-each op, exact HSV hue, the reference's 9-tap Gaussian with reflect padding), with each crop's own
-factors and op order.
+each op, float HSV hue with the reference's 1/256-turn quantisation of the shift, the reference's
+9-tap Gaussian with reflect padding), with each crop's own factors and op order.
 """
 from __future__ import annotations
 
@@ -66,7 +66,8 @@ def _jitter_op(op: int, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
         return _blend(x, _luma(x).mean((2, 3), keepdim=True), f[:, 1])
     if op == 2:
         return _blend(x, _luma(x), f[:, 2])
-    return _hue(x, f[:, 3])
+    # The reference's (and the CPU path's) 8-bit HSV quantisation: int(255 h) steps of 1/256 turn.
+    return _hue(x, torch.trunc(f[:, 3] * 255.0) / 256.0)
 
 
 def _blur(x: torch.Tensor, sigma: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
