@@ -5,30 +5,35 @@ horizontal flip, colour jitter (random order of brightness/contrast/saturation/h
 grayscale, Gaussian blur, solarize (second global crop only), ImageNet normalisation.
 
 Blur probabilities are the *intended* ones (1.0 / 0.1 / 0.5 for global 1 / global 2 / locals).
-The reference code wraps blur in a ``RandomApply`` subclass that applies it with ``1 - p``; this
-module samples ``blur = u < p`` and the tests count it.
+The reference code wraps blur in a ``RandomApply`` subclass that applies it with ``1 - p``
+(:mod:`dinov2.data.augment_reference`); this module samples ``blur = u < p`` and the tests
+count it.  Set ``blur_p_*`` to 0.0 / 0.9 / 0.5 to reproduce the reference's behaviour.
 
 Randomness: all parameters are drawn up front from a ``numpy.random.Generator`` the caller seeds
-per sample (:meth:`DataAugmentationDINO.sample_params`), then applied with deterministic
-``torchvision.transforms.v2.functional`` kernels on PIL images (C code, no tensor round trips) —
-so a resumed run reproduces every crop exactly and no global RNG is touched.
+per sample (:meth:`DataAugmentationDINO.sample_params`) with the reference's distributions, then
+applied deterministically — so a resumed run reproduces every crop exactly and no global RNG is
+touched.  The tests compare these draws with the reference transforms' own draws.
 
-Speed: decode once (JPEG DCT-domain downscaling via ``draft`` when the image is much larger than
-needed), crop+resize in one PIL call, colour ops on the small crops, fused to-tensor + normalise.
+Where the work goes: decode once (JPEG DCT-domain downscaling via ``draft`` when the image is much
+larger than needed), crop+resize in one PIL call, photometric ops on the small crops through the
+cheaper kernels of :mod:`dinov2.data.colour`, uint8 crops that the collate normalises once per
+batch — or, with ``colour_ops_on: cuda``, flip and colour on the GPU
+(:mod:`dinov2.data.augment_device`) so the CPU only decodes and crops.
 """
 from __future__ import annotations
 
-import functools
 import io
 import logging
 import math
 from dataclasses import dataclass, field
+from enum import Enum
 
+import cv2
 import numpy as np
 import torch
-from PIL import Image, ImageFilter, ImageOps
-from torchvision.transforms.v2 import functional as F
+from PIL import Image, ImageOps
 
+from dinov2.data import colour
 from dinov2.data.decode import DEFAULT_MAX_PIXELS, decode_image
 from dinov2.utils.config import ConfigError
 
@@ -38,6 +43,13 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "lanczos": Image.LANCZOS}
+
+
+class ColourOpsOn(str, Enum):
+    """Where flip + colour jitter + grayscale + blur + solarize + normalisation run."""
+
+    cpu = "cpu"  # in the loader workers
+    cuda = "cuda"  # on the training GPU when CUDA is available (the CPU only decodes and crops)
 
 
 @dataclass
@@ -65,6 +77,7 @@ class CropsConfig:
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
     draft_decode: bool = True  # let JPEG decode at 1/2, 1/4, 1/8 scale when that loses nothing
+    colour_ops_on: ColourOpsOn = ColourOpsOn.cpu  # cuda: falls back to cpu when CUDA is absent
 
     def validate(self) -> None:
         def pair(name: str, lo_bound: float, hi_bound: float) -> None:
@@ -86,6 +99,11 @@ class CropsConfig:
                 raise ConfigError(f"crops.{name} must be a probability in [0, 1]")
         if not (self.brightness >= 0 and self.contrast >= 0 and self.saturation >= 0 and 0 <= self.hue <= 0.5):
             raise ConfigError("crops colour jitter strengths must be >= 0 (hue <= 0.5)")
+        if not isinstance(self.colour_ops_on, ColourOpsOn):
+            try:
+                self.colour_ops_on = ColourOpsOn(self.colour_ops_on)
+            except ValueError:
+                raise ConfigError(f"crops.colour_ops_on must be one of {[m.value for m in ColourOpsOn]}") from None
         if self.interpolation not in _RESAMPLE:
             raise ConfigError(f"crops.interpolation must be one of {sorted(_RESAMPLE)}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
@@ -136,43 +154,6 @@ def _resized_crop_box(rng: np.random.Generator, width: int, height: int, scale, 
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-def _rotate_hue(rgb: np.ndarray, turns: float) -> np.ndarray:
-    """Exact HSV hue rotation of float RGB rows in [0, 1] (same formula as torchvision's tensor path)."""
-    hi, lo = rgb.max(-1), rgb.min(-1)
-    chroma = hi - lo
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    safe = np.where(chroma > 0, chroma, 1.0)
-    h = np.where(hi == r, ((g - b) / safe) % 6.0, np.where(hi == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0))
-    k = (h[..., None] + 6.0 * turns + np.array([5.0, 3.0, 1.0])) % 6.0
-    return hi[..., None] - chroma[..., None] * np.clip(np.minimum(k, 4.0 - k), 0.0, 1.0)
-
-
-_HUE_LUT_SIZE = 17
-
-
-@functools.lru_cache(maxsize=256)
-def _hue_lut(shift: int) -> ImageFilter.Color3DLUT:
-    """3-D colour lookup table (17^3 nodes, trilinear) for a hue rotation of ``shift``/256 turn."""
-    grid = np.linspace(0.0, 1.0, _HUE_LUT_SIZE)
-    b, g, r = np.meshgrid(grid, grid, grid, indexing="ij")  # Pillow's order: red varies fastest
-    nodes = np.stack([r, g, b], -1).reshape(-1, 3)
-    table = _rotate_hue(nodes, shift / 256.0).astype(np.float32).reshape(-1)
-    return ImageFilter.Color3DLUT(_HUE_LUT_SIZE, table, channels=3)
-
-
-def _hue_shift(img: Image.Image, hue: float) -> Image.Image:
-    """Rotate hue by ``hue`` (fraction of a turn), as ColorJitter's HSV hue shift.
-
-    The shift is quantised to 1/256 turn (as in the reference's 8-bit PIL HSV path) and applied
-    through a cached 3-D lookup table: one interpolating C pass instead of two HSV conversions
-    (about 2x faster; within ~5/255 of the exact float result, like PIL's own HSV path).
-    """
-    shift = round(hue * 256) % 256
-    if shift == 0:
-        return img
-    return img.filter(_hue_lut(shift))
-
-
 def decode_for_crops(data: bytes, min_area: int, max_pixels: int = DEFAULT_MAX_PIXELS,
                      draft: bool = True) -> Image.Image:
     """Decode to RGB; large JPEGs are decoded at a reduced scale that keeps >= ``min_area`` pixels.
@@ -193,7 +174,7 @@ def decode_for_crops(data: bytes, min_area: int, max_pixels: int = DEFAULT_MAX_P
                 if scale > 1:
                     img.draft("RGB", (math.ceil(w / scale), math.ceil(h / scale)))
                     img.load()
-                    img = ImageOps.exif_transpose(img)
+                    ImageOps.exif_transpose(img, in_place=True)  # the default returns a full copy
                     return img if img.mode == "RGB" else img.convert("RGB")
         except Exception as exc:  # noqa: BLE001 - the full decoder below classifies the failure
             log.debug("draft decode failed (%s); falling back to the full decoder", exc)
@@ -222,11 +203,6 @@ class DataAugmentationDINO:
         cfg.validate()
         self.cfg = cfg
         self.resample = _RESAMPLE[cfg.interpolation]
-        std = torch.tensor(cfg.std, dtype=torch.float32).view(3, 1, 1)
-        mean = torch.tensor(cfg.mean, dtype=torch.float32).view(3, 1, 1)
-        # x_norm = (x/255 - mean)/std = x * (1/(255 std)) + (-mean/std), as one fused addcmul.
-        self._scale = 1.0 / (255.0 * std)
-        self._offset = -mean / std
 
     @classmethod
     def from_config(cls, cfg: CropsConfig) -> DataAugmentationDINO:
@@ -269,40 +245,85 @@ class DataAugmentationDINO:
         return [self._crop_params(rng, k, width, height) for k in kinds]
 
     # ---- application ------------------------------------------------------------------------
-    def apply_crop(self, img: Image.Image, p: CropParams) -> torch.Tensor:
+    # The stages are separate methods so that bench/augment.py can time each one.
+    def crop_resize(self, img: Image.Image, p: CropParams) -> Image.Image:
         left, top, w, h = p.box
-        crop = img.resize((p.size, p.size), self.resample, box=(left, top, left + w, top + h))
-        if p.flip:
-            crop = F.horizontal_flip(crop)
-        if p.jitter:
-            for op in p.jitter_order:
-                if op == 0 and p.brightness != 1.0:
-                    crop = F.adjust_brightness(crop, p.brightness)
-                elif op == 1 and p.contrast != 1.0:
-                    crop = F.adjust_contrast(crop, p.contrast)
-                elif op == 2 and p.saturation != 1.0:
-                    crop = F.adjust_saturation(crop, p.saturation)
-                elif op == 3:
-                    crop = _hue_shift(crop, p.hue)
-        if p.grayscale:
-            crop = F.rgb_to_grayscale(crop, num_output_channels=3)
-        if p.blur:
-            # PIL's Gaussian (radius = standard deviation); the reference uses a 9-tap kernel.
-            crop = crop.filter(ImageFilter.GaussianBlur(p.sigma))
-        if p.solarize:
-            crop = F.solarize(crop, self.cfg.solarize_threshold)
-        return self.to_normalized_tensor(crop)
+        return img.resize((p.size, p.size), self.resample, box=(left, top, left + w, top + h))
 
-    def to_normalized_tensor(self, img: Image.Image) -> torch.Tensor:
-        arr = torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)).permute(2, 0, 1)
-        return torch.addcmul(self._offset, arr.float(), self._scale)
+    def photometric(self, crop: Image.Image, p: CropParams) -> np.ndarray:
+        """Flip, colour jitter, grayscale, blur, solarize (the reference's order) on one crop."""
+        a = np.asarray(crop)
+        if p.flip:
+            a = cv2.flip(a, 1)
+        if p.jitter:
+            a = colour.color_jitter(a, p.jitter_order, p.brightness, p.contrast, p.saturation, p.hue)
+        if p.grayscale:
+            a = colour.grayscale(a)
+        if p.blur:
+            a = colour.gaussian_blur(a, p.sigma)
+        if p.solarize:
+            a = colour.solarize(a, self.cfg.solarize_threshold)
+        return a
+
+    @staticmethod
+    def to_uint8(crop) -> torch.Tensor:
+        """uint8 CHW view of the crop's pixels (HWC underneath; a single channel is broadcast to 3)."""
+        arr = np.asarray(crop)
+        if not arr.flags.writeable:  # PIL's array view is read-only; torch wants a writable buffer
+            arr = arr.copy()
+        t = torch.from_numpy(arr)
+        if t.ndim == 2:
+            return t.unsqueeze(0).expand(3, -1, -1)
+        return t.permute(2, 0, 1)
+
+    def normalize(self, crops, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """uint8 crop(s) (3, H, W) → ImageNet-normalised ``dtype``, one fused pass (once per batch)."""
+        if isinstance(crops, torch.Tensor) and crops.ndim == 3:
+            return normalize_uint8([crops], self.cfg.mean, self.cfg.std, dtype)[0]
+        return normalize_uint8(crops, self.cfg.mean, self.cfg.std, dtype)
+
+    def apply_crop(self, img: Image.Image, p: CropParams) -> torch.Tensor:
+        return self.normalize(self.to_uint8(self.photometric(self.crop_resize(img, p), p)))
+
+    def crops_uint8(self, image: Image.Image, rng: np.random.Generator, photometric: bool = True) -> dict:
+        """uint8 crops, normalised later once per batch; ``photometric=False`` leaves flip and colour
+        to the device (:mod:`dinov2.data.augment_device`), so the CPU only decodes and crops."""
+        image = _as_rgb(image)
+        params = self.sample_params(rng, image.width, image.height)
+        crops = []
+        for p in params:
+            crop = self.crop_resize(image, p)
+            crops.append(self.to_uint8(self.photometric(crop, p) if photometric else crop))
+        return {"global_crops": crops[:2], "local_crops": crops[2:], "params": params,
+                "photometric_done": photometric}
 
     def __call__(self, image: Image.Image, rng: np.random.Generator | None = None) -> dict:
-        if not isinstance(image, Image.Image):
-            image = Image.fromarray(np.asarray(image))
-        if image.mode != "RGB":
-            image = image.convert("RGB")
+        """Normalised float32 crops (per image; the loader uses :meth:`crops_uint8` instead)."""
         rng = rng if rng is not None else np.random.default_rng()
-        params = self.sample_params(rng, image.width, image.height)
-        crops = [self.apply_crop(image, p) for p in params]
-        return {"global_crops": crops[:2], "local_crops": crops[2:], "params": params}
+        out = self.crops_uint8(image, rng)
+        for key in ("global_crops", "local_crops"):
+            out[key] = [self.normalize(t) for t in out[key]]
+        return out
+
+
+def normalize_uint8(crops, mean, std, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Stack uint8 (3, H, W) crops and normalise: ``(x / 255 - mean) / std`` as one addcmul.
+
+    The crops from :meth:`DataAugmentationDINO.to_uint8` are channel-last underneath, so stacking
+    their channel-last views is a plain copy and the addcmul reads them strided once.
+    """
+    hwc = torch.stack([c.permute(1, 2, 0) for c in crops])
+    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    scale = 1.0 / (255.0 * torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+    out = torch.empty(hwc.shape[0], 3, hwc.shape[1], hwc.shape[2], dtype=torch.float32)
+    torch.addcmul(-m * 255.0 * scale, hwc.permute(0, 3, 1, 2), scale, out=out)
+    return out if dtype == torch.float32 else out.to(dtype)
+
+
+def _as_rgb(image) -> Image.Image:
+    if not isinstance(image, Image.Image):
+        image = Image.fromarray(np.asarray(image))
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+_hue_shift = colour.hue_shift  # kept for callers of the earlier private name

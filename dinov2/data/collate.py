@@ -5,6 +5,10 @@ Layout (crop-major, as the trainer expects): ``collated_global_crops[c * B + b]`
 ``int(2B * mask_probability)`` get a block mask; their mask ratios are spread over
 ``[ratio_min, ratio_max]`` (crop ``i`` draws uniformly in the ``i``-th of equal sub-intervals),
 and the masked crops are placed at random positions.
+
+uint8 crops (:meth:`DataAugmentationDINO.crops_uint8`) are stacked as uint8 and normalised once
+for the whole batch (``normalize=(mean, std)``); crops whose photometric ops are left to the
+device stay uint8 and carry their packed parameters (``collated_*_crops_params``).
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ def collate_data_and_cast(
     n_tokens: int | None = None,
     mask_generator: MaskingGenerator | None = None,
     rng: np.random.Generator | None = None,
+    normalize: tuple[Sequence[float], Sequence[float]] | None = None,
 ) -> dict[str, Any]:
     """Stack crops and build masks.  ``samples_list`` items are augmentation dicts or (dict, label)."""
     if not samples_list:
@@ -45,11 +50,29 @@ def collate_data_and_cast(
     n_global = len(samples[0]["global_crops"])
     n_local = len(samples[0]["local_crops"])
 
-    global_crops = torch.stack([s["global_crops"][c] for c in range(n_global) for s in samples])
-    if n_local:
-        local_crops = torch.stack([s["local_crops"][c] for c in range(n_local) for s in samples])
+    global_list = [s["global_crops"][c] for c in range(n_global) for s in samples]
+    local_list = [s["local_crops"][c] for c in range(n_local) for s in samples]
+    extra: dict[str, Any] = {}
+    if global_list[0].dtype == torch.uint8 and normalize is not None and samples[0].get("photometric_done", True):
+        from dinov2.data.augment import normalize_uint8
+
+        # One normalisation pass for the whole batch instead of one per crop in the workers.
+        global_crops = normalize_uint8(global_list, *normalize, dtype)
+        local_crops = normalize_uint8(local_list, *normalize, dtype) if n_local else None
     else:
-        local_crops = torch.empty(0, *global_crops.shape[1:2], 0, 0)
+        global_crops = torch.stack(global_list)
+        local_crops = torch.stack(local_list) if n_local else None
+        if global_crops.dtype == torch.uint8 and not samples[0].get("photometric_done", True):
+            from dinov2.data.augment_device import pack_params
+
+            # Flip and colour happen on the device (augment_device.augment_batch), which casts.
+            extra["collated_global_crops_params"] = pack_params(
+                [s["params"][c] for c in range(n_global) for s in samples])
+            extra["collated_local_crops_params"] = pack_params(
+                [s["params"][n_global + c] for c in range(n_local) for s in samples])
+            dtype = torch.uint8
+    if local_crops is None:
+        local_crops = torch.empty(0, *global_crops.shape[1:2], 0, 0, dtype=global_crops.dtype)
 
     n_images = global_crops.shape[0]
     if mask_generator is None:
@@ -75,6 +98,7 @@ def collate_data_and_cast(
     masks_weight = per_image.unsqueeze(-1).expand_as(collated_masks)[collated_masks]
 
     return {
+        **extra,
         "collated_global_crops": global_crops.to(dtype),
         "collated_local_crops": local_crops.to(dtype),
         "collated_masks": collated_masks,

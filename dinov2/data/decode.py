@@ -86,7 +86,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedIm
                 raise DecodeError("too_large", f"{w}x{h} exceeds {max_pixels} pixels")
             original_mode = img.mode
             img.load()
-            img = ImageOps.exif_transpose(img)
+            ImageOps.exif_transpose(img, in_place=True)  # the default returns a full copy
             img = _to_rgb(img)
     except DecodeError:
         raise

@@ -29,8 +29,9 @@ import torch
 from omegaconf import MISSING
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from dinov2.data.augment import CropsConfig, DataAugmentationDINO
-from dinov2.data.collate import collate_data_and_cast
+from dinov2.data.augment import ColourOpsOn, CropsConfig, DataAugmentationDINO
+from dinov2.data.augment_device import augment_batch
+from dinov2.data.collate import collate_data_and_cast, resolve_dtype
 from dinov2.data.decode import DEFAULT_MAX_PIXELS, DecodeError
 from dinov2.data.masking import MaskingGenerator
 from dinov2.data.shards import RangeReader, ShortRead, expand_braces
@@ -156,6 +157,8 @@ class MultiCropBatches(IterableDataset):
         )
         self.n_tokens = grid * grid
         self.augment = DataAugmentationDINO.from_config(cfg.crops)
+        # Set by build_train_loader when colour ops run on the GPU: workers then only decode and crop.
+        self.photometric_on_device = False
 
     def _make_stream(self, k: int, counters: Counter) -> SampleStream:
         K = self.cfg.streams_per_rank
@@ -190,7 +193,7 @@ class MultiCropBatches(IterableDataset):
             src = i if images[i] is not None else min(good, key=lambda g: (g - i) % B)
             rng = rng_for(self.cfg.seed, TAG_AUGMENT, self.rank, j * B + i)
             try:
-                samples.append(self.augment(images[src], rng))
+                samples.append(self.augment.crops_uint8(images[src], rng, not self.photometric_on_device))
             except Exception as exc:  # noqa: BLE001 - one odd image must never stop the rank
                 counters["augment_error"] += 1
                 log.warning("augmenting %s: %s", refs[src].key, exc)
@@ -208,6 +211,7 @@ class MultiCropBatches(IterableDataset):
             self.n_tokens,
             self.mask_generator,
             rng_for(self.cfg.seed, TAG_MASK, self.rank, j),
+            normalize=(self.cfg.crops.mean, self.cfg.crops.std),
         )
         batch["keys"] = [r.key for r in refs]
         batch["sources"] = torch.tensor([r.source for r in refs], dtype=torch.long)
@@ -280,6 +284,10 @@ class TrainLoader:
                     )
                 continue
             empty_run = 0
+            if self.dataset.photometric_on_device:
+                c = self.dataset.cfg.crops
+                batch = augment_batch(batch, torch.device("cuda", torch.cuda.current_device()), c.mean, c.std,
+                                      resolve_dtype(self.dataset.cfg.dtype), c.solarize_threshold)
             yield batch
 
     def state_dict(self) -> dict[str, int]:
@@ -297,6 +305,7 @@ class TrainLoader:
 def build_train_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1, start_sample: int = 0) -> TrainLoader:
     """The training DataLoader for ``rank``; ``start_sample`` = rank-local samples already consumed."""
     dataset = MultiCropBatches(cfg, rank, world_size, start_sample)
+    dataset.photometric_on_device = cfg.crops.colour_ops_on == ColourOpsOn.cuda and torch.cuda.is_available()
     kwargs: dict[str, Any] = {}
     if cfg.num_workers > 0:
         kwargs.update(prefetch_factor=cfg.prefetch_factor, persistent_workers=False)
