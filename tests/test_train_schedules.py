@@ -90,9 +90,15 @@ def test_layer_ids_and_multipliers():
     assert m["lr_multiplier"] == pytest.approx(0.9**13 * 0.2) and m["wd_multiplier"] == 1.0
     m = param_multipliers("backbone.blocks.11.attn.qkv.weight", p2, 12, rule)
     assert m["lr_multiplier"] == pytest.approx(0.9) and m["wd_multiplier"] == 1.0
-    for name in ("backbone.blocks.3.ls1.gamma", "backbone.blocks.3.norm1.weight", "backbone.blocks.3.attn.qkv.bias",
-                 "backbone.cls_token", "backbone.pos_embed", "backbone.mask_token", "backbone.register_tokens"):
+    for name in ("backbone.blocks.3.ls1.gamma", "backbone.blocks.3.norm1.weight", "backbone.blocks.3.attn.qkv.bias"):
         assert param_multipliers(name, p2, 12, rule)["wd_multiplier"] == 0.0, name
+    # The DINOv2 reference decays the tokens (tests/test_fidelity.py pins the whole ViT-S/14 listing).
+    tokens = ("backbone.cls_token", "backbone.pos_embed", "backbone.mask_token", "backbone.register_tokens")
+    for name in tokens:
+        assert param_multipliers(name, p2, 12, rule)["wd_multiplier"] == 1.0, name
+    old = ParamGroupRule(0.9, 0.2, "dinov2_and_tokens")
+    for name in tokens:
+        assert param_multipliers(name, p2, 12, old)["wd_multiplier"] == 0.0, name
     m = param_multipliers("dino_head.last_layer.weight", p2, 12, rule)
     assert m["is_last_layer"] and m["lr_multiplier"] == 1.0 and m["wd_multiplier"] == 1.0
 

@@ -11,10 +11,13 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from dinov2.data.loader import DataConfig
+from dinov2.models.head import LastLayerGain, LastLayerInit
 from dinov2.models.vit import POS_EMBED_INITS
 from dinov2.train.distill import DistillConfig, distill_config_errors
+from dinov2.train.param_groups import FreezeMode, WeightDecayExemption
 from dinov2.train.phases import PhasesConfig, phases_config_errors
 from dinov2.train.slurm import SlurmLauncherConfig
+from dinov2.train.ssl_meta_arch import ClipRule
 from dinov2.utils.config import ConfigError, load_config
 
 
@@ -49,6 +52,10 @@ class HeadConfig:
     # DINOv2 recipes).  Batch statistics are per rank (not synchronised); with the shared iBOT head
     # they are taken over the CLS and masked-patch rows together.
     use_bn: bool = False
+    # Prototype layer (both heads): the references keep nn.Linear's init and (DINOv2; DINO with
+    # norm_last_layer=False) learn the weight-norm gain g.  DINO's default norm_last_layer=True is "fixed".
+    last_layer_init: LastLayerInit = LastLayerInit.linear_default
+    last_layer_gain: LastLayerGain = LastLayerGain.learned
     ibot_separate_head: bool = False
     ibot_out_dim: int = 65536
     ibot_hidden_dim: int = 2048
@@ -86,9 +93,12 @@ class OptimConfig:
     adamw_beta1: float = 0.9
     adamw_beta2: float = 0.999
     clip_grad: float = 3.0  # 0 → no clipping
+    clip_grad_rule: ClipRule = ClipRule.per_module  # per_module (DINOv2) | per_parameter (DINO)
     freeze_last_layer_epochs: float = 1.0
+    freeze_last_layer_mode: FreezeMode = FreezeMode.lr_zero  # lr_zero (DINOv2) | drop_grad (DINO)
     layerwise_decay: float = 0.9
     patch_embed_lr_mult: float = 0.2
+    wd_exemption: WeightDecayExemption = WeightDecayExemption.dinov2  # dinov2 | dino | dinov2_and_tokens
 
 
 @dataclass

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -37,6 +38,13 @@ from dinov2.train.metrics import feature_std, mean_entropy, prototype_usage_entr
 
 if TYPE_CHECKING:
     from dinov2.train.config import HeadConfig, LossConfig, ModelConfig
+
+
+class ClipRule(str, Enum):
+    """What one ``optim.clip_grad`` bound applies to."""
+
+    per_module = "per_module"  # DINOv2 reference: one norm per student module (backbone, each head)
+    per_parameter = "per_parameter"  # DINO reference: every parameter tensor on its own
 
 
 class NonFiniteLossError(RuntimeError):
@@ -104,14 +112,15 @@ class SSLMetaArch(nn.Module):
         def make(drop_path: float) -> nn.ModuleDict:
             backbone = build_backbone(model, global_crop_size, drop_path)
             d = backbone.embed_dim
+            kw = dict(use_bn=head.use_bn, last_layer_init=head.last_layer_init, last_layer_gain=head.last_layer_gain)
             mods = {
                 "backbone": backbone,
                 "dino_head": DINOHead(d, head.dino_out_dim, head.dino_hidden_dim, head.dino_bottleneck_dim,
-                                      head.dino_nlayers, use_bn=head.use_bn),
+                                      head.dino_nlayers, **kw),
             }
             if self.separate_ibot_head:
                 mods["ibot_head"] = DINOHead(d, head.ibot_out_dim, head.ibot_hidden_dim, head.ibot_bottleneck_dim,
-                                             head.ibot_nlayers, use_bn=head.use_bn)
+                                             head.ibot_nlayers, **kw)
             return nn.ModuleDict(mods)
 
         self.student = make(model.drop_path_rate)
@@ -263,14 +272,17 @@ class SSLMetaArch(nn.Module):
     def last_layer_params(self) -> list[nn.Parameter]:
         return [p for n, p in self.student.named_parameters() if "last_layer" in n]
 
-    def clip_gradients(self, max_norm: float) -> dict[str, float]:
-        """Clip each student module separately (as the reference); returns pre-clip norms."""
+    def clip_gradients(self, max_norm: float, rule: ClipRule | str = ClipRule.per_module) -> dict[str, float]:
+        """Clip with ``rule`` (``max_norm <= 0``: no clipping); returns each module's pre-clip norm."""
+        rule = ClipRule(rule)
         norms = {}
         for name, module in self.student.items():
             params = [p for p in module.parameters() if p.grad is not None]
             if not params:
                 continue
-            if max_norm > 0:
+            if rule is ClipRule.per_parameter:
+                norm = clip_per_parameter_(params, max_norm).square().sum().sqrt()
+            elif max_norm > 0:
                 norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
             else:
                 norm = torch.nn.utils.get_total_norm([p.grad for p in params])
@@ -278,6 +290,23 @@ class SSLMetaArch(nn.Module):
                 norm = norm.full_tensor()
             norms[f"grad_norm_{name}"] = float(norm)
         return norms
+
+
+def clip_per_parameter_(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Scale each gradient by ``min(1, max_norm / (||g|| + 1e-6))`` (DINO's rule); returns the pre-clip norms.
+
+    FSDP2 shards each gradient: local sums of squares are summed over ranks in one all-reduce, so every
+    rank scales its shard by the coefficient of the whole tensor.  ``max_norm <= 0`` only measures.
+    """
+    grads = [_local(p.grad) for p in params]
+    sq = torch.stack([n.float() for n in torch._foreach_norm(grads)]).square()
+    if any(hasattr(p.grad, "_local_tensor") for p in params) and dist.is_initialized():
+        dist.all_reduce(sq)
+    norms = sq.sqrt()
+    if max_norm > 0:
+        coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_(grads, coef.tolist())  # one host sync; the caller logs the norms anyway
+    return norms
 
 
 # ---------------------------------------------------------------- parallelize

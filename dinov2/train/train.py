@@ -25,7 +25,8 @@ from dinov2.train import slurm
 from dinov2.train.config import TrainConfig, global_crop_size
 from dinov2.train.distributed import DistInfo, barrier, broadcast_object, init_distributed
 from dinov2.train.metrics import MetricsLogger, peak_memory_mb
-from dinov2.train.param_groups import ParamGroupRule, apply_schedule, build_param_groups
+from dinov2.train.param_groups import (ParamGroupRule, apply_last_layer_freeze, apply_schedule, build_param_groups,
+                                       init_optimizer_state)
 from dinov2.train.schedules import Schedules, build_schedules
 from dinov2.train.ssl_meta_arch import NonFiniteLossError, SSLMetaArch, build_backbone, parallelize
 from dinov2.utils.config import to_yaml
@@ -48,13 +49,15 @@ class TrainResult:
 
 
 def build_optimizer(arch: SSLMetaArch, cfg: TrainConfig) -> torch.optim.AdamW:
-    rule = ParamGroupRule(cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult)
+    rule = ParamGroupRule(cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult, cfg.optim.wd_exemption)
     groups = build_param_groups(arch.student.named_parameters(), arch.num_layers, rule)
     for g in groups:
         g.pop("names")  # keep the optimizer state dict free of non-tensor lists
     # The fused kernel (CPU and CUDA) updates every tensor in one pass: on the CPU it is ~8x faster than
     # the per-tensor loop (bench/train_step.py), and its state dict is the same as the loop's.
-    return torch.optim.AdamW(groups, lr=0.0, betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2), fused=True)
+    opt = torch.optim.AdamW(groups, lr=0.0, betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2), fused=True)
+    init_optimizer_state(opt)  # so a dropped-gradient freeze still checkpoints every state
+    return opt
 
 
 def make_schedules(cfg: TrainConfig, world_size: int) -> Schedules:
@@ -247,14 +250,8 @@ def run_training(cfg: TrainConfig, batch_source: BatchSourceFn | None = None,
 
             out = arch.forward_loss(batch, vals["teacher_temp"])
             out.loss.backward()
-            if step < freeze_iters:
-                # Frozen last layer: zero gradient (and LR 0).  Zeros rather than None keep every
-                # parameter in the optimizer state from step 1, so a checkpoint taken during the
-                # freeze resumes exactly.
-                for p in last_layer:
-                    if p.grad is not None:
-                        p.grad.zero_()
-            norms = arch.clip_gradients(cfg.optim.clip_grad)
+            norms = arch.clip_gradients(cfg.optim.clip_grad, cfg.optim.clip_grad_rule)
+            apply_last_layer_freeze(last_layer, cfg.optim.freeze_last_layer_mode, frozen=step < freeze_iters)
 
             names = sorted(out.terms)
             local = torch.stack([out.terms[n].float().to(info.device) for n in names])
