@@ -19,8 +19,9 @@ from dinov2.train.schedules import CosineSchedule, LinearWarmupConstant, build_s
 def test_cosine_schedule_warmup_and_end_points():
     s = CosineSchedule(base_value=1.0, final_value=0.1, total_iters=110, warmup_iters=10, start_warmup_value=0.0)
     assert s(0) == 0.0
-    assert s(5) == pytest.approx(0.5)
-    assert s(10) == pytest.approx(1.0)  # peak right after warmup
+    assert s(5) == pytest.approx(5 / 9)  # np.linspace(0, 1, 10)[5], as both references
+    assert s(9) == pytest.approx(1.0)  # the ramp's last iteration reaches the peak
+    assert s(10) == pytest.approx(1.0)  # first cosine iteration
     assert s(60) == pytest.approx(0.55)  # half-way through the cosine: mean of base and final
     assert s(109) == pytest.approx(0.1, abs=1e-3)
     assert s(500) == 0.1
@@ -41,8 +42,8 @@ def test_cosine_schedule_freeze_and_bad_lengths():
 def test_teacher_temp_warmup():
     t = LinearWarmupConstant(0.04, 0.07, 30)
     assert t(0) == pytest.approx(0.04)
-    assert t(15) == pytest.approx(0.055)
-    assert t(30) == t(1000) == pytest.approx(0.07)
+    assert t(15) == pytest.approx(0.04 + 0.03 * 15 / 29)  # np.linspace(0.04, 0.07, 30)[15]
+    assert t(29) == t(30) == t(1000) == pytest.approx(0.07)
 
 
 def test_lr_scaling_rule():

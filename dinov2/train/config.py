@@ -12,10 +12,11 @@ from typing import Optional, Sequence
 
 from dinov2.data.loader import DataConfig
 from dinov2.models.head import LastLayerGain, LastLayerInit
-from dinov2.models.vit import POS_EMBED_INITS
+from dinov2.models.vit import POS_EMBED_INITS, ClsTokenInit
 from dinov2.train.distill import DistillConfig, distill_config_errors
 from dinov2.train.param_groups import FreezeMode, WeightDecayExemption
 from dinov2.train.phases import PhasesConfig, phases_config_errors
+from dinov2.train.schedules import TeacherTempWarmup
 from dinov2.train.slurm import SlurmLauncherConfig
 from dinov2.train.ssl_meta_arch import ClipRule
 from dinov2.utils.config import ConfigError, load_config
@@ -38,6 +39,7 @@ class ModelConfig:
     # trunc_normal (reference, std 0.02) | sincos (2-D sin-cos start, still learned; MoCo v3 / MAE).
     # Only the initial values differ: checkpoints keep the official layout either way.
     pos_embed_init: str = "trunc_normal"
+    cls_token_init: ClsTokenInit = ClsTokenInit.small_normal  # small_normal (DINOv2) | trunc_normal (DINO)
     # Initialise the student (and teacher) backbone from a checkpoint (ours or official layout).
     pretrained: str = ""
 
@@ -75,6 +77,8 @@ class LossConfig:
     teacher_temp: float = 0.07
     warmup_teacher_temp: float = 0.04
     warmup_teacher_temp_epochs: float = 30.0
+    # per_iteration (DINOv2) | per_epoch (DINO: the temperature steps once per epoch)
+    teacher_temp_warmup: TeacherTempWarmup = TeacherTempWarmup.per_iteration
 
 
 @dataclass

@@ -61,6 +61,7 @@ def build_backbone(cfg: ModelConfig, img_size: int, drop_path_rate: float) -> Di
         drop_path_rate=drop_path_rate,
         drop_path_uniform=cfg.drop_path_uniform,
         pos_embed_init=cfg.pos_embed_init,
+        cls_token_init=cfg.cls_token_init,
     )
     if cfg.ffn_layer:
         kwargs["ffn_layer"] = cfg.ffn_layer

@@ -69,6 +69,7 @@ def make_schedules(cfg: TrainConfig, world_size: int) -> Schedules:
         weight_decay_end=o.weight_decay_end, momentum_teacher=o.momentum_teacher,
         final_momentum_teacher=o.final_momentum_teacher, warmup_teacher_temp=lo.warmup_teacher_temp,
         teacher_temp=lo.teacher_temp, warmup_teacher_temp_epochs=lo.warmup_teacher_temp_epochs,
+        teacher_temp_warmup=lo.teacher_temp_warmup,
     )
 
 
