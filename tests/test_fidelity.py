@@ -7,16 +7,31 @@ clipping rule, and the schedules.
 """
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
 import pytest
 import torch
-from test_train_distributed import CONFIG, GSIZE, photo_batch_source, tiny_overrides
+from test_train_distributed import (
+    CONFIG,
+    GSIZE,
+    NO_KOLEO,
+    _losses,
+    _torchrun,
+    photo_batch_source,
+    run,
+    tiny_overrides,
+)
 
 from dinov2.train.config import load_train_config
-from dinov2.train.param_groups import (ParamGroupRule, apply_last_layer_freeze, apply_schedule, build_param_groups,
-                                       param_multipliers)
+from dinov2.train.param_groups import (
+    ParamGroupRule,
+    apply_last_layer_freeze,
+    apply_schedule,
+    build_param_groups,
+    param_multipliers,
+)
 from dinov2.train.ssl_meta_arch import SSLMetaArch, clip_per_parameter_
 from dinov2.train.train import build_optimizer, make_schedules
 
@@ -280,7 +295,7 @@ def test_per_parameter_clip_is_dinos_formula():
 
 
 def test_per_module_clip_is_torch_clip_grad_norm_per_student_module(tmp_path):
-    cfg, arch, opt = _tiny_arch(tmp_path, "lr_zero")
+    _, arch, _ = _tiny_arch(tmp_path, "lr_zero")
     batch = next(iter(photo_batch_source()(0, 1, 0)))
     arch.forward_loss(batch, 0.04).loss.backward()
     ref = {}
@@ -294,6 +309,24 @@ def test_per_module_clip_is_torch_clip_grad_norm_per_student_module(tmp_path):
         assert norms[f"grad_norm_{name}"] > 0.01
         for p, r in zip(module.parameters(), ref[name]):
             torch.testing.assert_close(p.grad, r, rtol=1e-5, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_dino_mechanics_under_fsdp2_match_one_process(tmp_path):
+    """Per-parameter clipping on FSDP2 shards uses each whole tensor's norm (one all-reduce), and the
+    dropped-gradient freeze works on sharded parameters: 2 processes follow the 1-process run."""
+    extra = NO_KOLEO + ["optim.clip_grad=0.05", "optim.clip_grad_rule=per_parameter",
+                        "optim.freeze_last_layer_mode=drop_grad", "optim.wd_exemption=dino"]
+    one, two = tmp_path / "ws1", tmp_path / "ws2"
+    run(one, 4, extra)
+    _torchrun(two, 4, extra)
+    l1, l2 = _losses(one), _losses(two)
+    assert sorted(l1) == sorted(l2) == [1, 2, 3, 4]
+    for step in l1:
+        for k in l1[step]:
+            assert l2[step][k] == pytest.approx(l1[step][k], rel=1e-4), (step, k, l1[step][k], l2[step][k])
+    rows = [r for r in map(json.loads, (one / "metrics.jsonl").read_text().splitlines()) if "grad_norm_backbone" in r]
+    assert all(r["grad_norm_backbone"] > 0.05 for r in rows)  # the clip is active, not a no-op
 
 
 # ------------------------------------------------------------------------ schedules
