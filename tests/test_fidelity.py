@@ -163,8 +163,13 @@ def test_head_prototypes_start_from_nn_linear_default(name, tmp_path):
 
 
 # ------------------------------------------------------------------------ freeze mechanics
+# tiny.yaml keeps the earlier head init / gain / decay rule for its learning benchmarks: use the reference ones.
+REFERENCE_HEAD = ["head.last_layer_init=linear_default", "head.last_layer_gain=learned", "optim.wd_exemption=dinov2"]
+
+
 def _tiny_arch(tmp_path, mode: str, extra=()):
-    cfg = load_train_config(CONFIG, tiny_overrides(tmp_path, 4, [f"optim.freeze_last_layer_mode={mode}", *extra]))
+    cfg = load_train_config(CONFIG, tiny_overrides(tmp_path, 4, [f"optim.freeze_last_layer_mode={mode}",
+                                                                 *REFERENCE_HEAD, *extra]))
     torch.manual_seed(0)
     arch = SSLMetaArch(cfg.model, cfg.head, cfg.loss, GSIZE)
     return cfg, arch, build_optimizer(arch, cfg)
@@ -255,7 +260,7 @@ def test_drop_grad_freeze_resumes_exactly_from_a_checkpoint_taken_while_frozen(t
     from dinov2.train.train import run_training
 
     extra = ["optim.freeze_last_layer_mode=drop_grad", "optim.freeze_last_layer_epochs=0.75",
-             "checkpoint.every_n_steps=1"]
+             "checkpoint.every_n_steps=1", *REFERENCE_HEAD]
     straight = load_train_config(CONFIG, tiny_overrides(tmp_path / "a", 5, extra))
     run_training(straight, batch_source=photo_batch_source())
     first = load_train_config(CONFIG, tiny_overrides(tmp_path / "b", 1, extra))
@@ -315,8 +320,8 @@ def test_per_module_clip_is_torch_clip_grad_norm_per_student_module(tmp_path):
 def test_dino_mechanics_under_fsdp2_match_one_process(tmp_path):
     """Per-parameter clipping on FSDP2 shards uses each whole tensor's norm (one all-reduce), and the
     dropped-gradient freeze works on sharded parameters: 2 processes follow the 1-process run."""
-    extra = NO_KOLEO + ["optim.clip_grad=0.05", "optim.clip_grad_rule=per_parameter",
-                        "optim.freeze_last_layer_mode=drop_grad", "optim.wd_exemption=dino"]
+    extra = NO_KOLEO + REFERENCE_HEAD + ["optim.clip_grad=0.05", "optim.clip_grad_rule=per_parameter",
+                                         "optim.freeze_last_layer_mode=drop_grad", "optim.wd_exemption=dino"]
     one, two = tmp_path / "ws1", tmp_path / "ws2"
     run(one, 4, extra)
     _torchrun(two, 4, extra)
