@@ -33,7 +33,9 @@ def test_head_structure_names_and_init():
     assert isinstance(head.last_layer, WeightNormLinear)
     assert head.last_layer.weight.shape == (300, 24)
     names = [n for n, _ in head.named_parameters()]
-    assert [n for n in names if "last_layer" in n] == ["last_layer.weight"]
+    assert [n for n in names if "last_layer" in n] == ["last_layer.weight", "last_layer.weight_g"]
+    fixed = DINOHead(48, 300, 64, 24, last_layer_gain="fixed")
+    assert [n for n, _ in fixed.named_parameters() if "last_layer" in n] == ["last_layer.weight"]
     for m in linears:
         # trunc_normal_(std=0.02) with the default [-2, 2] bounds, like the reference.
         assert 0.018 < m.weight.std().item() < 0.022
@@ -54,8 +56,10 @@ def test_head_use_bn_layout_and_no_weight_decay():
     hidden = head.mlp[1](head.mlp[0](x))  # batch statistics in training mode: zero mean, unit variance
     torch.testing.assert_close(hidden.mean(0), torch.zeros(64), atol=1e-5, rtol=0)
     torch.testing.assert_close(hidden.var(0, unbiased=False), torch.ones(64), atol=1e-3, rtol=0)
-    decay = {n for n, p in head.named_parameters() if not no_weight_decay("dino_head." + n, p)}
-    assert decay == {"mlp.0.weight", "mlp.3.weight", "mlp.6.weight", "last_layer.weight"}
+    # BatchNorm weights are 1-D: no decay under either reference rule; the [out, 1] gain decays under both.
+    for rule in ("dinov2", "dino"):
+        decay = {n for n, p in head.named_parameters() if not no_weight_decay("dino_head." + n, p, rule)}
+        assert decay == {"mlp.0.weight", "mlp.3.weight", "mlp.6.weight", "last_layer.weight", "last_layer.weight_g"}
 
 
 def test_head_matches_torch_weight_norm_with_unit_gain():
@@ -71,11 +75,17 @@ def test_head_matches_torch_weight_norm_with_unit_gain():
     torch.testing.assert_close(head(x), expected, atol=1e-6, rtol=1e-5)
     # Logits are cosines between a unit vector and unit prototypes.
     assert head(x).abs().max() <= 1.0 + 1e-5
+    # A learned gain scales each prototype's logits as torch's weight norm does.
+    with torch.no_grad():
+        g = torch.rand(500, 1) + 0.5
+        head.last_layer.weight_g.copy_(g)
+        ref.parametrizations.weight.original0.copy_(g)
+    torch.testing.assert_close(head(x), ref(bottleneck / bottleneck.norm(dim=-1, keepdim=True)), atol=1e-6, rtol=1e-5)
 
 
 def test_head_scale_invariance_and_gradients():
     torch.manual_seed(1)
-    head = DINOHead(16, 40, 32, 8)
+    head = DINOHead(16, 40, 32, 8, last_layer_gain="fixed")
     x = torch.randn(6, 16)
     out = head(x)
     with torch.no_grad():
@@ -137,9 +147,17 @@ def test_head_state_dict_round_trip_and_reference_keys():
     other = DINOHead(16, 40, 32, 8)
     other.load_state_dict(sd)
     torch.testing.assert_close(other(x), head(x), atol=1e-6, rtol=1e-5)
+    # A gain other than 1 loads into a learned-gain head (and scales its logits), not into a fixed one.
     sd["last_layer.weight_g"] = torch.full((40, 1), 2.0)
+    learned = DINOHead(16, 40, 32, 8)
+    learned.load_state_dict(sd)
+    torch.testing.assert_close(learned(x), 2.0 * head(x), atol=1e-6, rtol=1e-5)
     with pytest.raises(RuntimeError, match="gain is not 1"):
-        DINOHead(16, 40, 32, 8).load_state_dict(sd)
+        DINOHead(16, 40, 32, 8, last_layer_gain="fixed").load_state_dict(sd)
+    sd["last_layer.weight_g"] = torch.ones(40, 1)
+    fixed = DINOHead(16, 40, 32, 8, last_layer_gain="fixed")
+    fixed.load_state_dict(sd)
+    torch.testing.assert_close(fixed(x), head(x), atol=1e-6, rtol=1e-5)
 
 
 def test_head_bad_input():

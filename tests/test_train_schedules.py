@@ -19,8 +19,9 @@ from dinov2.train.schedules import CosineSchedule, LinearWarmupConstant, build_s
 def test_cosine_schedule_warmup_and_end_points():
     s = CosineSchedule(base_value=1.0, final_value=0.1, total_iters=110, warmup_iters=10, start_warmup_value=0.0)
     assert s(0) == 0.0
-    assert s(5) == pytest.approx(0.5)
-    assert s(10) == pytest.approx(1.0)  # peak right after warmup
+    assert s(5) == pytest.approx(5 / 9)  # np.linspace(0, 1, 10)[5], as both references
+    assert s(9) == pytest.approx(1.0)  # the ramp's last iteration reaches the peak
+    assert s(10) == pytest.approx(1.0)  # first cosine iteration
     assert s(60) == pytest.approx(0.55)  # half-way through the cosine: mean of base and final
     assert s(109) == pytest.approx(0.1, abs=1e-3)
     assert s(500) == 0.1
@@ -41,8 +42,8 @@ def test_cosine_schedule_freeze_and_bad_lengths():
 def test_teacher_temp_warmup():
     t = LinearWarmupConstant(0.04, 0.07, 30)
     assert t(0) == pytest.approx(0.04)
-    assert t(15) == pytest.approx(0.055)
-    assert t(30) == t(1000) == pytest.approx(0.07)
+    assert t(15) == pytest.approx(0.04 + 0.03 * 15 / 29)  # np.linspace(0.04, 0.07, 30)[15]
+    assert t(29) == t(30) == t(1000) == pytest.approx(0.07)
 
 
 def test_lr_scaling_rule():
@@ -90,9 +91,15 @@ def test_layer_ids_and_multipliers():
     assert m["lr_multiplier"] == pytest.approx(0.9**13 * 0.2) and m["wd_multiplier"] == 1.0
     m = param_multipliers("backbone.blocks.11.attn.qkv.weight", p2, 12, rule)
     assert m["lr_multiplier"] == pytest.approx(0.9) and m["wd_multiplier"] == 1.0
-    for name in ("backbone.blocks.3.ls1.gamma", "backbone.blocks.3.norm1.weight", "backbone.blocks.3.attn.qkv.bias",
-                 "backbone.cls_token", "backbone.pos_embed", "backbone.mask_token", "backbone.register_tokens"):
+    for name in ("backbone.blocks.3.ls1.gamma", "backbone.blocks.3.norm1.weight", "backbone.blocks.3.attn.qkv.bias"):
         assert param_multipliers(name, p2, 12, rule)["wd_multiplier"] == 0.0, name
+    # The DINOv2 reference decays the tokens (tests/test_fidelity.py pins the whole ViT-S/14 listing).
+    tokens = ("backbone.cls_token", "backbone.pos_embed", "backbone.mask_token", "backbone.register_tokens")
+    for name in tokens:
+        assert param_multipliers(name, p2, 12, rule)["wd_multiplier"] == 1.0, name
+    old = ParamGroupRule(0.9, 0.2, "dinov2_and_tokens")
+    for name in tokens:
+        assert param_multipliers(name, p2, 12, old)["wd_multiplier"] == 0.0, name
     m = param_multipliers("dino_head.last_layer.weight", p2, 12, rule)
     assert m["is_last_layer"] and m["lr_multiplier"] == 1.0 and m["wd_multiplier"] == 1.0
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from dinov2.models.vit import ARCHITECTURES, POS_EMBED_INITS, DinoVisionTransformer, build_model
+from dinov2.models.vit import ARCHITECTURES, POS_EMBED_INITS, ClsTokenInit, DinoVisionTransformer, build_model
 
 
 @dataclass
@@ -29,6 +29,7 @@ class ModelConfig:
     # trunc_normal (reference, std 0.02) | sincos (2-D sin-cos start, still learned; MoCo v3 / MAE).
     # Only the initial values differ: checkpoints keep the official layout either way.
     pos_embed_init: str = "trunc_normal"
+    cls_token_init: ClsTokenInit = ClsTokenInit.small_normal  # small_normal (DINOv2) | trunc_normal (DINO)
     # Initialise the student (and teacher) backbone from a checkpoint (ours or official layout).
     pretrained: str = ""
 
@@ -52,6 +53,7 @@ def build_backbone(cfg: ModelConfig, img_size: int, drop_path_rate: float) -> Di
         drop_path_rate=drop_path_rate,
         drop_path_uniform=cfg.drop_path_uniform,
         pos_embed_init=cfg.pos_embed_init,
+        cls_token_init=cfg.cls_token_init,
     )
     if cfg.ffn_layer:
         kwargs["ffn_layer"] = cfg.ffn_layer

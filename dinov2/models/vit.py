@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from enum import Enum
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,11 @@ def default_num_heads(embed_dim: int) -> int:
 
 
 POS_EMBED_INITS = ("trunc_normal", "sincos")
+
+
+class ClsTokenInit(str, Enum):
+    small_normal = "small_normal"  # DINOv2 reference: N(0, 1e-6) (registers always use it)
+    trunc_normal = "trunc_normal"  # DINO reference: trunc-normal(0.02), like pos_embed
 
 
 def sincos_pos_embed(grid: int, dim: int) -> Tensor:
@@ -124,8 +130,10 @@ class DinoVisionTransformer(nn.Module):
         block_chunks: int = 0,
         norm_eps: float = 1e-6,
         pos_embed_init: str = "trunc_normal",
+        cls_token_init: ClsTokenInit | str = ClsTokenInit.small_normal,
     ) -> None:
         super().__init__()
+        self.cls_token_init = ClsTokenInit(cls_token_init)
         if pos_embed_init not in POS_EMBED_INITS:
             raise ValueError(f"pos_embed_init must be one of {POS_EMBED_INITS}, got {pos_embed_init!r}")
         if img_size % patch_size:
@@ -204,7 +212,10 @@ class DinoVisionTransformer(nn.Module):
             self.pos_embed.copy_(sincos_pos_embed(grid, self.embed_dim))
         else:
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.normal_(self.cls_token, std=1e-6)
+        if self.cls_token_init is ClsTokenInit.trunc_normal:
+            nn.init.trunc_normal_(self.cls_token, std=0.02)
+        else:
+            nn.init.normal_(self.cls_token, std=1e-6)
         if self.register_tokens is not None:
             nn.init.normal_(self.register_tokens, std=1e-6)
         nn.init.zeros_(self.mask_token)

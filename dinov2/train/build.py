@@ -9,7 +9,7 @@ import torch
 
 from dinov2.train.config import TrainConfig
 from dinov2.train.distill import load_frozen_teacher
-from dinov2.train.param_groups import ParamGroupRule, build_param_groups
+from dinov2.train.param_groups import ParamGroupRule, build_param_groups, init_optimizer_state
 from dinov2.train.ssl_meta_arch import SSLMetaArch
 
 
@@ -37,11 +37,13 @@ def build_arch(cfg: TrainConfig) -> SSLMetaArch:
 
 
 def build_optimizer(arch: SSLMetaArch, cfg: TrainConfig) -> torch.optim.AdamW:
-    rule = ParamGroupRule(cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult)
+    rule = ParamGroupRule(cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult, cfg.optim.wd_exemption)
     groups = build_param_groups(arch.student.named_parameters(), arch.num_layers, rule)
     for g in groups:
         g.pop("names")  # keep the optimizer state dict free of non-tensor lists
     # The fused kernel (CPU and CUDA) updates every tensor in one pass: on the CPU it is ~8x faster than
     # the per-tensor loop (bench/train_step.py), its state dict is the same as the loop's, and it takes
     # the device-side ``found_inf`` flag the trainer uses to skip a non-finite step without a sync.
-    return torch.optim.AdamW(groups, lr=0.0, betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2), fused=True)
+    opt = torch.optim.AdamW(groups, lr=0.0, betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2), fused=True)
+    init_optimizer_state(opt)  # so a dropped-gradient freeze still checkpoints every state
+    return opt

@@ -15,6 +15,7 @@ from typing import Sequence
 
 from dinov2.data.loader import DataConfig
 from dinov2.models.config import ModelConfig  # noqa: F401  (the model section, composed here)
+from dinov2.models.head import LastLayerGain, LastLayerInit
 from dinov2.run.config import Launcher, SlurmLauncherConfig
 from dinov2.utils.config import ConfigError, load_config
 
@@ -49,6 +50,37 @@ class TeacherHeads(str, Enum):
     random_frozen = "random_frozen"
 
 
+class WeightDecayExemption(str, Enum):
+    """Which parameters get no weight decay."""
+
+    dinov2 = "dinov2"  # DINOv2 reference: names ending ".bias" or containing "norm" / "gamma"; tokens and g decay
+    dino = "dino"  # DINO reference: ".bias" or any 1-D tensor; tokens (3-D) and the [out, 1] gain decay
+    dinov2_and_tokens = "dinov2_and_tokens"  # timm/MAE style: dinov2's set plus the tokens (the old default)
+
+
+class FreezeMode(str, Enum):
+    """How the head's last layer is held still during ``freeze_last_layer_epochs``."""
+
+    # DINOv2 reference: LR 0 only.  The gradient stays (and counts in the clip norm), so AdamW's moments
+    # and step count keep real statistics for the moment it thaws; LR 0 also stops the decoupled decay.
+    lr_zero = "lr_zero"
+    # DINO reference: the gradient is dropped after clipping, so AdamW skips the tensors: moments and step
+    # count stay exactly as they were (zero) until the first unfrozen step.
+    drop_grad = "drop_grad"
+
+
+class ClipRule(str, Enum):
+    """What one ``optim.clip_grad`` bound applies to."""
+
+    per_module = "per_module"  # DINOv2 reference: one norm per student module (backbone, each head)
+    per_parameter = "per_parameter"  # DINO reference: every parameter tensor on its own
+
+
+class TeacherTempWarmup(str, Enum):
+    per_iteration = "per_iteration"  # DINOv2 reference: one value per iteration
+    per_epoch = "per_epoch"  # DINO reference: the value steps once per epoch (linspace over epochs)
+
+
 @dataclass
 class HeadConfig:
     dino_out_dim: int = 65536
@@ -59,6 +91,10 @@ class HeadConfig:
     # DINOv2 recipes).  Batch statistics are per rank (not synchronised); with the shared iBOT head
     # they are taken over the CLS and masked-patch rows together.
     use_bn: bool = False
+    # Prototype layer (both heads): the references keep nn.Linear's init and (DINOv2; DINO with
+    # norm_last_layer=False) learn the weight-norm gain g.  DINO's default norm_last_layer=True is "fixed".
+    last_layer_init: LastLayerInit = LastLayerInit.linear_default
+    last_layer_gain: LastLayerGain = LastLayerGain.learned
     ibot_separate_head: bool = False
     ibot_out_dim: int = 65536
     ibot_hidden_dim: int = 2048
@@ -82,6 +118,8 @@ class LossConfig:
     teacher_temp: float = 0.07
     warmup_teacher_temp: float = 0.04
     warmup_teacher_temp_epochs: float = 30.0
+    # per_iteration (DINOv2) | per_epoch (DINO: the temperature steps once per epoch)
+    teacher_temp_warmup: TeacherTempWarmup = TeacherTempWarmup.per_iteration
 
     def errors(self) -> list[str]:
         err = [f"loss.{n} must be >= 0" for n in ("dino_weight", "ibot_weight", "koleo_weight") if getattr(self, n) < 0]
@@ -106,9 +144,12 @@ class OptimConfig:
     adamw_beta1: float = 0.9
     adamw_beta2: float = 0.999
     clip_grad: float = 3.0  # 0 → no clipping
+    clip_grad_rule: ClipRule = ClipRule.per_module  # per_module (DINOv2) | per_parameter (DINO)
     freeze_last_layer_epochs: float = 1.0
+    freeze_last_layer_mode: FreezeMode = FreezeMode.lr_zero  # lr_zero (DINOv2) | drop_grad (DINO)
     layerwise_decay: float = 0.9
     patch_embed_lr_mult: float = 0.2
+    wd_exemption: WeightDecayExemption = WeightDecayExemption.dinov2  # dinov2 | dino | dinov2_and_tokens
 
     def errors(self) -> list[str]:
         err = []

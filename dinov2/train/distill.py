@@ -112,7 +112,9 @@ class FrozenRandomHead(nn.Module):
 def _head_from_state(state: dict[str, torch.Tensor], what: str) -> DINOHead:
     in_dim, out_dim, hidden, bottleneck, nlayers = _head_shape(state)
     use_bn = any(k.endswith("running_mean") for k in state)
-    head = DINOHead(in_dim, out_dim, hidden if nlayers > 1 else 2048, bottleneck, nlayers, use_bn=use_bn)
+    gain = "learned" if "last_layer.weight_g" in state else "fixed"
+    head = DINOHead(in_dim, out_dim, hidden if nlayers > 1 else 2048, bottleneck, nlayers, use_bn=use_bn,
+                    last_layer_gain=gain)
     head.load_state_dict(state, strict=True)
     log.info("distill: %s loaded from the teacher checkpoint (in %d, out %d)", what, in_dim, out_dim)
     return head
@@ -168,10 +170,12 @@ def _load_frozen_teacher(cfg: TrainConfig, use_ibot: bool, separate_ibot_head: b
             # Fixed seed, isolated from the training RNG: identical on every rank and every restart.
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(cfg.train.seed * 7919 + (1 if name == "ibot_head" else 0) + 12345)
+                # Frozen, so the row scale is irrelevant; this init keeps the seeded heads as they were.
+                fixed = dict(last_layer_init="trunc_normal", last_layer_gain="fixed")
                 if name == "dino_head":
-                    head = DINOHead(dim, out_dim, h.dino_hidden_dim, h.dino_bottleneck_dim, h.dino_nlayers)
+                    head = DINOHead(dim, out_dim, h.dino_hidden_dim, h.dino_bottleneck_dim, h.dino_nlayers, **fixed)
                 else:
-                    head = DINOHead(dim, out_dim, h.ibot_hidden_dim, h.ibot_bottleneck_dim, h.ibot_nlayers)
+                    head = DINOHead(dim, out_dim, h.ibot_hidden_dim, h.ibot_bottleneck_dim, h.ibot_nlayers, **fixed)
                 mods[name] = FrozenRandomHead(head)
             log.info("distill: %s of the teacher is a frozen random head (seeded)", name)
     teacher = nn.ModuleDict(mods)

@@ -1,9 +1,9 @@
-"""AdamW parameter groups: layer-wise LR decay, patch-embed LR multiplier, no weight decay on
-biases / norms / LayerScale gammas / tokens, and the head's last layer tagged for freezing.
+"""AdamW parameter groups (layer-wise LR decay, patch-embed LR multiplier, which tensors skip weight
+decay, the head's last layer tagged for freezing) and the last-layer freeze itself.
 
 Names are the student's fully qualified names (``backbone.blocks.3.attn.qkv.weight``,
-``dino_head.last_layer.weight_v`` ...).  FSDP2 keeps these names, so the same code serves plain
-and sharded modules.
+``dino_head.last_layer.weight`` ...).  FSDP2 keeps these names, so the same code serves plain and
+sharded modules.  docs/fidelity.md compares every rule here with the reference implementations.
 """
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from dinov2.train.config import FreezeMode, WeightDecayExemption
+
 _TOKEN_NAMES = ("cls_token", "pos_embed", "mask_token", "register_tokens")
 _BLOCK_RE = re.compile(r"(?:^|\.)blocks\.(\d+)\.(?:(\d+)\.)?")
 
@@ -22,6 +24,7 @@ _BLOCK_RE = re.compile(r"(?:^|\.)blocks\.(\d+)\.(?:(\d+)\.)?")
 class ParamGroupRule:
     layerwise_decay: float = 0.9
     patch_embed_lr_mult: float = 0.2
+    wd_exemption: WeightDecayExemption = WeightDecayExemption.dinov2
 
 
 def layer_id(name: str, num_layers: int, chunked: bool = False) -> int:
@@ -39,16 +42,18 @@ def layer_id(name: str, num_layers: int, chunked: bool = False) -> int:
     return num_layers + 1
 
 
-def no_weight_decay(name: str, param: torch.Tensor) -> bool:
-    leaf = name.rsplit(".", 1)[-1]
-    return (
-        param.ndim <= 1  # biases, norm weights (LayerNorm, the optional head BatchNorm), gammas
-        or name.endswith(".bias")
-        or "norm" in name
-        or "gamma" in leaf
-        or leaf in _TOKEN_NAMES
-        or leaf.endswith("_g")  # weight-norm magnitude (fixed at 1 anyway)
-    )
+def no_weight_decay(name: str, param: torch.Tensor,
+                    exemption: WeightDecayExemption | str = WeightDecayExemption.dinov2) -> bool:
+    exemption = WeightDecayExemption(exemption)
+    if exemption is WeightDecayExemption.dino:
+        return name.endswith(".bias") or param.ndim == 1
+    # Substring tests as the reference's (our "backbone." / "dino_head." prefixes contain none of these
+    # words).  1-D tensors too: the reference ViT and head have none outside those names, and it keeps the
+    # optional head BatchNorm (which the DINOv2 reference refuses to train) out of the decay.
+    dinov2 = name.endswith(".bias") or "norm" in name or "gamma" in name or param.ndim == 1
+    if exemption is WeightDecayExemption.dinov2:
+        return dinov2
+    return dinov2 or name.rsplit(".", 1)[-1] in _TOKEN_NAMES
 
 
 def param_multipliers(name: str, param: torch.Tensor, num_layers: int, rule: ParamGroupRule) -> dict:
@@ -58,7 +63,7 @@ def param_multipliers(name: str, param: torch.Tensor, num_layers: int, rule: Par
         lr_mult *= rule.patch_embed_lr_mult
     return {
         "lr_multiplier": lr_mult,
-        "wd_multiplier": 0.0 if no_weight_decay(name, param) else 1.0,
+        "wd_multiplier": 0.0 if no_weight_decay(name, param, rule.wd_exemption) else 1.0,
         "is_last_layer": "last_layer" in name,
     }
 
@@ -87,3 +92,41 @@ def apply_schedule(optimizer: torch.optim.Optimizer, lr: float, wd: float, last_
         base = last_layer_lr if g.get("is_last_layer", False) else lr
         g["lr"] = base * g.get("lr_multiplier", 1.0)
         g["weight_decay"] = wd * g.get("wd_multiplier", 1.0)
+
+
+@torch.no_grad()
+def init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create every parameter's AdamW state now, exactly as its first step would (zero moments, step 0).
+
+    A parameter whose gradient is dropped (``FreezeMode.drop_grad``) would otherwise have no state until
+    it thaws, and a checkpoint taken meanwhile could not be resumed (the distributed checkpoint needs the
+    same state keys on save and load).  A step with zero gradients at LR 0 creates the state without moving
+    anything (decoupled decay is scaled by the LR); resetting the counters makes it a fresh state.
+    """
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    saved = [(g["lr"], g.get("weight_decay")) for g in optimizer.param_groups]
+    grads = [p.grad for p in params]
+    for g in optimizer.param_groups:
+        g["lr"] = 0.0
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for p, grad in zip(params, grads):
+        p.grad = grad
+    for g, (lr, wd) in zip(optimizer.param_groups, saved):
+        g["lr"] = lr
+        if wd is not None:
+            g["weight_decay"] = wd
+    for state in optimizer.state.values():
+        step = state.get("step")
+        if isinstance(step, torch.Tensor):
+            step.zero_()
+        elif step is not None:
+            state["step"] = 0
+
+
+def apply_last_layer_freeze(last_layer: Iterable[nn.Parameter], mode: FreezeMode | str, frozen: bool) -> None:
+    """Call after clipping, before ``optimizer.step()``; the LR schedule already holds the layer's LR at 0."""
+    if frozen and FreezeMode(mode) is FreezeMode.drop_grad:
+        for p in last_layer:
+            p.grad = None

@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass
 from typing import Protocol
 
-from dinov2.train.config import TrainConfig
+from dinov2.train.config import TeacherTempWarmup, TrainConfig
 
 
 class ScheduleSource(Protocol):
@@ -47,8 +47,9 @@ class CosineSchedule:
             return 0.0
         it -= self.freeze_iters
         if it < self.warmup_iters:
-            # Linear ramp; the first iteration uses start_warmup_value like the reference.
-            return self.start_warmup_value + (self.base_value - self.start_warmup_value) * it / self.warmup_iters
+            # np.linspace(start, base, warmup_iters) like both references: the ramp's last iteration
+            # already reaches base_value (a one-iteration warmup stays at start).
+            return _ramp(self.start_warmup_value, self.base_value, it, self.warmup_iters)
         it -= self.warmup_iters
         cosine_iters = self.total_iters - self.freeze_iters - self.warmup_iters
         if cosine_iters <= 0 or it >= cosine_iters:
@@ -59,7 +60,7 @@ class CosineSchedule:
 
 @dataclass(frozen=True)
 class LinearWarmupConstant:
-    """Linear from ``start`` to ``end`` over ``warmup_iters``, then ``end`` (teacher temperature)."""
+    """``np.linspace(start, end, warmup_iters)``, then ``end`` (teacher temperature)."""
 
     start: float
     end: float
@@ -68,7 +69,23 @@ class LinearWarmupConstant:
     def __call__(self, it: int) -> float:
         if self.warmup_iters <= 0 or it >= self.warmup_iters:
             return self.end
-        return self.start + (self.end - self.start) * it / self.warmup_iters
+        return _ramp(self.start, self.end, it, self.warmup_iters)
+
+
+def _ramp(start: float, end: float, it: int, n: int) -> float:
+    """Entry ``it`` of ``np.linspace(start, end, n)``."""
+    return start if n <= 1 else start + (end - start) * it / (n - 1)
+
+
+@dataclass(frozen=True)
+class PerEpoch:
+    """``inner`` indexed by the epoch instead of the iteration (DINO's teacher-temperature table)."""
+
+    inner: LinearWarmupConstant
+    epoch_length: int
+
+    def __call__(self, it: int) -> float:
+        return self.inner(it // self.epoch_length)
 
 
 def scaled_lr(base_lr: float, global_batch: int, rule: str = "sqrt_wrt_1024") -> float:
@@ -88,7 +105,7 @@ class Schedules:
     last_layer_lr: CosineSchedule
     wd: CosineSchedule
     momentum: CosineSchedule
-    teacher_temp: LinearWarmupConstant
+    teacher_temp: LinearWarmupConstant | PerEpoch
 
     def values(self, it: int) -> dict[str, float]:
         return {
@@ -117,6 +134,7 @@ def build_schedules(
     warmup_teacher_temp: float,
     teacher_temp: float,
     warmup_teacher_temp_epochs: float,
+    teacher_temp_warmup: TeacherTempWarmup | str = TeacherTempWarmup.per_iteration,
 ) -> Schedules:
     total = epochs * epoch_length
     peak = scaled_lr(base_lr, global_batch, lr_scaling)
@@ -129,7 +147,12 @@ def build_schedules(
     last_layer_lr = _FrozenPrefix(last, freeze)
     wd = CosineSchedule(weight_decay, weight_decay_end, total)
     momentum = CosineSchedule(momentum_teacher, final_momentum_teacher, total)
-    temp = LinearWarmupConstant(warmup_teacher_temp, teacher_temp, int(round(warmup_teacher_temp_epochs * epoch_length)))
+    if TeacherTempWarmup(teacher_temp_warmup) is TeacherTempWarmup.per_epoch:
+        temp = PerEpoch(LinearWarmupConstant(warmup_teacher_temp, teacher_temp, round(warmup_teacher_temp_epochs)),
+                        epoch_length)
+    else:
+        temp = LinearWarmupConstant(warmup_teacher_temp, teacher_temp,
+                                    int(round(warmup_teacher_temp_epochs * epoch_length)))
     return Schedules(lr=lr, last_layer_lr=last_layer_lr, wd=wd, momentum=momentum, teacher_temp=temp)  # type: ignore[arg-type]
 
 
@@ -152,4 +175,5 @@ def schedules_for(cfg: TrainConfig, world_size: int) -> Schedules:
         weight_decay_end=o.weight_decay_end, momentum_teacher=o.momentum_teacher,
         final_momentum_teacher=o.final_momentum_teacher, warmup_teacher_temp=lo.warmup_teacher_temp,
         teacher_temp=lo.teacher_temp, warmup_teacher_temp_epochs=lo.warmup_teacher_temp_epochs,
+        teacher_temp_warmup=lo.teacher_temp_warmup,
     )

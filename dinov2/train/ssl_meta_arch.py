@@ -34,7 +34,7 @@ from dinov2.loss.koleo import KoLeoLoss
 from dinov2.models.checkpoint import load_pretrained
 from dinov2.models.config import build_backbone  # noqa: F401  (re-exported for the trainer)
 from dinov2.models.head import DINOHead
-from dinov2.train.config import Centering, HeadConfig, LossConfig, ModelConfig, Precision
+from dinov2.train.config import Centering, ClipRule, HeadConfig, LossConfig, ModelConfig, Precision
 from dinov2.train.metrics import feature_std, mean_entropy, prototype_usage_entropy
 
 
@@ -94,14 +94,15 @@ class SSLMetaArch(nn.Module):
         def make(drop_path: float) -> nn.ModuleDict:
             backbone = build_backbone(model, global_crop_size, drop_path)
             d = backbone.embed_dim
+            kw = dict(use_bn=head.use_bn, last_layer_init=head.last_layer_init, last_layer_gain=head.last_layer_gain)
             mods = {
                 "backbone": backbone,
                 "dino_head": DINOHead(d, head.dino_out_dim, head.dino_hidden_dim, head.dino_bottleneck_dim,
-                                      head.dino_nlayers, use_bn=head.use_bn),
+                                      head.dino_nlayers, **kw),
             }
             if self.separate_ibot_head:
                 mods["ibot_head"] = DINOHead(d, head.ibot_out_dim, head.ibot_hidden_dim, head.ibot_bottleneck_dim,
-                                             head.ibot_nlayers, use_bn=head.use_bn)
+                                             head.ibot_nlayers, **kw)
             return nn.ModuleDict(mods)
 
         self.student = make(model.drop_path_rate)
@@ -252,15 +253,18 @@ class SSLMetaArch(nn.Module):
     def last_layer_params(self) -> list[nn.Parameter]:
         return [p for n, p in self.student.named_parameters() if "last_layer" in n]
 
-    def clip_gradients(self, max_norm: float) -> dict[str, torch.Tensor]:
-        """Clip each student module separately (as the reference); returns pre-clip norms (0-d
+    def clip_gradients(self, max_norm: float, rule: ClipRule | str = ClipRule.per_module) -> dict[str, torch.Tensor]:
+        """Clip with ``rule`` (``max_norm <= 0``: no clipping); returns each module's pre-clip norm (0-d
         tensors on the device: reading them is left to the trainer's sync steps)."""
+        rule = ClipRule(rule)
         norms = {}
         for name, module in self.student.items():
             params = [p for p in module.parameters() if p.grad is not None]
             if not params:
                 continue
-            if max_norm > 0:
+            if rule is ClipRule.per_parameter:
+                norm = clip_per_parameter_(params, max_norm).square().sum().sqrt()
+            elif max_norm > 0:
                 norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
             else:
                 norm = torch.nn.utils.get_total_norm([p.grad for p in params])
@@ -268,6 +272,23 @@ class SSLMetaArch(nn.Module):
                 norm = norm.full_tensor()
             norms[f"grad_norm_{name}"] = norm
         return norms
+
+
+def clip_per_parameter_(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Scale each gradient by ``min(1, max_norm / (||g|| + 1e-6))`` (DINO's rule); returns the pre-clip norms.
+
+    FSDP2 shards each gradient: local sums of squares are summed over ranks in one all-reduce, so every
+    rank scales its shard by the coefficient of the whole tensor.  ``max_norm <= 0`` only measures.
+    """
+    grads = [_local(p.grad) for p in params]
+    sq = torch.stack([n.float() for n in torch._foreach_norm(grads)]).square()
+    if any(hasattr(p.grad, "_local_tensor") for p in params) and dist.is_initialized():
+        dist.all_reduce(sq)
+    norms = sq.sqrt()
+    if max_norm > 0:
+        coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_(grads, list(coef.to(grads[0].dtype).unbind()))  # stays on the device
+    return norms
 
 
 # ---------------------------------------------------------------- parallelize

@@ -34,7 +34,7 @@ from dinov2.train.distributed import DistInfo, barrier, broadcast_object
 from dinov2.train.evaluation import evaluate_teacher
 from dinov2.train.guard import NonFiniteLossError, StepGuard, tensors_finite
 from dinov2.train.metrics import MetricsLogger, StepWindow, peak_memory_mb
-from dinov2.train.param_groups import apply_schedule
+from dinov2.train.param_groups import apply_last_layer_freeze, apply_schedule
 from dinov2.train.phases import PhasePlan
 from dinov2.train.run_dir import prepare_run_dir
 from dinov2.train.ssl_meta_arch import StepOutput, parallelize
@@ -56,14 +56,6 @@ class StepResult:
     out: StepOutput
     norms: dict[str, torch.Tensor]  # pre-clip gradient norms (device)
     vals: dict[str, float]  # schedule values used
-
-
-def _zero_grads(params: list[torch.nn.Parameter]) -> None:
-    # Zeros rather than None keep every parameter in the optimizer state from step 1, so a
-    # checkpoint taken while the last layer is frozen resumes exactly.
-    for p in params:
-        if p.grad is not None:
-            p.grad.zero_()
 
 
 class Trainer:
@@ -180,9 +172,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         out = self.arch.forward_loss(batch, vals["teacher_temp"], with_stats=with_stats)
         out.loss.backward()
-        if it < self.freeze_iters:
-            _zero_grads(self.last_layer)
-        norms = self.arch.clip_gradients(self.cfg.optim.clip_grad)
+        norms = self.arch.clip_gradients(self.cfg.optim.clip_grad, self.cfg.optim.clip_grad_rule)
+        apply_last_layer_freeze(self.last_layer, self.cfg.optim.freeze_last_layer_mode, frozen=it < self.freeze_iters)
         self.guard.check(it + 1, [*out.terms.values(), *norms.values()])  # sets optimizer.found_inf
         self.optimizer.step()  # skipped on the device when found_inf is set
         self.arch.update_teacher(vals["momentum"])
