@@ -121,7 +121,7 @@ def list_images(source: str | Path) -> LabeledSet:
     source = str(source)
     p = Path(source)
     if p.is_dir() and not any(p.glob("*.tar")):
-        items = [Item(str(f), -1) for f in sorted(p.rglob("*")) if f.is_file() and f.suffix.lower() in IMAGE_EXTS]
+        items = [Item(str(f), -1) for f in sorted(p.rglob("*")) if f.is_file() and is_image_ext(f.suffix.lstrip("."))]
         if not items:
             raise ValueError(f"{p}: no images found")
         return LabeledSet(items, [])
