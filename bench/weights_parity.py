@@ -60,7 +60,8 @@ def build(lib: str, size: str, registers: int, folder: Path):
     if lib == "hf":
         from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
-        kw = {"hidden_size": dim, "num_hidden_layers": 12, "num_attention_heads": heads, "image_size": 224}
+        kw = {"hidden_size": dim, "num_hidden_layers": 12, "num_attention_heads": heads, "image_size": 224,
+              "patch_size": 14}
         model = (Dinov2WithRegistersModel(Dinov2WithRegistersConfig(num_register_tokens=registers, **kw))
                  if registers else Dinov2Model(Dinov2Config(**kw)))
         perturb_(model, registers)

@@ -150,6 +150,7 @@ def test_export_command_all_formats(tmp_path):
         assert all(torch.equal(a, b) for a, b in zip(export_official(loaded).values(),
                                                      export_official(reference).values())) or fmt == "timm", out
         assert torch.allclose(features(loaded), features(reference), atol=1e-5), out
+    assert main(["export", str(src), str(tmp_path / "x.pth"), "--format", "hf"]) == 2  # hf is a folder
     hub = torch.load(tmp_path / "o.pth", weights_only=True)
     assert list(hub) == list(export_official(reference))
 

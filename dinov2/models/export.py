@@ -95,8 +95,8 @@ def export_weights(model: DinoVisionTransformer, out: str | Path, fmt: WeightFor
     params = sum(v.numel() for v in converted.values())
     hints = model_hints(model)
     if fmt is WeightFormat.HF:
-        if out.exists() and not out.is_dir():
-            raise CheckpointError(f"{out}: --format hf writes a folder, and this is a file")
+        if (out.exists() and not out.is_dir()) or out.suffix in (".pth", ".pt", ".bin", ".safetensors"):
+            raise CheckpointError(f"{out}: --format hf writes a folder (config.json + model.safetensors); give a folder name")
         config = hf_config_for(model)
         _check_hf_mlp(model, config)
         # Weights first, config last: a folder with a config.json is complete.
