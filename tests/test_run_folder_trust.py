@@ -70,14 +70,14 @@ def test_crafted_dcp_metadata_never_runs(trained, tmp_path):
     out = _copy(trained, tmp_path)
     marker = tmp_path / "pwned"
     (out / "ckpt" / "step_000004" / ".metadata").write_bytes(pickle.dumps(_WritesMarker(marker)))
-    rc, err = _cli("export", str(out), str(tmp_path / "w.pth"))
+    rc, err = _cli("export", str(out), str(tmp_path / "w.safetensors"))
     _assert_one_line_refusal(rc, err, ".metadata", "open")
     with pytest.raises(UnsafeCheckpointError):
         read_checkpoint_tensors(out, "teacher.backbone.")
     with pytest.raises(UnsafeCheckpointError):  # resume refuses it too
         run(out, 6)
     assert not marker.exists()
-    assert not (tmp_path / "w.pth").exists()
+    assert not (tmp_path / "w.safetensors").exists()
 
 
 def test_crafted_rng_file_never_runs(trained, tmp_path):
@@ -127,12 +127,12 @@ def test_truncated_newest_checkpoint_falls_back_to_intact_one(trained, tmp_path,
     # Naming the damaged step folder explicitly: one line naming the file, exit 2.
     out2 = _copy(trained, tmp_path / "b")
     shard = _truncate_newest_shard(out2)
-    rc, err = _cli("export", str(out2 / "ckpt" / "step_000004"), str(tmp_path / "w.pth"))
+    rc, err = _cli("export", str(out2 / "ckpt" / "step_000004"), str(tmp_path / "w.safetensors"))
     _assert_one_line_refusal(rc, err, shard.name, "truncated")
     # The run folder itself exports from the newest intact step.
-    rc, err = _cli("export", str(out2), str(tmp_path / "w.pth"))
+    rc, err = _cli("export", str(out2), str(tmp_path / "w.safetensors"))
     assert rc == 0, err
-    assert (tmp_path / "w.pth").is_file()
+    assert (tmp_path / "w.safetensors").is_file()
 
 
 def test_truncated_metadata_everywhere_is_an_error_not_a_fresh_start(trained, tmp_path):
@@ -200,10 +200,10 @@ def test_outputs_respect_the_umask(trained, tmp_path):
     try:
         from dinov2.cli import main
 
-        assert main(["export", str(trained), str(tmp_path / "w.pth")]) == 0
+        assert main(["export", str(trained), str(tmp_path / "w.safetensors")]) == 0
     finally:
         os.umask(old)
-    assert (tmp_path / "w.pth").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == 0o640
     assert (trained / "config.yaml").stat().st_mode & 0o777 == 0o666 & ~old
 
 
@@ -212,13 +212,13 @@ def test_file_system_errors_are_one_line(tmp_path):
     blocker.write_text("x")
     rc, err = _cli("train", "-c", str(CONFIG), *tiny_overrides(blocker, 2))
     _assert_one_line_refusal(rc, err, "not a folder")
-    rc, err = _cli("export", str(tmp_path / "nothing_here"), str(tmp_path / "w.pth"))
+    rc, err = _cli("export", str(tmp_path / "nothing_here"), str(tmp_path / "w.safetensors"))
     _assert_one_line_refusal(rc, err, "nothing_here")
 
 
 @pytest.mark.parametrize("ks", [["0"], ["-3"], ["10", "0"]])
 def test_knn_rejects_non_positive_k(tmp_path, ks):
-    rc, err = _cli("eval", "knn", "--weights", "w.pth", "--train-dir", str(tmp_path), "--val-dir", str(tmp_path),
+    rc, err = _cli("eval", "knn", "--weights", "w.safetensors", "--train-dir", str(tmp_path), "--val-dir", str(tmp_path),
                    "--ks", *ks)
     assert rc == 2 and "--ks" in err and "must be >= 1" in err and "Traceback" not in err
 
