@@ -605,12 +605,13 @@ def _drop_timings(obj):
 
 
 def _stage_outputs(out: Path) -> dict[str, bytes]:
-    """Every file a stage wrote (not logs, not the config that names the executor), with the
-    output folder's own path normalised away and wall-clock fields (``*_s``) dropped from JSON."""
+    """Every file a stage wrote (not logs, not the config that names the executor, not the lock file
+    that names its holder), with the output folder's own path normalised away and wall-clock fields
+    (``*_s``) dropped from JSON."""
     files = {}
     for p in sorted(out.rglob("*")):
         rel = p.relative_to(out)
-        if p.is_file() and rel.parts[0] != "logs" and str(rel) != "config.yaml":
+        if p.is_file() and rel.parts[0] != "logs" and str(rel) not in ("config.yaml", ".lock"):
             data = p.read_bytes().replace(str(out).encode(), b"OUT")
             if p.suffix == ".json":
                 data = json.dumps(_drop_timings(json.loads(data)), sort_keys=True).encode()
