@@ -5,11 +5,13 @@ marker never appears and that the refusal is one line with exit status 2.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
 import pickle
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -193,6 +195,28 @@ def test_lock_of_a_killed_holder_is_not_stale(tmp_path):
         except FolderLocked:
             assert time.time() < deadline, "a SIGKILLed holder's lock was never released"
             time.sleep(0.1)
+
+
+def test_lock_is_free_once_its_holder_dies_though_a_forked_worker_lives_on(tmp_path):
+    # A data-loader worker shares the holder's open file; it outlives a SIGKILLed trainer by seconds.
+    folder = tmp_path / "f"
+    code = ("import multiprocessing as mp, os, time; from dinov2.utils.lock import FolderLock; "
+            f"lock = FolderLock({str(folder)!r}, 'trainer').acquire(); "
+            "child = mp.get_context('fork').Process(target=time.sleep, args=(60,)); child.start(); "
+            "print(child.pid, flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    child = int(proc.stdout.readline())
+    try:
+        with pytest.raises(FolderLocked, match="trainer"):
+            FolderLock(folder).acquire()
+        proc.kill()
+        proc.wait(timeout=30)
+        os.kill(child, 0)  # the worker is still alive ...
+        FolderLock(folder).acquire().release()  # ... and the folder is free at once
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
 
 
 def test_outputs_respect_the_umask(trained, tmp_path):

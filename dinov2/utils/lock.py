@@ -6,7 +6,10 @@ touches anything, with a message naming the holder.
 
 The lock is ``flock`` on the file, so the kernel drops it when the holder exits for any reason
 (SIGKILL and OOM included): a crashed run never leaves a lock that blocks the next one.  The file
-itself stays (removing it would let two processes lock two different files).  It holds the holder's
+itself stays (removing it would let two processes lock two different files).  A ``flock`` belongs
+to the open file, which a forked child (a data-loader worker) shares: each child closes its copy
+right after the fork, so a worker that outlives a killed trainer by a few seconds does not keep the
+folder locked.  It holds the holder's
 host, pid and start time, for the error message only.  Where the file system has no ``flock``
 (some parallel file systems mounted without it) the lock degrades to an ``O_EXCL`` marker whose
 holder is checked by pid on the same host; a marker from another host must be removed by hand
@@ -20,10 +23,26 @@ import json
 import os
 import socket
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
 LOCK_NAME = ".lock"
+
+_HELD: weakref.WeakSet[FolderLock] = weakref.WeakSet()
+
+
+def _forget_locks_in_child() -> None:
+    # Only close: LOCK_UN here would release the parent's lock, which is the same open file.
+    for lock in list(_HELD):
+        if lock._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(lock._fd)
+        lock._fd, lock._marker = None, False
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_forget_locks_in_child)
 
 
 class FolderLocked(RuntimeError):
@@ -76,6 +95,7 @@ class FolderLock:
         os.ftruncate(fd, 0)
         os.write(fd, _holder_info(self.what))
         self._fd = fd
+        _HELD.add(self)
         return self
 
     def _acquire_marker(self) -> FolderLock:
@@ -93,6 +113,7 @@ class FolderLock:
             os.write(fd, _holder_info(self.what))
             os.close(fd)
             self.path, self._marker = marker, True
+            _HELD.add(self)
             return self
         self.path = marker
         raise self._refuse()
@@ -109,6 +130,7 @@ class FolderLock:
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
             self._marker = False
+        _HELD.discard(self)
 
     @property
     def held(self) -> bool:
