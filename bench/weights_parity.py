@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from dinov2.models import load_pretrained
+from dinov2.models.formats.reference_models import all_tokens, build_hf, build_timm, hf_tokens, timm_tokens
 
-SHAPES = {"S": (384, 6, "vit_small"), "B": (768, 12, "vit_base")}
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
@@ -36,45 +36,17 @@ def photos(px: int) -> torch.Tensor:
     return (torch.cat(out) - MEAN) / STD
 
 
-def perturb_(model: torch.nn.Module, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            leaf = name.rsplit(".", 1)[-1]
-            if leaf in ("position_embeddings", "pos_embed", "cls_token", "register_tokens", "reg_token"):
-                p.copy_(torch.empty_like(p).uniform_(-1, 1, generator=gen))
-            elif leaf in ("lambda1", "gamma"):
-                p.copy_(torch.empty_like(p).uniform_(0.2, 1.0, generator=gen))
-            elif "norm" in name and leaf == "weight":
-                p.copy_(torch.empty_like(p).uniform_(0.8, 1.2, generator=gen))
-
-
-def ours(model, x):
-    out = model.forward_features(x)
-    return torch.cat([out["x_norm_clstoken"][:, None], out["x_norm_regtokens"], out["x_norm_patchtokens"]], 1)
-
-
 def build(lib: str, size: str, registers: int, folder: Path):
-    dim, heads, arch = SHAPES[size]
-    torch.manual_seed(registers)
+    """The library's model and the file or folder it saves, as users would hand it to us."""
     if lib == "hf":
-        from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
-
-        kw = {"hidden_size": dim, "num_hidden_layers": 12, "num_attention_heads": heads, "image_size": 224,
-              "patch_size": 14}
-        model = (Dinov2WithRegistersModel(Dinov2WithRegistersConfig(num_register_tokens=registers, **kw))
-                 if registers else Dinov2Model(Dinov2Config(**kw)))
-        perturb_(model, registers)
-        model.eval().save_pretrained(folder)
-        return (lambda x: model(pixel_values=x).last_hidden_state), folder
-    import timm
+        model = build_hf(size, registers, seed=registers)
+        model.save_pretrained(folder)
+        return (lambda x: hf_tokens(model, x)), folder
     from safetensors.torch import save_file
 
-    name = f"{arch}_patch14_{'reg4_' if registers else ''}dinov2"
-    model = timm.create_model(name, pretrained=False, img_size=224, dynamic_img_size=True, num_classes=0)
-    perturb_(model, registers)
-    save_file(model.eval().state_dict(), str(folder / "model.safetensors"))
-    return model.forward_features, folder / "model.safetensors"
+    model = build_timm(size, registers, seed=registers)
+    save_file(model.state_dict(), str(folder / "model.safetensors"))
+    return (lambda x: timm_tokens(model, x)), folder / "model.safetensors"
 
 
 @torch.no_grad()
@@ -98,8 +70,8 @@ def main() -> None:
                     for px in (224, 280):
                         x = photos(px)
                         ref = reference(x)
-                        diffs.append((ours(model, x) - ref).abs().max().item())
-                    diffs.append((ours(wrong, x) - ref).abs().max().item())
+                        diffs.append((all_tokens(model, x) - ref).abs().max().item())
+                    diffs.append((all_tokens(wrong, x) - ref).abs().max().item())
                 print(f"| {lib} | {size}/14 | {registers} | {diffs[0]:.1e} | {diffs[1]:.1e} | {diffs[2]:.2f} "
                       f"| {time.perf_counter() - start:.0f} |", flush=True)
 

@@ -38,14 +38,28 @@ def _resolve(name: str, mods: dict[str, Path]) -> str | None:
     return name or None
 
 
-def import_graph(root: Path, packages=PACKAGES) -> tuple[dict[str, set[str]], dict[tuple[str, str], set[str]]]:
-    """(module → modules it imports, (module, imported) → names taken with ``from … import``)."""
+Graph = dict[str, set[str]]
+Names = dict[tuple[str, str], set[str]]
+LocalImports = dict[str, list[tuple[str, int]]]
+
+
+def _function_local_lines(tree: ast.Module) -> set[int]:
+    return {n.lineno for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+            for n in ast.walk(f) if isinstance(n, (ast.Import, ast.ImportFrom))}
+
+
+def import_graph(root: Path, packages=PACKAGES) -> tuple[Graph, Names, LocalImports]:
+    """(module → modules it imports, (module, imported) → names taken with ``from … import``,
+    module → (imported module, line) of its imports inside functions)."""
     mods = module_files(root, packages)
-    graph: dict[str, set[str]] = {m: set() for m in mods}
-    names: dict[tuple[str, str], set[str]] = {}
+    graph: Graph = {m: set() for m in mods}
+    names: Names = {}
+    local: LocalImports = {m: [] for m in mods}
     for mod, path in mods.items():
         is_pkg = path.name == "__init__.py"
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        tree = ast.parse(path.read_text(), str(path))
+        local_lines = _function_local_lines(tree)
+        for node in ast.walk(tree):
             targets: list[tuple[str, str | None]] = []
             if isinstance(node, ast.Import):
                 targets = [(a.name, None) for a in node.names]
@@ -65,7 +79,9 @@ def import_graph(root: Path, packages=PACKAGES) -> tuple[dict[str, set[str]], di
                 graph[mod].add(dst)
                 if taken:
                     names.setdefault((mod, dst), set()).add(taken)
-    return graph, names
+                if node.lineno in local_lines:
+                    local[mod].append((dst, node.lineno))
+    return graph, names, local
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -130,8 +146,9 @@ def test_walker_sees_function_local_and_relative_imports(tmp_path):
     (pkg / "a.py").write_text("def f():\n    from .b import g\n    return g\n")
     (pkg / "b.py").write_text("import pkg.c\n\ndef g():\n    pass\n")
     (pkg / "c.py").write_text("from pkg import a\n")
-    g, _ = import_graph(tmp_path, ("pkg",))
+    g, _, local = import_graph(tmp_path, ("pkg",))
     assert g["pkg.a"] == {"pkg.b"} and g["pkg.b"] == {"pkg.c"} and g["pkg.c"] == {"pkg.a"}
+    assert local == {"pkg": [], "pkg.a": [("pkg.b", 2)], "pkg.b": [], "pkg.c": []}
     assert cycles(g) == [["pkg.a", "pkg.b", "pkg.c"]]
     (pkg / "c.py").write_text("")
     assert cycles(import_graph(tmp_path, ("pkg",))[0]) == []
@@ -154,7 +171,7 @@ def test_dinov2_never_imports_curation_or_demo(graph):
 
 
 def test_curation_uses_the_trainer_only_through_narrow_interfaces(graph):
-    g, names = graph
+    g, names, _ = graph
     bad = []
     for mod, deps in g.items():
         if mod.split(".")[0] != "curation":
@@ -168,3 +185,10 @@ def test_curation_uses_the_trainer_only_through_narrow_interfaces(graph):
             elif d.split(".")[0] == "dinov2" and not any(d == ok or d.startswith(ok + ".") for ok in CURATION_MAY_USE):
                 bad.append((mod, d))
     assert not bad, f"curation imports beyond {CURATION_MAY_USE} (+ load_pretrained): {bad}"
+
+
+def test_trainer_and_launcher_have_no_function_local_project_imports(graph):
+    """Function-local imports are where cycles hide; the trainer and launcher import at the top."""
+    local = [(m, d, line) for m, found in graph[2].items() if m.startswith(("dinov2.train", "dinov2.run"))
+             for d, line in found]
+    assert not local, f"function-local imports of project modules (import at the top instead): {local}"

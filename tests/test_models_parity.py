@@ -10,73 +10,28 @@ from test_models_reference import meta_model, photo_batch, randomized_state
 from dinov2.cli import main
 from dinov2.models import export_official, load_pretrained, vit_small
 from dinov2.models.export import export_weights
+from dinov2.models.formats.reference_models import (
+    SHAPES,
+    build_hf,
+    build_timm,
+    hf_tokens,
+    perturb_,
+    timm_name,
+    timm_tokens,
+)
+from dinov2.models.formats.reference_models import all_tokens as ours_tokens
 
 transformers = pytest.importorskip("transformers")
 timm = pytest.importorskip("timm")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-SHAPES = {"S": (384, 6, "vit_small"), "B": (768, 12, "vit_base")}
 TOL = 1e-4
 SIZES = (224, 280)  # 224: the models' own 16x16 grid; 280: 20x20, positions resized
-
-
-def perturb_(model: torch.nn.Module, seed: int) -> None:
-    """Make every part count: positions / CLS / registers ~ U(-1, 1) (a wrong resize mode then shows),
-    LayerScale ~ U(0.2, 1) (timm starts it at 1e-5), norm weights ~ U(0.8, 1.2)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            leaf = name.rsplit(".", 1)[-1]
-            if leaf in ("position_embeddings", "pos_embed", "cls_token", "register_tokens", "reg_token"):
-                p.copy_(torch.empty_like(p).uniform_(-1, 1, generator=gen))
-            elif leaf in ("lambda1", "gamma"):
-                p.copy_(torch.empty_like(p).uniform_(0.2, 1.0, generator=gen))
-            elif "norm" in name and leaf == "weight":
-                p.copy_(torch.empty_like(p).uniform_(0.8, 1.2, generator=gen))
-
-
-def ours_tokens(model, images):
-    with torch.no_grad():
-        out = model.forward_features(images)
-    return torch.cat([out["x_norm_clstoken"][:, None], out["x_norm_regtokens"], out["x_norm_patchtokens"]], dim=1)
-
-
-def hf_tokens(model, images):
-    with torch.no_grad():
-        return model(pixel_values=images).last_hidden_state
-
-
-def timm_tokens(model, images):
-    with torch.no_grad():
-        return model.forward_features(images)
 
 
 def max_diff(a, b) -> float:
     assert a.shape == b.shape, (a.shape, b.shape)
     return (a - b).abs().max().item()
-
-
-def build_hf(size: str, registers: int, seed: int):
-    from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
-
-    dim, heads, _ = SHAPES[size]
-    kw = {"hidden_size": dim, "num_hidden_layers": 12, "num_attention_heads": heads, "image_size": 224,
-          "patch_size": 14}
-    torch.manual_seed(seed)
-    if registers:
-        model = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(num_register_tokens=registers, **kw))
-    else:
-        model = Dinov2Model(Dinov2Config(**kw))
-    perturb_(model, seed)
-    return model.eval()
-
-
-def build_timm(size: str, registers: int, seed: int):
-    name = f"{SHAPES[size][2]}_patch14_{'reg4_' if registers else ''}dinov2"
-    torch.manual_seed(seed)
-    model = timm.create_model(name, pretrained=False, img_size=224, dynamic_img_size=True, num_classes=0)
-    perturb_(model, seed)
-    return model.eval(), name
 
 
 def _size_params(sizes=("S", "B")):
@@ -114,7 +69,7 @@ def test_hf_both_ways(tmp_path, size, registers):
 @pytest.mark.parametrize("registers", [0, 4])
 @pytest.mark.parametrize("size", _size_params())
 def test_timm_both_ways(tmp_path, size, registers):
-    original, name = build_timm(size, registers, seed=registers + 7)
+    original, name = build_timm(size, registers, seed=registers + 7), timm_name(size, registers)
     safetensors_torch.save_file(original.state_dict(), str(tmp_path / "timm.safetensors"))
     torch.save(original.state_dict(), tmp_path / "timm.pth")
     ours = load_pretrained(tmp_path / "timm.safetensors")
