@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(VPY) -m demo $(DEMO_ARGS)
 
 test: $(STAMP)
-	$(VPY) -m pytest -q $(PYTEST_ARGS)
+	$(VPY) -m pytest -q --durations=25 $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache
