@@ -108,6 +108,7 @@ class EmbedderConfig:
     batch_size: int = 64
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    descriptor: str = "global"  # global | flip | regions (curation/descriptors.py): crop/flip robustness
 
     def validate(self) -> None:
         """Cross-field checks (called by ``load_config`` and ``load_embedder``)."""
@@ -123,6 +124,10 @@ class EmbedderConfig:
             raise bad(f"device {self.device!r} not in {DEVICES}")
         if self.dtype not in DTYPES:
             raise bad(f"dtype {self.dtype!r} not in {DTYPES}")
+        from curation.descriptors import DESCRIPTORS
+
+        if self.descriptor not in DESCRIPTORS:
+            raise bad(f"descriptor {self.descriptor!r} not in {DESCRIPTORS}")
         if self.image_size < 8 or self.batch_size < 1:
             raise bad("image_size must be >= 8 and batch_size >= 1")
         if self.resize_size is not None and self.resize_size < self.image_size:
@@ -179,7 +184,9 @@ class Embedder:
         self.cfg = cfg
         self.module = module
         self.device = device
-        self._forward = forward
+        from curation.descriptors import wrap_forward
+
+        self._forward = wrap_forward(forward, cfg.descriptor)
         default_mean, default_std = (
             (LITE_MEAN, LITE_STD) if cfg.kind == "efficientnet_lite0" else (IMAGENET_MEAN, IMAGENET_STD)
         )

@@ -454,6 +454,11 @@ def finalize_write(out_dir: str | Path, cfg: WriteConfig) -> dict:
         "num_shards": len(shards),
         "shards": shards,
     }
+    from curation.calibrate import read_calibration
+    from curation.retrieval_plan import read_choice
+
+    summary["calibration"] = read_calibration(out_dir)  # thresholds used and their estimated quality
+    summary["retrieval"] = read_choice(out_dir)  # method / clusters chosen and why, warnings
     atomic_write_json(final / "summary.json", summary)
     _clean_stale_tmp(final)
     return summary
