@@ -124,14 +124,14 @@ def _tar_add(tar, name, data):
 
 
 def build(root: Path, photos, seed: int, copies_per_family: int, n_exact: int, n_eval: int,
-          query_classes: tuple[str, ...], n_query: int):
+          query_classes: tuple[str, ...], n_query: int, n_pool: int):
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(photos))
     signs = [i for i in order if photos[i][1] != "packaged"]
     query_idx = [i for i in signs if photos[i][1] in query_classes][:n_query]
     rest = [i for i in order if i not in set(query_idx)]
     eval_idx = [i for i in rest if photos[i][1] != "packaged"][:n_eval]
-    pool_idx = [i for i in rest if i not in set(eval_idx)]
+    pool_idx = [i for i in rest if i not in set(eval_idx)][:n_pool]
     items = []  # (bytes, truth)
 
     def enc(img):
@@ -217,7 +217,7 @@ def score(out: Path, truth: dict, query_classes) -> dict:
     return res
 
 
-def run_one(root: Path, descriptor: str, seed: int) -> dict:
+def run_one(root: Path, descriptor: str, seed: int, image_size: int) -> dict:
     from curation.config import load_curation_config
     from curation.pipeline import run_pipeline
 
@@ -226,7 +226,7 @@ def run_one(root: Path, descriptor: str, seed: int) -> dict:
         f"output_dir={out}", f"inputs=[{root / 'crawl'}/*.tar]", f"eval_sets.bench=[{root / 'eval'}]",
         f"query_sets.q.inputs=[{root / 'query'}]",
         "embedders.lite0.kind=efficientnet_lite0", "embedders.lite0.device=cpu", "embedders.lite0.batch_size=64",
-        f"embedders.lite0.descriptor={descriptor}", "executor.cluster=debug", f"seed={seed}",
+        f"embedders.lite0.descriptor={descriptor}", f"embedders.lite0.image_size={image_size}", "executor.cluster=debug", f"seed={seed}",
     ]
     cfg = load_curation_config(None, overrides)
     t0 = time.perf_counter()
@@ -247,7 +247,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--descriptor", nargs="+", default=["global"])
     ap.add_argument("--photos", type=Path, default=None, help="class-subfolder photo folder (default: sign-digits)")
-    ap.add_argument("--copies-per-family", type=int, default=40)
+    ap.add_argument("--copies-per-family", type=int, default=20)
+    ap.add_argument("--n-pool", type=int, default=800, help="distinct photos in the pool")
+    ap.add_argument("--image-size", type=int, default=128, help="Lite0 input side (sign-digits photos are 100 px)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--workdir", type=Path, default=None)
     a = ap.parse_args(argv)
@@ -261,13 +263,13 @@ def main(argv=None) -> int:
     if tp.is_file():
         truth = json.loads(tp.read_text())
     else:
-        truth = build(root, photos, a.seed, a.copies_per_family, n_exact=60, n_eval=200,
-                      query_classes=query_classes, n_query=24)
+        truth = build(root, photos, a.seed, a.copies_per_family, n_exact=30, n_eval=100,
+                      query_classes=query_classes, n_query=24, n_pool=a.n_pool)
         tp.write_text(json.dumps(truth))
     print(f"crawl: {len(truth)} items from {len(photos)} photos in {root}")
     rows = []
     for desc in a.descriptor:
-        r = run_one(root, desc, a.seed)
+        r = run_one(root, desc, a.seed, a.image_size)
         q = score(r["out"], truth, query_classes)
         cal = r["summary"].get("calibration", {})
         rows.append((desc, q, r, cal))

@@ -32,6 +32,7 @@ floor.  Per-family recalls are measured on ~n_copies/9 copies each.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -55,7 +56,7 @@ class CalibrateConfig:
     """Used by every stage whose ``threshold`` is null; an explicit threshold always wins."""
 
     target_precision: float = 0.95  # estimated precision the chosen threshold must reach
-    n_copies: int = 360  # synthetic copies planted per stage (spread over the families)
+    n_copies: int = 0  # synthetic copies planted per stage (spread over the families); 0 = 5 % of the pool, 108..900
     n_background: int = 20_000  # images whose best match is modelled (all when fewer)
     min_copy_share: float = 0.005  # floor for the estimated share of copies (see module doc)
     seed: int = 0
@@ -65,8 +66,8 @@ class CalibrateConfig:
 
         if not 0.5 <= self.target_precision < 1.0:
             raise ConfigError(f"calibrate.target_precision must be in [0.5, 1), got {self.target_precision}")
-        if self.n_copies < len(FAMILIES) or self.n_background < 10:
-            raise ConfigError(f"calibrate.n_copies must be >= {len(FAMILIES)} and n_background >= 10")
+        if (self.n_copies and self.n_copies < len(FAMILIES)) or self.n_background < 10:
+            raise ConfigError(f"calibrate.n_copies must be 0 (auto) or >= {len(FAMILIES)}, n_background >= 10")
         if not 0.0 < self.min_copy_share < 0.5:
             raise ConfigError("calibrate.min_copy_share must be in (0, 0.5)")
 
@@ -276,27 +277,30 @@ def calibrate_stage(cfg, stage: str) -> float:
     if stage_cfg.threshold is not None:
         atomic_write_json(out, {"stage": stage, "threshold": float(stage_cfg.threshold), "source": "config"})
         return float(stage_cfg.threshold)
-    if out.is_file():
-        import json
-
-        rec = json.loads(out.read_text())
-        if rec.get("source") == "calibrated":
-            return float(rec["threshold"])
-    t0 = time.perf_counter()
     cal: CalibrateConfig = cfg.calibrate
+    # reuse a record only when made with the same calibration, embedder and stage settings
     from curation.embed import load_embedder
     from curation.store import EmbeddingStore, list_sources, resolve_embedder
 
     name = resolve_embedder(cfg.output_dir, "pool", stage_cfg.embedder)
+    key = json.dumps({"calibrate": asdict(cal), "embedder": asdict(cfg.embedders[name]), "stage": asdict(stage_cfg)},
+                     sort_keys=True, default=str)
+    if out.is_file():
+        rec = json.loads(out.read_text())
+        if rec.get("source") == "calibrated" and rec.get("key") == key:
+            return float(rec["threshold"])
+    t0 = time.perf_counter()
     pool = EmbeddingStore(cfg.output_dir, "pool", name)
     ref_sources = ["pool"] if stage == "dedup" else list_sources(cfg.output_dir, "eval-")
     if not ref_sources or pool.n < 2:
         log.info("calibration of %s skipped: nothing to compare", stage)
-        atomic_write_json(out, {"stage": stage, "threshold": 1.0, "source": "calibrated", "skipped": True})
+        atomic_write_json(out, {"stage": stage, "threshold": 1.0, "source": "calibrated", "skipped": True,
+                                "key": key})
         return 1.0
     ref = pool if stage == "dedup" else EmbeddingStore(cfg.output_dir, ref_sources, name)
     rng = np.random.default_rng([cal.seed, len(stage)])
-    n_orig = min(ref.n, max(len(FAMILIES), cal.n_copies // 3))
+    n_copies = cal.n_copies or int(np.clip(round(0.05 * pool.n), 12 * len(FAMILIES), 100 * len(FAMILIES)))
+    n_orig = min(ref.n, max(len(FAMILIES), n_copies // 3))
     pick = np.sort(rng.choice(ref.n, size=n_orig, replace=False))
     prefix = "pool" if stage == "dedup" else "eval-"
     images = _load_images(_locations(Path(cfg.output_dir), prefix), [ref.ids[p] for p in pick],
@@ -308,7 +312,7 @@ def calibrate_stage(cfg, stage: str) -> float:
     embedder = load_embedder(cfg.embedders[name])
     t_embed = time.perf_counter()
     copies = planted_similarities(embedder, [im for _, im in images], ref.vectors.gather(pick),
-                                  cal.n_copies, rng)
+                                  n_copies, rng)
     t_embed = time.perf_counter() - t_embed
     background = background_similarities(pool, ref, stage, cal, stage_cfg, getattr(cfg.dedup, "phash_max_distance", 4))
     rec = fit_threshold(copies, background, cal.target_precision, cal.min_copy_share)
@@ -316,7 +320,7 @@ def calibrate_stage(cfg, stage: str) -> float:
                target_precision=cal.target_precision, n_originals=len(pick),
                n_copies=int(sum(len(v) for v in copies.values())), n_background=len(background),
                seconds=round(time.perf_counter() - t0, 2), embed_seconds=round(t_embed, 2),
-               config=asdict(cal))
+               config=asdict(cal), key=key)
     for w in rec["warnings"]:
         log.warning("calibration of %s: %s", stage, w)
     atomic_write_json(out, rec)
@@ -334,13 +338,12 @@ def resolved(cfg, stage: str):
 
 def read_calibration(out_dir: str | Path) -> dict:
     """``{stage: record}`` of the calibration records present (for summary.json and the report)."""
-    import json
-
     out = {}
     for stage in ("dedup", "decontaminate"):
         p = calibration_path(out_dir, stage)
         if p.is_file():
             rec = json.loads(p.read_text())
             rec.pop("config", None)
+            rec.pop("key", None)
             out[stage] = rec
     return out

@@ -156,3 +156,107 @@ def _jpeg(img):
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=90)
     return buf.getvalue()
+
+
+def _config(tmp_path, **kw):
+    from curation.config import CurationConfig
+    from curation.embed import EmbedderConfig
+
+    cfg = CurationConfig(output_dir=str(tmp_path / "out"), inputs=[str(tmp_path / "pool")],
+                         embedders={"lite0": EmbedderConfig(kind="efficientnet_lite0", image_size=96,
+                                                            device="cpu", batch_size=32, **kw)})
+    cfg.calibrate = CalibrateConfig(n_copies=27, n_background=100, seed=0)
+    cfg.validate()
+    return cfg
+
+
+def test_calibrated_dedup_meets_target_on_tiny_planted_set(tmp_path):
+    """Real photos + planted copies (other ops than calibration's): the calibrated threshold's drops are right."""
+    from PIL import ImageOps
+
+    from curation.calibrate import calibrate_stage, read_calibration
+    from curation.dedup import run_dedup
+    from curation.embed import embed_stage
+    from curation.synth import load_photos
+
+    photos = load_photos(None, max_side=160)
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    truth = {}
+    for i, (name, img) in enumerate(photos):
+        (pool / f"{name}.jpg").write_bytes(_jpeg(img))
+        truth[name] = name
+        if i % 2 == 0:  # a copy of every other photo: mirrored, or downscaled and re-encoded
+            copy = ImageOps.mirror(img) if i % 4 == 0 else img.resize((img.width // 2, img.height // 2))
+            (pool / f"{name}-copy.jpg").write_bytes(_jpeg(copy))
+            truth[f"{name}-copy"] = name
+    cfg = _config(tmp_path)
+    embed_stage("pool", cfg.inputs, cfg.embedders, cfg.output_dir, progress=False)
+    t = calibrate_stage(cfg, "dedup")
+    rec = read_calibration(cfg.output_dir)["dedup"]
+    assert rec["source"] == "calibrated" and 0.0 < t < 1.0 and rec["threshold"] == t
+    assert set(rec["estimated_recall_per_family"]) == set(FAMILIES)
+    assert calibrate_stage(cfg, "dedup") == t  # cached, not recomputed
+    import dataclasses
+
+    import pandas as pd
+
+    run_dedup(cfg.output_dir, dataclasses.replace(cfg.dedup, threshold=t, phash=False, exact=False))
+    dd = pd.read_parquet(tmp_path / "out" / "dedup" / "decisions.parquet")
+    stem = lambda i: i.rsplit("/", 1)[-1]  # noqa: E731
+    dropped = dd[~dd["kept"]]
+    right = [truth[stem(a)] == truth[stem(b)] for a, b in zip(dropped["id"], dropped["representative_id"])]
+    assert len(dropped) >= 4 and np.mean(right) >= rec["target_precision"]
+    # an explicit threshold wins and is recorded as such
+    cfg.dedup.threshold = 0.9
+    assert calibrate_stage(cfg, "dedup") == 0.9
+    assert read_calibration(cfg.output_dir)["dedup"]["source"] == "config"
+
+
+def test_demo_truth_counts_overlapping_crops_as_same_content():
+    from curation.truth import overlap, same_content
+
+    a = {"group": 1, "photo": "p", "box": [0, 0, 100, 100]}
+    b = {"group": 2, "photo": "p", "box": [20, 20, 90, 90]}  # inside a: the same part of the photo
+    c = {"group": 3, "photo": "p", "box": [80, 80, 200, 200]}  # barely touches a
+    d = {"group": 4, "photo": "q", "box": [0, 0, 100, 100]}
+    assert overlap(a["box"], b["box"]) == 1.0 and overlap(a["box"], c["box"]) < 0.5
+    assert same_content(a, b) and not same_content(a, c) and not same_content(a, d)
+    assert same_content(a, dict(a, box=None))  # same planted group
+    assert not same_content(a, None)
+
+
+def test_synth_truth_records_boxes(tmp_path):
+    from curation.synth import CrawlSpec, build_crawl
+
+    rng = np.random.default_rng(0)
+    photos = [(f"p{i}", Image.fromarray(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8))) for i in range(3)]
+    truth = build_crawl(photos, tmp_path, CrawlSpec(n_base=12, n_heldout_per_photo=1, n_query_per_photo=1,
+                                                    n_junk=2, min_out_side=32, max_out_side=48))
+    items = [v for v in truth["items"].values() if v["kind"] != "junk"]
+    assert items and all(len(v["box"]) == 4 for v in items)
+    assert all(len(v["box"]) == 4 for v in truth["eval"].values())
+
+
+def test_config_keys_for_calibration_and_descriptor():
+    from curation.config import load_curation_config
+    from dinov2.utils.config import ConfigError
+
+    base = ["output_dir=/tmp/x", "inputs=[/tmp/x]", "embedders.e.kind=efficientnet_lite0"]
+    cfg = load_curation_config(None, [*base, "calibrate.target_precision=0.99", "embedders.e.descriptor=flip"])
+    assert cfg.calibrate.target_precision == 0.99 and cfg.dedup.threshold is None
+    with pytest.raises(ConfigError, match="calibrate"):
+        load_curation_config(None, [*base, "calibrate.bogus=1"])
+    with pytest.raises(ConfigError, match="target_precision"):
+        load_curation_config(None, [*base, "calibrate.target_precision=1.5"])
+
+
+def test_bootstrap_embedder_bad_input_is_one_line_error(tmp_path, capsys):
+    from curation.bootstrap import overrides
+    from curation.cli import main
+
+    rc = main(["bootstrap-embedder", "--inputs", str(tmp_path / "none-*.tar"), "--out", str(tmp_path / "b")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err
+    ov = overrides(tmp_path / "run", ["/d/it's/{0..3}.tar"], steps=12, batch_size=4)
+    assert "data.sources=[{pattern: '/d/it''s/{0..3}.tar'}]" in ov and "optim.max_steps=12" in ov
