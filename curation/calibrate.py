@@ -343,7 +343,7 @@ def read_calibration(out_dir: str | Path) -> dict:
         p = calibration_path(out_dir, stage)
         if p.is_file():
             rec = json.loads(p.read_text())
-            rec.pop("config", None)
-            rec.pop("key", None)
+            for k in ("config", "key", "seconds", "embed_seconds"):  # summary.json stays a function of the data
+                rec.pop(k, None)
             out[stage] = rec
     return out
