@@ -13,28 +13,27 @@ stage's ``threshold`` is left unset (null), this module picks it from the data:
 2. **Background.** For a sample of pool images, the best similarity to any other
    pool image (dedup) or to any evaluation image (decontamination), ignoring
    partners already linked by sha256 or perceptual hash (known copies).
-3. **Mixture.** The background is a mixture of non-copies and real copies the
-   crawl already holds; random "non-copies" that are in fact duplicates must not
-   be counted as false positives.  So the background is fitted (EM, in Fisher-z
-   space) as ``(1-π)·Gumbel + π·copies``, the copy component's shape taken from
-   the planted copies: best-match maxima of non-copies follow an extreme-value
-   law, while the real duplicates are absorbed by the copy component.
-4. **Threshold.** The smallest cosine whose estimated precision
-   ``π·R(t) / (π·R(t) + (1-π)·(1-G(t)))`` meets ``target_precision`` (and stays
-   above it for every higher cosine), π floored at ``min_copy_share``.
+3. **Copies already in the crawl.**  The background mixes non-copies with real copies, so it is
+   not used as "negatives" (a real duplicate would count as a false positive).  Instead the
+   number of copies it holds is estimated where only copies clear the cosine: if O(t) background
+   images clear t and planted copies clear it with recall R(t), the background holds about
+   C = O(t)/R(t) copies.  For each t, C is the median of that estimate over every t' >= t.
+4. **Threshold.**  Estimated precision P(t) = C·R(t) / O(t); the threshold is the smallest
+   cosine with P(t) >= ``target_precision`` above which (nearly) every cosine meets it too.
 
-What the estimate can get wrong (also in docs/curation.md): real copies made by
-operations unlike the planted ones (paste-ins, heavy overlays) count as non-copies
-and push the threshold up (lower recall, precision kept); a non-copy tail heavier
-than the Gumbel fit (bursts of near-identical distinct photos) makes the estimated
-precision optimistic; with very few copies in the crawl π is uncertain, hence the
-floor.  Per-family recalls are measured on ~n_copies/9 copies each.
+What the estimate can get wrong (also in docs/curation.md): the crawl's real copies may be
+harder than the planted ones (paste-ins, heavy crops on small photos): C is then underestimated
+and the threshold goes up (recall drops, precision holds); if they are easier, C and P(t) are
+overestimated near the threshold (measured: about two points of precision).  Distinct images
+that are near-identical (bursts, templates) look like copies to any threshold.  With very few
+copies the counts are thin: cosines cleared by fewer than 20 background images do not veto a
+threshold, and C is floored at ``min_copy_share``.  Per-family recalls are measured on
+~n_copies/9 copies each.
 """
 from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,9 +46,6 @@ from curation.plant import FAMILIES, plant_copy
 from dinov2.utils.io import atomic_write_json, read_range
 
 log = logging.getLogger(__name__)
-
-_Z_CLIP = 0.99995
-
 
 @dataclass
 class CalibrateConfig:
@@ -73,103 +69,67 @@ class CalibrateConfig:
 
 
 # ----------------------------------------------------------------------------- statistics
-def _z(s: np.ndarray) -> np.ndarray:
-    return np.arctanh(np.clip(np.asarray(s, np.float64), -_Z_CLIP, _Z_CLIP))
-
-
-def _kde(points: np.ndarray, weights: np.ndarray):
-    w = weights / weights.sum()
-    mean = float((w * points).sum())
-    sd = math.sqrt(max(float((w * (points - mean) ** 2).sum()), 1e-8))
-    bw = max(1.06 * sd * len(points) ** -0.2, 0.02)  # Silverman; floor keeps it smooth
-
-    def pdf(x: np.ndarray) -> np.ndarray:
-        d = (x[:, None] - points[None, :]) / bw
-        return (np.exp(-0.5 * d * d) * w[None, :]).sum(1) / (bw * math.sqrt(2 * math.pi))
-
-    return pdf
-
-
-def _gumbel_fit(x: np.ndarray, w: np.ndarray) -> tuple[float, float]:
-    w = w / max(w.sum(), 1e-12)
-    mean = float((w * x).sum())
-    var = float((w * (x - mean) ** 2).sum())
-    beta = max(math.sqrt(6 * max(var, 1e-10)) / math.pi, 1e-4)
-    return mean - 0.5772156649 * beta, beta
-
-
-def _gumbel_pdf(x, mu, beta):
-    u = (x - mu) / beta
-    return np.exp(-u - np.exp(-np.clip(u, -50, 50))) / beta
-
-
-def _gumbel_sf(x, mu, beta):
-    return -np.expm1(-np.exp(-np.clip((x - mu) / beta, -50, 50)))
-
-
 def fit_threshold(copy_sims: dict[str, np.ndarray], background: np.ndarray, target_precision: float,
-                  min_copy_share: float = 0.005) -> dict:
+                  min_copy_share: float = 0.005, min_count: int = 5) -> dict:
     """Threshold + estimates from planted-copy similarities per family and the background maxima."""
     fams = [f for f, s in copy_sims.items() if len(s)]
     if not fams or len(background) < 10:
         raise ValueError("calibration needs planted copies and at least 10 background similarities")
-    cz = np.concatenate([_z(copy_sims[f]) for f in fams])
-    cw = np.concatenate([np.full(len(copy_sims[f]), 1.0 / len(copy_sims[f])) for f in fams])
-    g1 = _kde(cz, cw)
-    bz = _z(background)
-    pi = 0.05
-    mu, beta = _gumbel_fit(bz, np.ones(len(bz)))
-    p1 = g1(bz)
-    for _ in range(200):
-        p0 = _gumbel_pdf(bz, mu, beta)
-        r = pi * p1 / np.maximum(pi * p1 + (1 - pi) * p0, 1e-300)
-        new_pi = float(np.clip(r.mean(), 1e-4, 0.5))
-        mu, beta = _gumbel_fit(bz, 1 - r)
-        if abs(new_pi - pi) < 1e-6:
-            pi = new_pi
-            break
-        pi = new_pi
-    pi_used = max(pi, min_copy_share)
     grid = np.round(np.arange(0.0, 0.9995, 0.001), 3)
-    gz = _z(grid)
-    all_sorted = {f: np.sort(_z(copy_sims[f])) for f in fams}
+    bg = np.sort(np.asarray(background, np.float64))
+    n = len(bg)
+    all_sorted = {f: np.sort(np.asarray(copy_sims[f], np.float64)) for f in fams}
 
-    def recall_at(zt: np.ndarray, f: str) -> np.ndarray:
+    def recall_at(t: np.ndarray, f: str) -> np.ndarray:
         s = all_sorted[f]
-        return 1.0 - np.searchsorted(s, zt, side="left") / len(s)
+        return 1.0 - np.searchsorted(s, t, side="left") / len(s)
 
-    recall = np.mean([recall_at(gz, f) for f in fams], axis=0)  # families weighted equally
-    fp = (1 - pi_used) * _gumbel_sf(gz, mu, beta)
-    tp = pi_used * recall
-    precision = np.where(tp + fp > 0, tp / np.maximum(tp + fp, 1e-300), 0.0)
-    # smallest cosine from which the estimated precision stays at or above the target
-    # above the largest planted similarity the recall is 0 and the precision meaningless
-    ok = (precision >= target_precision) | (recall <= 0)
-    tail_ok = np.flip(np.cumprod(np.flip(ok)).astype(bool))
+    recall = np.mean([recall_at(grid, f) for f in fams], axis=0)  # families weighted equally
+    observed = n - np.searchsorted(bg, grid, side="left")  # background images with a match >= t
+    # Copies in the background: above a threshold t' that (nearly) only copies clear, C = O(t')/R(t').
+    # For each t, C is the median of these estimates over t' >= t: it never looks at lower cosines
+    # (where non-copies inflate O) and is robust to the noise of the few counts at the very top.
+    ratio = np.where((observed >= min_count) & (recall > 0), observed / np.maximum(recall, 1e-12), np.nan)
+    copies_est = np.full(len(grid), np.inf)
+    for i in range(len(grid)):
+        above = ratio[i:]
+        above = above[np.isfinite(above)]
+        if len(above):
+            copies_est[i] = float(np.median(above))
+    copies_est = np.maximum(copies_est, min_copy_share * n)
+    defined = np.isfinite(copies_est) & (observed >= min_count)
+    tp = np.where(defined, np.minimum(np.where(defined, copies_est, 0) * recall, observed), 0)
+    precision = np.where(defined, tp / np.maximum(observed, 1), 1.0)
+    # smallest cosine that meets the target and above which (nearly) every cosine does too: single
+    # grid points may dip from counting noise, and cosines cleared by fewer than 4·min_count
+    # background images are too thin to veto a threshold
+    ok = (precision >= target_precision) | (recall <= 0) | (observed < 4 * min_count)
+    tail_share = np.flip(np.cumsum(np.flip(ok)) / np.arange(1, len(ok) + 1))
+    chosen = (precision >= target_precision) & (recall > 0) & (tail_share >= 0.95)
     warnings = []
-    if tail_ok.any() and recall[int(np.argmax(tail_ok))] > 0:
-        i = int(np.argmax(tail_ok))
+    if chosen.any():
+        i = int(np.argmax(chosen))
     else:
         i = int(np.argmax(np.where(recall > 0, precision, -1)))
         warnings.append(f"no threshold reaches the target precision {target_precision:.2f} "
                         f"(best estimate {precision[i]:.2f}): the embedder barely separates copies "
                         "from distinct images here")
     t = float(grid[i])
-    per_family = {f: round(float(recall_at(gz[i : i + 1], f)[0]), 4) for f in fams}
+    share = float(copies_est[i] / n) if np.isfinite(copies_est[i]) else float("nan")
+    per_family = {f: round(float(recall_at(grid[i : i + 1], f)[0]), 4) for f in fams}
     weak = [f for f, r in per_family.items() if r < 0.9]
     if weak:
         warnings.append(f"estimated recall below 0.9 for {', '.join(weak)}: a crop/flip-robust descriptor "
                         "(embedders.<name>.descriptor: flip | regions) or a copy-detection model may help")
-    if pi > 0.4:
-        warnings.append(f"{100 * pi:.0f} % of the sampled images look like copies: the estimate is less reliable")
+    if np.isfinite(share) and share > 0.4:
+        warnings.append(f"{100 * share:.0f} % of the sampled images look like copies: the estimate is less reliable")
     return {
         "threshold": round(t, 3),
         "estimated_precision": round(float(precision[i]), 4),
         "estimated_recall": round(float(recall[i]), 4),
         "estimated_recall_per_family": per_family,
-        "estimated_copy_share": round(pi, 4),
-        "copy_share_used": round(pi_used, 4),
-        "non_copy_model": {"law": "gumbel(fisher-z of best-match cosine)", "mu": round(mu, 4), "beta": round(beta, 4)},
+        "estimated_copy_share": round(share, 4) if np.isfinite(share) else None,
+        "background_above_threshold": int(observed[i]),
         "background_quantiles": {q: round(float(np.quantile(background, float(q))), 4)
                                  for q in ("0.5", "0.9", "0.99")},
         "copy_quantile_05": {f: round(float(np.quantile(copy_sims[f], 0.05)), 4) for f in fams},
@@ -316,6 +276,8 @@ def calibrate_stage(cfg, stage: str) -> float:
     t_embed = time.perf_counter() - t_embed
     background = background_similarities(pool, ref, stage, cal, stage_cfg, getattr(cfg.dedup, "phash_max_distance", 4))
     rec = fit_threshold(copies, background, cal.target_precision, cal.min_copy_share)
+    np.savez(out.with_suffix(".npz"), background=background,  # the fit's inputs, for diagnostics
+             **{f"copies_{f}": v for f, v in copies.items()})
     rec.update(stage=stage, source="calibrated", embedder=name, descriptor=cfg.embedders[name].descriptor,
                target_precision=cal.target_precision, n_originals=len(pick),
                n_copies=int(sum(len(v) for v in copies.values())), n_background=len(background),
