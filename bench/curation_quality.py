@@ -179,7 +179,7 @@ def build(root: Path, photos, seed: int, copies_per_family: int, n_exact: int, n
 def score(out: Path, truth: dict, query_classes) -> dict:
     import pandas as pd
 
-    key = lambda i: i.rsplit("/", 1)[-1]  # noqa: E731
+    key = lambda i: i.rsplit("/", 1)[-1]
     dd = pd.read_parquet(out / "dedup" / "decisions.parquet")
     dd["key"] = dd["id"].map(key)
     dd["group"] = dd["key"].map(lambda k: truth[k]["group"])
@@ -208,7 +208,7 @@ def score(out: Path, truth: dict, query_classes) -> dict:
     res["eval_precision"] = float(hit.sum() / dc["contaminated"].sum()) if dc["contaminated"].any() else 1.0
     res["eval_dropped"] = int(dc["contaminated"].sum())
     sel = pd.read_parquet(out / "retrieve" / "selection.parquet")
-    qcls = lambda i: truth[key(i)]["cls"] in query_classes  # noqa: E731
+    qcls = lambda i: truth[key(i)]["cls"] in query_classes
     res["raw_share"] = float(dd["id"].map(qcls).mean())
     chosen = sel[sel["selected"]]
     res["curated_share"] = float(chosen["id"].map(qcls).mean()) if len(chosen) else float("nan")
@@ -219,7 +219,6 @@ def score(out: Path, truth: dict, query_classes) -> dict:
 
 def run_one(root: Path, descriptor: str, seed: int, image_size: int) -> dict:
     from curation.config import load_curation_config
-    from curation.pipeline import run_pipeline
 
     out = root / f"out-{descriptor}"
     overrides = [

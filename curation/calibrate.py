@@ -43,9 +43,11 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from curation.plant import FAMILIES, plant_copy
-from dinov2.utils.io import atomic_write_json, read_range
+from dinov2.utils.io import atomic_write_bytes, atomic_write_json, read_range
 
 log = logging.getLogger(__name__)
+
+SMALL_BACKGROUND = 500  # fewer background images: conservative copy-count estimate (see fit_threshold)
 
 @dataclass
 class CalibrateConfig:
@@ -89,13 +91,16 @@ def fit_threshold(copy_sims: dict[str, np.ndarray], background: np.ndarray, targ
     # Copies in the background: above a threshold t' that (nearly) only copies clear, C = O(t')/R(t').
     # For each t, C is the median of these estimates over t' >= t: it never looks at lower cosines
     # (where non-copies inflate O) and is robust to the noise of the few counts at the very top.
+    # Below SMALL_BACKGROUND images the counts are too thin for a median: the minimum (the most
+    # conservative estimate) is used, and a warning says so.
     ratio = np.where((observed >= min_count) & (recall > 0), observed / np.maximum(recall, 1e-12), np.nan)
+    small = n < SMALL_BACKGROUND
     copies_est = np.full(len(grid), np.inf)
     for i in range(len(grid)):
         above = ratio[i:]
         above = above[np.isfinite(above)]
         if len(above):
-            copies_est[i] = float(np.median(above))
+            copies_est[i] = float(above.min() if small else np.median(above))
     copies_est = np.maximum(copies_est, min_copy_share * n)
     defined = np.isfinite(copies_est) & (observed >= min_count)
     tp = np.where(defined, np.minimum(np.where(defined, copies_est, 0) * recall, observed), 0)
@@ -103,10 +108,10 @@ def fit_threshold(copy_sims: dict[str, np.ndarray], background: np.ndarray, targ
     # smallest cosine that meets the target and above which (nearly) every cosine does too: single
     # grid points may dip from counting noise, and cosines cleared by fewer than 4·min_count
     # background images are too thin to veto a threshold
-    ok = (precision >= target_precision) | (recall <= 0) | (observed < 4 * min_count)
+    ok = (precision >= target_precision) | (recall <= 0) | (observed < min(4 * min_count, 0.2 * n))
     tail_share = np.flip(np.cumsum(np.flip(ok)) / np.arange(1, len(ok) + 1))
     chosen = (precision >= target_precision) & (recall > 0) & (tail_share >= 0.95)
-    warnings = []
+    warnings = [f"only {n} background images: the copy count is estimated conservatively"] if small else []
     if chosen.any():
         i = int(np.argmax(chosen))
     else:
@@ -276,8 +281,11 @@ def calibrate_stage(cfg, stage: str) -> float:
     t_embed = time.perf_counter() - t_embed
     background = background_similarities(pool, ref, stage, cal, stage_cfg, getattr(cfg.dedup, "phash_max_distance", 4))
     rec = fit_threshold(copies, background, cal.target_precision, cal.min_copy_share)
-    np.savez(out.with_suffix(".npz"), background=background,  # the fit's inputs, for diagnostics
-             **{f"copies_{f}": v for f, v in copies.items()})
+    import io
+
+    buf = io.BytesIO()  # the fit's inputs, for diagnostics
+    np.savez(buf, background=background, **{f"copies_{f}": v for f, v in copies.items()})
+    atomic_write_bytes(out.with_suffix(".npz"), buf.getvalue())
     rec.update(stage=stage, source="calibrated", embedder=name, descriptor=cfg.embedders[name].descriptor,
                target_precision=cal.target_precision, n_originals=len(pick),
                n_copies=int(sum(len(v) for v in copies.values())), n_background=len(background),

@@ -486,7 +486,7 @@ class GemmIvfIndex:
 
     @classmethod
     def build(cls, vectors: Vectors, rows: np.ndarray, plan: IndexPlan, cfg: IndexConfig,
-              mask: np.ndarray | None) -> "GemmIvfIndex":
+              mask: np.ndarray | None) -> GemmIvfIndex:
         n, d = len(rows), vectors.dim
         train = vectors.gather(sample_rows(rows, plan.n_train, cfg.seed))
         centroids = kmeans_array(train, plan.nlist, niter=cfg.kmeans_niter, seed=cfg.seed,

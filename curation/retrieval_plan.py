@@ -62,14 +62,14 @@ def selection_warnings(n_candidates: int, n_selected: int, with_queries: bool) -
         return []
     share = n_selected / n_candidates
     if n_selected == 0:
-        return ["retrieval selected nothing: no candidate is close to the query sets "
-                "(check the query images and the retrieval embedder)"]
+        return [("retrieval selected nothing: no candidate is close to the query sets "
+                 "(check the query images and the retrieval embedder)")]
     if share > KEEP_ALMOST_ALL:
-        return [f"retrieval kept {100 * share:.0f} % of the candidates: the query sets enrich nothing "
-                "(use sample-based retrieval or a smaller k / more clusters)"]
+        return [(f"retrieval kept {100 * share:.0f} % of the candidates: the query sets enrich nothing "
+                 "(use sample-based retrieval or a smaller k / more clusters)")]
     if share < KEEP_ALMOST_NONE:
-        return [f"retrieval kept only {100 * share:.2f} % of the candidates ({n_selected}): "
-                "check the query sets and k"]
+        return [(f"retrieval kept only {100 * share:.2f} % of the candidates ({n_selected}): "
+                 "check the query sets and k")]
     return []
 
 

@@ -136,7 +136,7 @@ def _calibration_rows(summary: dict) -> list[list]:
     rows = []
     for stage, rec in summary.get("calibration", {}).items():
         fam = ", ".join(f"{k} {v:.2f}" for k, v in rec.get("estimated_recall_per_family", {}).items())
-        est = (lambda k: f"{rec[k]:.3f}" if k in rec else "")  # noqa: E731
+        est = (lambda k: f"{rec[k]:.3f}" if k in rec else "")
         rows.append([stage, f"{rec.get('threshold', float('nan')):.3f}", rec.get("source", ""),
                      est("estimated_precision"), est("estimated_recall"), fam, "; ".join(rec.get("warnings", []))])
     return rows
