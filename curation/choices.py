@@ -40,6 +40,12 @@ class EmbedderKind(Choice):
     efficientnet_lite0 = "efficientnet_lite0"
 
 
+class Descriptor(Choice):
+    whole = "global"  # ("global" is a Python keyword)
+    flip = "flip"
+    regions = "regions"
+
+
 class Pooling(Choice):
     cls = "cls"
     cls_avgpool = "cls_avgpool"

@@ -5,6 +5,7 @@
     curate dedup | decontaminate | retrieve | write   -c CONFIG [key=value …]
     curate audit OUT                                                     verify a finished output folder
     curate audit -c CONFIG [key=value …]
+    curate bootstrap-embedder --inputs 'crawl/*.tar' --out DIR [--steps N]   retrieval embedder (docs/curation.md)
 
 Exit status: 0 success, 1 a stage or the audit failed, 2 a configuration/input error, a folder in
 use by another run, or a file-system error (one line on stderr; ``CURATE_TRACEBACK=1`` shows the
@@ -35,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("-c", "--config", help="config instead of OUT (uses its output_dir and inputs)")
     sp.add_argument("overrides", nargs="*", default=[], help="key=value overrides (with -c)")
     sp.add_argument("--no-decode", action="store_true", help="skip decoding every image")
+    from .bootstrap import add_parser as add_bootstrap
+
+    add_bootstrap(sub)
     return p
 
 
@@ -50,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "audit":
             return _audit(args)
+        if args.command == "bootstrap-embedder":
+            from .bootstrap import run as bootstrap
+
+            return bootstrap(args)
         from .config import load_curation_config
         from .pipeline import prepare_output, run_pipeline, run_stage
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from dinov2.data.decode import DEFAULT_MAX_PIXELS
 from dinov2.utils.config import ConfigError, load_config
 
+from .calibrate import CalibrateConfig
 from .choices import RetrieveMethod, coerce
 from .decontaminate import DecontamConfig
 from .dedup import DedupConfig
@@ -57,6 +58,7 @@ class CurationConfig:
     dedup: DedupConfig = field(default_factory=DedupConfig)
     decontaminate: DecontamConfig = field(default_factory=DecontamConfig)
     retrieve: RetrieveConfig = field(default_factory=RetrieveConfig)
+    calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)  # thresholds left null
     write: WriteConfig = field(default_factory=WriteConfig)
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
     seed: int = 0  # order of the written images (write.shuffle)
@@ -103,7 +105,7 @@ class CurationConfig:
                 raise ConfigError(f"key '{stage}.embedder': required when several embedders are configured")
         if self.embed.max_pixels < 1 or self.embed.max_bytes < 1 or self.embed.num_workers < 0:
             raise ConfigError("key 'embed': max_pixels and max_bytes must be >= 1, num_workers >= 0")
-        for stage in ("dedup", "decontaminate", "write", "executor"):
+        for stage in ("dedup", "decontaminate", "calibrate", "write", "executor"):
             _sub_validate(getattr(self, stage), stage)
         _sub_validate(self.retrieve_config(), "retrieve")
 

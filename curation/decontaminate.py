@@ -36,14 +36,14 @@ log = logging.getLogger(__name__)
 @dataclass
 class DecontamConfig:
     embedder: str = ""  # "" = the only embedder present for the pool
-    threshold: float = 0.45  # cosine >= threshold to any eval image → contaminated (DINOv2: 0.45)
+    threshold: float | None = None  # cosine >= threshold → contaminated (DINOv2/SSCD: 0.45); null = calibrated
     k: int = 1  # eval neighbours looked up per pool image (only the best one decides)
     index: IndexConfig = field(default_factory=IndexConfig)
 
     def validate(self) -> None:
         from dinov2.utils.config import ConfigError
 
-        if not -1.0 <= self.threshold <= 1.0:
+        if self.threshold is not None and not -1.0 <= self.threshold <= 1.0:
             raise ConfigError(f"decontaminate.threshold must be a cosine in [-1, 1], got {self.threshold}")
         if self.k < 1:
             raise ConfigError("decontaminate.k must be >= 1")
@@ -74,7 +74,9 @@ def decontaminate_core(pool: Vectors | np.ndarray, evals: Vectors | np.ndarray, 
         for qrows, sims, nbrs in index.search_vectors(pool, max(1, cfg.k), desc="decontaminate"):
             best_row[qrows] = nbrs[:, 0]
             best_sim[qrows] = np.where(nbrs[:, 0] >= 0, sims[:, 0], np.nan)
-    own = np.nan_to_num(best_sim, nan=-np.inf) >= cfg.threshold
+    if evals.n and n and cfg.threshold is None:
+        raise ValueError("decontaminate.threshold is unset: give one, or let curation.calibrate choose it")
+    own = np.nan_to_num(best_sim, nan=-np.inf) >= (cfg.threshold if cfg.threshold is not None else np.inf)
     eval_row = np.where(own, best_row, -1)
     contaminated = own.copy()
     if component is not None and own.any():

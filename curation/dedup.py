@@ -61,7 +61,7 @@ class DedupConfig:
     phash: bool = True
     phash_max_distance: int = 4  # Hamming bits (0 = identical hashes only)
     k: int = 64  # neighbours per item (DINOv2: 64)
-    threshold: float = 0.6  # keep edges with cosine >= threshold (DINOv2/SSCD: 0.6)
+    threshold: float | None = None  # edges with cosine >= threshold (DINOv2/SSCD: 0.6); null = calibrated
     max_k: int = 1024  # re-query cap for items whose k neighbours all clear the threshold
     pq_rescore_margin: float = 0.1  # IVF-PQ: re-score approximate edges above threshold - margin exactly
     index: IndexConfig = field(default_factory=IndexConfig)
@@ -70,7 +70,7 @@ class DedupConfig:
     def validate(self) -> None:
         from dinov2.utils.config import ConfigError
 
-        if not -1.0 <= self.threshold <= 1.0:
+        if self.threshold is not None and not -1.0 <= self.threshold <= 1.0:
             raise ConfigError(f"dedup.threshold must be a cosine in [-1, 1], got {self.threshold}")
         if self.k < 1 or self.max_k < self.k:
             raise ConfigError("dedup.k must be >= 1 and dedup.max_k >= dedup.k")
@@ -271,6 +271,8 @@ def dedup_core(vectors: Vectors | np.ndarray, cfg: DedupConfig, *, sha256=None, 
         edges_b.append(b)
         stats["phash_edges"] = len(a)
     if n > 1:
+        if cfg.threshold is None:
+            raise ValueError("dedup.threshold is unset: give one, or let curation.calibrate choose it")
         g = knn_graph(vectors, cfg.k, cfg.threshold, max_k=cfg.max_k, index_cfg=cfg.index,
                       pq_rescore_margin=cfg.pq_rescore_margin)
         edges_a.append(g.a)

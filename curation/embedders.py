@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from curation.choices import Device, DType, EmbedderKind, Pooling, coerce
+from curation.choices import Descriptor, Device, DType, EmbedderKind, Pooling, coerce
+from curation.descriptors import wrap_forward
 from dinov2.utils.config import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -49,6 +50,7 @@ class EmbedderConfig:
     batch_size: int = 64
     device: Device = Device.auto
     dtype: DType = DType.auto  # auto: bf16 on CUDA, fp32 on CPU
+    descriptor: Descriptor = Descriptor.whole  # flip | regions: crop/flip robustness (curation/descriptors.py)
 
     def validate(self) -> None:
         """Cross-field checks (called by ``load_config`` and ``load_embedder``)."""
@@ -60,6 +62,7 @@ class EmbedderConfig:
         self.pooling = coerce(Pooling, self.pooling, "pooling")
         self.device = coerce(Device, self.device, "device")
         self.dtype = coerce(DType, self.dtype, "dtype")
+        self.descriptor = coerce(Descriptor, self.descriptor, "descriptor")
         if self.image_size < 8 or self.batch_size < 1:
             raise bad("image_size must be >= 8 and batch_size >= 1")
         if self.resize_size is not None and self.resize_size < self.image_size:
@@ -116,7 +119,7 @@ class Embedder:
         self.cfg = cfg
         self.module = module
         self.device = device
-        self._forward = forward
+        self._forward = wrap_forward(forward, cfg.descriptor)
         default_mean, default_std = (
             (LITE_MEAN, LITE_STD) if cfg.kind == "efficientnet_lite0" else (IMAGENET_MEAN, IMAGENET_STD)
         )

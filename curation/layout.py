@@ -87,6 +87,11 @@ def retrieve_selection(out: str | Path) -> Path:
     return Path(out) / "retrieve" / "selection.parquet"
 
 
+def calibration(out: str | Path, stage: str) -> Path:
+    """Calibrated threshold of a stage (dedup / decontaminate) and its estimated quality."""
+    return Path(out) / "calibrate" / f"{stage}.json"
+
+
 def retrieve_clusters(out: str | Path) -> Path:
     return Path(out) / "retrieve" / "clusters.json"
 

@@ -69,9 +69,9 @@ def _fingerprint(cfg: CurationConfig, stage: str) -> dict[str, Any]:
         inputs = {src: expand_inputs(p) for src, p in sources(cfg).items()}
         return {"sources": inputs, "embedders": embedders, "embed": embed}
     if stage == "dedup":
-        return {"dedup": d["dedup"]}
+        return {"dedup": d["dedup"], "calibrate": d["calibrate"]}
     if stage == "decontaminate":
-        return {"decontaminate": d["decontaminate"], "eval_sets": sorted(cfg.eval_sets)}
+        return {"decontaminate": d["decontaminate"], "eval_sets": sorted(cfg.eval_sets), "calibrate": d["calibrate"]}
     if stage == "retrieve":
         return {"retrieve": d["retrieve"], "query_sets": d["query_sets"], "seed": cfg.seed}
     if stage == "write":
@@ -199,16 +199,18 @@ def task_embed(cfg: CurationConfig, source: str, patterns: list[str], task_index
 
 def task_dedup(cfg: CurationConfig) -> str:
     _setup_worker_logging()
+    from .calibrate import resolved
     from .dedup import run_dedup
 
-    return str(run_dedup(cfg.output_dir, cfg.dedup))
+    return str(run_dedup(cfg.output_dir, resolved(cfg, "dedup")))  # threshold: explicit or calibrated
 
 
 def task_decontaminate(cfg: CurationConfig) -> str:
     _setup_worker_logging()
+    from .calibrate import resolved
     from .decontaminate import run_decontaminate
 
-    return str(run_decontaminate(cfg.output_dir, cfg.decontaminate))
+    return str(run_decontaminate(cfg.output_dir, resolved(cfg, "decontaminate")))
 
 
 def task_retrieve(cfg: CurationConfig) -> str:

@@ -36,6 +36,7 @@ from curation.choices import RetrieveMethod, coerce
 from curation.hkmeans import HKMeansConfig, balanced_sample, hierarchical_kmeans, size_ratio
 from curation.index import IndexConfig, build_index
 from curation.kmeans import assign, kmeans
+from curation.retrieval_plan import auto_method, auto_n_clusters, selection_warnings
 from curation.store import EmbeddingStore, Vectors, as_vectors, list_sources, resolve_embedder
 from dinov2.utils.io import atomic_write_json, atomic_write_parquet
 
@@ -55,9 +56,9 @@ class RetrieveConfig:
     embedder: str = ""  # "" = the only embedder present for the pool
     query_sets: list[QuerySetConfig] = field(default_factory=list)  # overrides; unlisted sets use defaults
     default_method: RetrieveMethod = RetrieveMethod.auto
-    sample_min_queries: int = 1_000_000  # auto: sample-based for sets at least this large (DINOv2), else cluster
+    sample_min_queries: int = 0  # auto: 0 = by the pool/query ratio (curation/retrieval_plan.py); N = sets >= N
     sample_k: int = 4
-    n_clusters: int = 0  # cluster-based k-means size; 0 = auto (~1 cluster per 50 candidates)
+    n_clusters: int = 0  # cluster-based k-means size; 0 = auto from the candidates (curation/retrieval_plan.py)
     min_queries_per_cluster: int = 3  # use clusters holding MORE than this many query images
     per_cluster: int = 10_000
     max_per_set: int = 1_000_000
@@ -80,13 +81,18 @@ class RetrieveConfig:
         self.hkmeans.validate()
         self.index.validate()
 
-    def for_set(self, name: str, n_queries: int) -> tuple[str, int, int]:
+    def for_set(self, name: str, n_queries: int, n_candidates: int = 0) -> tuple[str, int, int]:
         """(method, k, cap) for a query set, resolving overrides and ``auto``."""
+        return self.explain_set(name, n_queries, n_candidates)[:3]
+
+    def explain_set(self, name: str, n_queries: int, n_candidates: int = 0) -> tuple[str, int, int, str]:
+        """:meth:`for_set` plus why that method was chosen."""
         qs = next((q for q in self.query_sets if q.name == name), QuerySetConfig(name=name))
         method = qs.method if qs.method != "auto" else self.default_method
+        why = f"set in the config (method: {method})"
         if method == "auto":
-            method = "sample" if n_queries >= self.sample_min_queries else "cluster"
-        return method, qs.k or self.sample_k, qs.max_per_set or self.max_per_set
+            method, why = auto_method(n_candidates, n_queries, self.sample_min_queries)
+        return method, qs.k or self.sample_k, qs.max_per_set or self.max_per_set, why
 
 
 @dataclass
@@ -133,7 +139,8 @@ def retrieve_core(pool: Vectors | np.ndarray, candidates: np.ndarray | None, que
     cluster = np.full(n, -1, np.int64)
     hk_path = np.full(n, None, dtype=object)
     info: dict = {"candidates": n, "per_set": {}}
-    plans = [(qs, *cfg.for_set(qs.name, as_vectors(qs.vectors).n)) for qs in query_sets]
+    explained = {qs.name: cfg.explain_set(qs.name, as_vectors(qs.vectors).n, n) for qs in query_sets}
+    plans = [(qs, *explained[qs.name][:3]) for qs in query_sets]
     plans = [p for p in plans if p[1] != "none"]
 
     def mark(sel_pos: np.ndarray, name: str, method: str) -> None:
@@ -146,12 +153,12 @@ def retrieve_core(pool: Vectors | np.ndarray, candidates: np.ndarray | None, que
         index = build_index(pool, cfg.index, mask)
     km_labels = None
     if n and any(m == "cluster" for _, m, _, _ in plans):
-        k = min(cfg.n_clusters or max(1, n // 50), n)
+        k, k_why = (min(cfg.n_clusters, n), "set in the config") if cfg.n_clusters else auto_n_clusters(n)
         centroids = kmeans(pool, k, mask=mask, niter=cfg.kmeans_niter, seed=cfg.seed)
         arows, km_labels, _ = assign(pool, centroids, mask)
         assert np.array_equal(arows, rows)
         cluster = km_labels.copy()
-        info["kmeans"] = {"n_clusters": len(centroids),
+        info["kmeans"] = {"n_clusters": len(centroids), "why": k_why,
                           "sizes_before": np.bincount(km_labels, minlength=len(centroids)).tolist()}
     for qs, method, k, cap in plans:
         qv = as_vectors(qs.vectors)
@@ -159,7 +166,7 @@ def retrieve_core(pool: Vectors | np.ndarray, candidates: np.ndarray | None, que
             info["per_set"][qs.name] = {"method": method, "n_queries": qv.n, "selected": 0}
             continue
         chosen = np.zeros(0, np.int64)
-        set_info: dict = {"method": method, "n_queries": qv.n}
+        set_info: dict = {"method": method, "n_queries": qv.n, "why": explained[qs.name][3]}
         if method == "sample":
             got = []
             for qrows, sims, nbrs in index.search_vectors(qv, k, desc=f"retrieve {qs.name}"):
@@ -229,6 +236,9 @@ def retrieve_core(pool: Vectors | np.ndarray, candidates: np.ndarray | None, que
     method = _join(hit_methods)
     method[~selected] = None
     info["selected"] = int(selected.sum())
+    info["warnings"] = selection_warnings(n, info["selected"], bool(plans))
+    for w in info["warnings"]:
+        log.warning("retrieval: %s", w)
     best = np.where(np.isfinite(best_sim), best_sim, np.nan).astype(np.float32)
     return RetrieveResult(rows, selected, _join(hit_sets), method, best_qid, best, cluster, hk_path, info)
 

@@ -97,7 +97,9 @@ class CrawlSpec:
     max_out_side: int = 320
 
 
-def _random_crop(rng: np.random.Generator, img: Image.Image, spec: CrawlSpec, scale=(0.04, 0.4)) -> Image.Image:
+def _random_crop(rng: np.random.Generator, img: Image.Image, spec: CrawlSpec, scale=(0.04, 0.4),
+                 boxes: list | None = None) -> Image.Image:
+    """A random crop resized to the crawl's sizes; its box in photo pixels is appended to ``boxes``."""
     w, h = img.size
     for _ in range(20):
         area = rng.uniform(*scale) * w * h
@@ -109,6 +111,8 @@ def _random_crop(rng: np.random.Generator, img: Image.Image, spec: CrawlSpec, sc
         cw, ch = w, h
     x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
     crop = img.crop((x0, y0, x0 + cw, y0 + ch))
+    if boxes is not None:
+        boxes.append([x0, y0, x0 + cw, y0 + ch])
     side = int(rng.integers(spec.min_out_side, spec.max_out_side + 1))
     s = side / max(cw, ch)
     return crop.resize((max(8, round(cw * s)), max(8, round(ch * s))), Image.BICUBIC)
@@ -168,9 +172,10 @@ def build_crawl(photos, out_dir: str | Path, spec: CrawlSpec | None = None, seed
 
     items: list[dict] = []  # each: bytes, ext, kind, group, photo, transform
 
-    def add(img_or_bytes, kind, group, photo, transform, quality=None):
+    def add(img_or_bytes, kind, group, photo, transform, quality=None, box=None):
         data = img_or_bytes if isinstance(img_or_bytes, bytes) else _jpeg(img_or_bytes, quality or int(rng.integers(75, 96)))
-        items.append(dict(data=data, ext="jpg", kind=kind, group=group, photo=photo, transform=transform))
+        # box: the photo region shown (curation/truth.py counts overlapping crops of a photo as one source)
+        items.append(dict(data=data, ext="jpg", kind=kind, group=group, photo=photo, transform=transform, box=box))
         return data
 
     # Base images: random crops, spread evenly over the photos.
@@ -178,8 +183,9 @@ def build_crawl(photos, out_dir: str | Path, spec: CrawlSpec | None = None, seed
     for g in range(spec.n_base):
         p = g % n_photos
         name, img = photos[p]
-        crop = _random_crop(rng, img, spec)
-        add(crop, "unique", g, name, "random_crop")
+        boxes: list = []
+        crop = _random_crop(rng, img, spec, boxes=boxes)
+        add(crop, "unique", g, name, "random_crop", box=boxes[0])
         base.append((crop, g, name))
     # Exact copies: the same bytes again (img2dataset fetching the same file from two URLs).
     n_exact = int(round(spec.exact_dup_rate * spec.n_base))
@@ -190,20 +196,21 @@ def build_crawl(photos, out_dir: str | Path, spec: CrawlSpec | None = None, seed
     for g in rng.choice(spec.n_base, size=n_near, replace=False):
         crop, gid, name = base[int(g)]
         copy, how = near_copy(rng, crop)
-        add(copy, "near_dup", gid, name, how)
+        add(copy, "near_dup", gid, name, how, box=items[gid]["box"])
 
     # Evaluation set, and near-copies of some of it planted in the crawl.
     eval_truth = {}
     next_group = spec.n_base
     for p, (name, img) in enumerate(photos):
         for j in range(spec.n_eval_per_photo):
-            crop = _random_crop(rng, img, spec)
+            boxes = []
+            crop = _random_crop(rng, img, spec, boxes=boxes)
             rel = f"{name}/{j:03d}.jpg"
             atomic_write_bytes(out_dir / "eval" / rel, _jpeg(crop, 92))
-            eval_truth[rel] = {"group": next_group, "photo": name, "planted": False}
+            eval_truth[rel] = {"group": next_group, "photo": name, "planted": False, "box": boxes[0]}
             if rng.random() < spec.eval_copy_rate:
                 copy, how = near_copy(rng, crop)
-                add(copy, "eval_copy", next_group, name, how)
+                add(copy, "eval_copy", next_group, name, how, box=boxes[0])
                 eval_truth[rel]["planted"] = True
             next_group += 1
 
@@ -226,7 +233,7 @@ def build_crawl(photos, out_dir: str | Path, spec: CrawlSpec | None = None, seed
     # Junk members: corrupt, truncated, zero-byte, an HTML error page saved as .jpg.
     for i in range(spec.n_junk):
         ext, data, how = _junk(rng, i, items[i % len(items)]["data"])
-        items.append(dict(data=data, ext=ext, kind="junk", group=-1, photo=None, transform=how))
+        items.append(dict(data=data, ext=ext, kind="junk", group=-1, photo=None, transform=how, box=None))
 
     order = rng.permutation(len(items))
     truth_items = {}
@@ -257,7 +264,7 @@ def build_crawl(photos, out_dir: str | Path, spec: CrawlSpec | None = None, seed
                 tar.add(f"{key}.json", json.dumps(meta).encode())
                 tar.add(f"{key}.txt", caption.encode())
                 stats["successes"] += 1
-                truth_items[key] = {k: item[k] for k in ("kind", "group", "photo", "transform")}
+                truth_items[key] = {k: item[k] for k in ("kind", "group", "photo", "transform", "box")}
         atomic_write_json(shard_dir / f"{s:05d}_stats.json", stats)
 
     truth = {

@@ -36,8 +36,10 @@ from dinov2.data.shards import RangeReader, ShardWriter, ShortRead, written_imag
 from dinov2.utils.io import atomic_write_json, atomic_write_parquet, sha256_file
 
 from . import layout
+from .calibrate import read_calibration
 from .funnel import funnel_counts
 from .health import output_warnings
+from .retrieval_plan import read_choice
 from .text import stored_path
 
 MANIFEST_COLUMNS = (
@@ -386,6 +388,8 @@ def finalize_write(out_dir: str | Path, cfg: WriteConfig) -> dict:
         "num_shards": len(shards),
         "shards": shards,
     }
+    summary["calibration"] = read_calibration(out_dir)  # thresholds used and their estimated quality
+    summary["retrieval"] = read_choice(out_dir)  # method / clusters chosen and why, warnings
     atomic_write_json(layout.summary(out_dir), summary)
     _clean_stale_tmp(final)
     return summary

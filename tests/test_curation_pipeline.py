@@ -115,7 +115,9 @@ def test_bad_corpus_through_curate_run(world, reference):
     assert f["inputs"] == len(manifest) and f["written"] > 0
     assert f["inputs"] > f["decoded"] >= f["after_dedup"] >= f["after_decontamination"] >= f["retrieved"] >= f["written"]
     assert f["decoded"] > f["after_dedup"], "planted exact copies must be removed"
-    assert f["written"] >= 0.5 * f["after_dedup"], "random features must not merge distinct photos"
+    assert f["after_dedup"] >= 0.5 * f["decoded"], "random features must not merge distinct photos"
+    # auto retrieval is sample-based for this small pool (curation/retrieval_plan.py), so it selects
+    assert summary["retrieval"]["per_set"]["q"]["method"] == "sample"
     assert (out / "config.yaml").is_file() and (out / "final" / "audit.txt").read_text().startswith(f"audit of {out}: PASS")
     assert any((out / "logs" / "embed").iterdir())
 
