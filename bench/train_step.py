@@ -8,12 +8,13 @@ log (a log step adds the monitors and one host sync).  FLOPs of one step are cou
 torch.utils.flop_counter.FlopCounterMode (matmuls, convolutions and attention; elementwise ops are
 not counted, so the ratio is a lower bound of the real utilisation).
 
-    .venv/bin/python bench/train_step.py [--steps 3] [--only tiny|vits14]
+    .venv/bin/python bench/train_step.py [--steps 3] [--only tiny|vits14] [--compile]
 """
 from __future__ import annotations
 
 import argparse
 import itertools
+import statistics
 import sys
 import tempfile
 import time
@@ -56,32 +57,48 @@ def make_batch(B: int, gsize: int, lsize: int, n_local: int, patch: int) -> dict
     }
 
 
-def bench(name: str, config: str, batch: int, steps: int, precision: str = "fp32") -> dict:
+def make_trainer(config: str, batch: int, precision: str, compile_blocks: bool) -> tuple[Trainer, dict]:
     tmp = tempfile.mkdtemp(prefix="train_step_bench_")
     cfg = load_train_config(REPO / "configs" / "train" / config, [
         f"train.output_dir={tmp}", "model.drop_path_rate=0.0", "train.progress=false", "train.tensorboard=false",
-        f"compute.precision={precision}", "compute.device=cpu", f"data.batch_size={batch}", "optim.warmup_epochs=0"])
+        f"compute.precision={precision}", "compute.device=cpu", f"data.batch_size={batch}", "optim.warmup_epochs=0",
+        f"compute.compile={str(compile_blocks).lower()}"])
     c = cfg.data.crops
     data = make_batch(batch, c.global_crops_size, c.local_crops_size, c.local_crops_number, cfg.model.patch_size)
     trainer = Trainer(cfg, plans(cfg, 1)[0][0], DistInfo(), batch_source=lambda r, w, s: itertools.repeat(data))
     trainer.setup()
+    return trainer, data
+
+
+def bench(name: str, config: str, batch: int, steps: int, precision: str = "fp32", compile_blocks: bool = False) -> dict:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    # FLOPs are counted on an eager step (the counter sees aten ops; compiled blocks run the same math).
+    trainer, data = make_trainer(config, batch, precision, compile_blocks=False)
+    with FlopCounterMode(display=False) as fc:
+        trainer.train_step(data)  # also the warm-up
+    flops = fc.get_total_flops()
+    if compile_blocks:
+        trainer.close()
+        trainer, data = make_trainer(config, batch, precision, compile_blocks=True)
+        for _ in range(2):  # compile (student, teacher), then one step on warm caches
+            trainer.train_step(data)
 
     def step() -> None:
         trainer.train_step(data)
 
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as fc:
-        step()  # also the warm-up
-    flops = fc.get_total_flops()
-    times = []
+    times, paired = [], []
     for _ in range(steps):
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
+        # On a shared machine the matmul rate itself swings ~2x within minutes: each step is also
+        # compared with a matmul timed right after it, and the median of those ratios is reported.
+        paired.append(flops / times[-1] / matmul_flops_per_s(reps=1))
     t = min(times)
     return {"name": name, "batch": batch, "step_s": t, "images_per_s": batch / t, "gflop_per_step": flops / 1e9,
-            "achieved_flops": flops / t, "precision": precision}
+            "achieved_flops": flops / t, "precision": precision + (" + compile" if compile_blocks else ""),
+            "paired_ratio": statistics.median(paired)}
 
 
 def main() -> None:
@@ -91,6 +108,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--only", choices=["tiny", "vits14"], default=None)
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--compile", action="store_true", help="compute.compile=true (torch.compile per block)")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()}")
     runs = []
@@ -99,18 +117,18 @@ def main() -> None:
     if args.only in (None, "vits14"):
         runs.append(("ViT-S/14 (2×224 + 8×98, head 65536)", "vits14.yaml", 4))
     print("| config | precision | batch | step (s) | images/s | GFLOP/step | achieved GFLOP/s | matmul GFLOP/s "
-          "| ÷ matmul rate |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| ÷ matmul rate | median per-step ÷ next matmul |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, config, batch in runs:
         # The matmul baseline is measured right before and after each config (the machine is shared,
         # so a baseline from another moment would not be comparable); their mean is the reference.
         m0 = matmul_flops_per_s()
-        r = bench(name, config, batch, args.steps, args.precision)
+        r = bench(name, config, batch, args.steps, args.precision, args.compile)
         m1 = matmul_flops_per_s()
         peak = (m0 + m1) / 2
         print(f"| {r['name']} | {r['precision']} | {r['batch']} | {r['step_s']:.2f} | {r['images_per_s']:.2f} | "
               f"{r['gflop_per_step']:.1f} | {r['achieved_flops'] / 1e9:.1f} | {peak / 1e9:.1f} "
-              f"({m0 / 1e9:.0f}/{m1 / 1e9:.0f}) | {r['achieved_flops'] / peak:.2f} |", flush=True)
+              f"({m0 / 1e9:.0f}/{m1 / 1e9:.0f}) | {r['achieved_flops'] / peak:.2f} | {r['paired_ratio']:.2f} |", flush=True)
     print(f"load average after: {os.getloadavg()}")
 
 

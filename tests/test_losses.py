@@ -203,6 +203,22 @@ def test_dino_loss_matches_pair_loop(n_local):
     assert loss_sum.item() == pytest.approx(loss.item() * pairs, rel=1e-6)
 
 
+@pytest.mark.parametrize("n_local", [0, 3])
+def test_dino_loss_gradients_match_the_pair_loop_for_tensor_and_list_inputs(n_local):
+    b, k = 4, 23
+    base = torch.randn((2 + n_local) * b, k, generator=_gen(30), dtype=torch.float64)
+    teachers = _teacher_probs(2, b, k, 200)
+    ref_in = base.clone().requires_grad_(True)
+    expected, _ = _dino_reference(list(ref_in.split(b)), teachers, 0.1, n_global=2)
+    expected.backward()
+    for as_tensor in (True, False):
+        x = base.float().requires_grad_(True)
+        loss = DINOLoss(student_temp=0.1)(x if as_tensor else list(x.split(b)), teachers)
+        loss.backward()
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+        assert torch.allclose(x.grad.double(), ref_in.grad, rtol=1e-4, atol=1e-7), as_tensor
+
+
 def test_dino_loss_local_only_and_no_same_view_rule():
     b, k = 4, 11
     teachers = _teacher_probs(2, b, k, 200)

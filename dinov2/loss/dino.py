@@ -97,12 +97,18 @@ class DINOLoss(nn.Module):
         if n_pairs == 0:
             raise ValueError("DINOLoss: no valid (student, teacher) pair: every student crop is a teacher view")
 
-        teachers32 = [t.detach().float() for t in teachers]
-        teacher_total = torch.stack(teachers32).sum(dim=0)
-        total = teacher_total.new_zeros(())
-        for i, s in enumerate(students):
-            log_probs = F.log_softmax(s.float() * (1.0 / self.student_temp), dim=-1)  # mul: cheaper than div
-            # Same-view pair removed by subtracting that view's targets from the sum.
-            targets = teacher_total - teachers32[i] if i < n_global else teacher_total
-            total = total - (targets * log_probs).sum(dim=-1).mean()
+        teachers32 = torch.stack([t.detach().float() for t in teachers])  # [n_teachers, B, K]
+        teacher_total = teachers32.sum(dim=0)
+        # All crops in one [n_crops, B, K] pass: a tensor input is viewed, not split (splitting makes
+        # backward concatenate per-crop gradients), and one log-softmax runs instead of one per crop.
+        if isinstance(student_logits, torch.Tensor):
+            s = student_logits.reshape(len(students), batch, n_protos)
+        else:
+            s = torch.stack(students)
+        log_probs = F.log_softmax(s.float() * (1.0 / self.student_temp), dim=-1)  # mul: cheaper than div
+        # Same-view pairs removed by subtracting that view's targets from the sum.
+        targets = teacher_total.expand(len(students), batch, n_protos)
+        if n_global:
+            targets = torch.cat([teacher_total - teachers32[:n_global], targets[n_global:]])
+        total = -(targets * log_probs).sum(dim=-1).mean(dim=-1).sum()
         return total / n_pairs if reduction == "mean" else total

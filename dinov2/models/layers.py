@@ -99,7 +99,10 @@ class Attention(nn.Module):
         heads, head_dim = self.num_heads, self.head_dim
         outputs = []
         for group_qkv, (batch, seq_len) in zip(qkv.split(layout.group_token_counts), layout.groups):
-            q, k, v = group_qkv.view(batch, seq_len, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            # Unbind the "3" axis, then transpose (same q/k/v strides as permute + unbind(0)): backward
+            # stacks the three gradients straight into the [B, N, 3, H, hd] qkv layout, where unbinding a
+            # permuted view costs one more full-size copy (the permute's contiguous gradient).
+            q, k, v = (t.transpose(1, 2) for t in group_qkv.view(batch, seq_len, 3, heads, head_dim).unbind(2))
             out = F.scaled_dot_product_attention(q, k, v)  # [B, H, N, hd]
             outputs.append(out.transpose(1, 2).reshape(batch * seq_len, heads * head_dim))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)

@@ -178,8 +178,6 @@ class SSLMetaArch(nn.Module):
         n_global = 2
         if global_crops.shape[0] % n_global:
             raise ValueError(f"global crops batch {global_crops.shape[0]} is not 2 × batch size")
-        B = global_crops.shape[0] // n_global
-        n_local = local_crops.shape[0] // B if local_crops is not None else 0
         masks = MaskLayout.from_batch(batch, device) if self.use_ibot else None
 
         with self._autocast(device):
@@ -201,8 +199,7 @@ class SSLMetaArch(nn.Module):
         terms: dict[str, torch.Tensor] = {}
         total = s_cls_logits.new_zeros((), dtype=torch.float32)
         if self.loss_cfg.dino_weight > 0:
-            dino = self.dino_loss(list(s_cls_logits.float().chunk(n_global + n_local)),
-                                  list(t_cls_probs.chunk(n_global)))
+            dino = self.dino_loss(s_cls_logits.float(), list(t_cls_probs.chunk(n_global)))
             terms["dino_loss"] = dino.detach()
             total = total + self.loss_cfg.dino_weight * dino
         if self.use_ibot:
