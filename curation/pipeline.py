@@ -263,6 +263,12 @@ def _embed_calls(cfg: CurationConfig) -> tuple[list[tuple], list[str]]:
     return calls, descs
 
 
+def _dedup_sharded(cfg: CurationConfig) -> bool:
+    from .dedup_sharded import use_sharded
+
+    return use_sharded(cfg.output_dir, cfg.dedup, cfg.sharding)
+
+
 def run_stage(cfg: CurationConfig, stage: str, progress: bool = True) -> Any:
     """Run one stage (skipped when already complete with the same config)."""
     if stage not in STAGES:
@@ -285,6 +291,11 @@ def run_stage(cfg: CurationConfig, stage: str, progress: bool = True) -> Any:
     if stage == "embed":
         calls, descs = _embed_calls(cfg)
         result = jobs.run_tasks(ex, logs, "embed", task_embed, calls, descs, progress=progress)
+    elif stage == "dedup" and _dedup_sharded(cfg):
+        from .dedup_sharded import run_dedup_sharded
+
+        print(f"[curate] dedup: sharded map → reduce (sharding.mode={cfg.sharding.mode})", flush=True)
+        result = run_dedup_sharded(cfg.output_dir, cfg.dedup, cfg.sharding, ex, progress=progress)
     elif stage in ("dedup", "decontaminate", "retrieve"):
         fn: Callable[..., Any] = {"dedup": task_dedup, "decontaminate": task_decontaminate,
                                   "retrieve": task_retrieve}[stage]
