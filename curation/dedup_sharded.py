@@ -257,3 +257,20 @@ def use_sharded(out_dir: str | Path, cfg: DedupConfig, sharding: ShardingConfig)
     if sharding.mode != "auto":
         return sharding.mode == "sharded"
     return sharding.sharded(pool_rows(out_dir, resolve_embedder(out_dir, "pool", cfg.embedder)))
+
+
+def task_gathered(out_dir: str, cfg: DedupConfig, threads: int = 0) -> dict:
+    """The gathered dedup as one task with its usage (the baseline benchmarks compare against)."""
+    _worker(threads)
+    run_dedup(out_dir, cfg)
+    return _usage({"step": "gathered"})
+
+
+def task_baseline(threads: int = 0) -> dict:
+    """A task that only loads what a search task loads: the per-process memory floor (benchmarks)."""
+    import torch  # noqa: F401 - the import is the measurement
+
+    _worker(threads)
+    from curation import gemm_ivf, ivf_pieces  # noqa: F401
+
+    return _usage({"step": "baseline"})

@@ -115,7 +115,8 @@ class GemmIvfIndex:
         q, p = probes.shape
         kk = min(k, self.ntotal)
         cand_s = torch.full((q, p, kk), -math.inf)
-        cand_i = torch.full((q, p, kk), -1, dtype=torch.int64)
+        # int32 positions (n < 2**31): a third less memory per batch than int64, same values
+        cand_i = torch.full((q, p, kk), -1, dtype=torch.int32)
         flat_s, flat_i = cand_s.view(q * p, kk), cand_i.view(q * p, kk)
         flat = probes.reshape(-1).astype(np.int64)
         by_list = np.argsort(flat, kind="stable")
@@ -132,12 +133,12 @@ class GemmIvfIndex:
             v, j = scores.topk(kc, dim=1, sorted=False)  # order is fixed by the final sort
             if kc == kk:  # whole rows: one index_copy_ instead of an advanced-index put
                 flat_s.index_copy_(0, pairs, v)
-                flat_i.index_copy_(0, pairs, j + lo)
+                flat_i.index_copy_(0, pairs, (j + lo).to(torch.int32))
             else:
                 flat_s[pairs, :kc] = v
-                flat_i[pairs, :kc] = j + lo
+                flat_i[pairs, :kc] = (j + lo).to(torch.int32)
         v, j = cand_s.view(q, -1).topk(kk, dim=1, sorted=False)
-        sorted_pos = torch.gather(cand_i.view(q, -1), 1, j).numpy()
+        sorted_pos = torch.gather(cand_i.view(q, -1), 1, j).numpy().astype(np.int64)
         sims = v.numpy()
         found = sorted_pos >= 0
         grow = np.where(found, self.lists.rows_at(np.maximum(sorted_pos, 0)), -1)

@@ -8,6 +8,7 @@ here instead of joining folder names themselves::
     OUT/dedup/decisions.parquet, stats.json
     OUT/dedup/work/plan.json, centroids.npy, pieces/b*.npy, edges/t*  (sharded dedup's map outputs)
     OUT/decontaminate/decisions.parquet, stats.json
+    OUT/decontaminate/work/plan.json, matches/b*.parquet         (sharded decontamination's map outputs)
     OUT/retrieve/selection.parquet, clusters.json
     OUT/write/plan.parquet, write/shards/<shard>.json      (bookkeeping of the write stage)
     OUT/final/<prefix>-000000.tar …, manifest.parquet, summary.json, audit.txt
@@ -105,6 +106,15 @@ def dedup_edges(out: str | Path, task: int, part: str) -> Path:
 
 def decontaminate_decisions(out: str | Path) -> Path:
     return Path(out) / "decontaminate" / "decisions.parquet"
+
+
+def decontaminate_work(out: str | Path) -> Path:
+    return Path(out) / "decontaminate" / "work"
+
+
+def decontaminate_matches(out: str | Path, block: int) -> Path:
+    """One match task's best eval match per pool row of its block."""
+    return decontaminate_work(out) / "matches" / f"b{block:06d}.parquet"
 
 
 def retrieve_selection(out: str | Path) -> Path:

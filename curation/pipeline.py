@@ -269,6 +269,14 @@ def _dedup_sharded(cfg: CurationConfig) -> bool:
     return use_sharded(cfg.output_dir, cfg.dedup, cfg.sharding)
 
 
+def _decontaminate_sharded(cfg: CurationConfig) -> bool:
+    from .dedup_sharded import use_sharded
+    from .layout import EVAL_PREFIX, sources
+
+    # without eval sets there is nothing to stream against: the gathered job writes the clean decisions
+    return bool(sources(cfg.output_dir, EVAL_PREFIX)) and use_sharded(cfg.output_dir, cfg.decontaminate, cfg.sharding)
+
+
 def run_stage(cfg: CurationConfig, stage: str, progress: bool = True) -> Any:
     """Run one stage (skipped when already complete with the same config)."""
     if stage not in STAGES:
@@ -296,6 +304,11 @@ def run_stage(cfg: CurationConfig, stage: str, progress: bool = True) -> Any:
 
         print(f"[curate] dedup: sharded map → reduce (sharding.mode={cfg.sharding.mode})", flush=True)
         result = run_dedup_sharded(cfg.output_dir, cfg.dedup, cfg.sharding, ex, progress=progress)
+    elif stage == "decontaminate" and _decontaminate_sharded(cfg):
+        from .decontaminate_sharded import run_decontaminate_sharded
+
+        print(f"[curate] decontaminate: sharded match array (sharding.mode={cfg.sharding.mode})", flush=True)
+        result = run_decontaminate_sharded(cfg.output_dir, cfg.decontaminate, cfg.sharding, ex, progress=progress)
     elif stage in ("dedup", "decontaminate", "retrieve"):
         fn: Callable[..., Any] = {"dedup": task_dedup, "decontaminate": task_decontaminate,
                                   "retrieve": task_retrieve}[stage]
