@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -75,8 +74,9 @@ def train_core(plan: dict, cfg: DedupConfig) -> np.ndarray:
     return train_centroids(_vectors(plan), np.arange(plan["n"], dtype=np.int64), _index_plan(plan, cfg), cfg.index)
 
 
-def search_core(out_dir: str | Path, plan: dict, cfg: DedupConfig, task: int) -> KnnGraph:
-    """One search task's thresholded graph (``compact``: nearest neighbours of its own rows only)."""
+def search_core(out_dir: str | Path, plan: dict, cfg: DedupConfig, task: int) -> tuple[KnnGraph, int]:
+    """One search task's thresholded graph (``compact``: nearest neighbours of its own rows only) and
+    the bytes it read from the pieces."""
     vectors = _vectors(plan)
     start, stop = plan["ranges"][task]
     kw = dict(max_k=cfg.max_k, pq_rescore_margin=cfg.pq_rescore_margin, compact=True)
@@ -87,7 +87,7 @@ def search_core(out_dir: str | Path, plan: dict, cfg: DedupConfig, task: int) ->
         mask = np.zeros(plan["n"], bool)  # a flat pool is small by definition (< index.flat_max)
         mask[start:stop] = True
         batches = ((q, *index.search(x, cfg.k + 1)) for q, x in vectors.iter_blocks(cfg.index.search_batch, mask))
-        return graph_of_batches(index, batches, vectors, cfg.k, cfg.threshold, **kw)
+        return graph_of_batches(index, batches, vectors, cfg.k, cfg.threshold, **kw), 0
     from curation.gemm_ivf import GemmIvfIndex
     from curation.ivf_pieces import DiskLists
 
@@ -95,8 +95,9 @@ def search_core(out_dir: str | Path, plan: dict, cfg: DedupConfig, task: int) ->
     try:
         index = GemmIvfIndex(np.load(layout.dedup_centroids(out_dir)), lists, lists.bounds,
                              _index_plan(plan, cfg), cfg.index, None, None)
-        return graph_of_batches(index, index.search_sorted(start, stop, cfg.k + 1), vectors, cfg.k,
-                                cfg.threshold, **kw)
+        g = graph_of_batches(index, index.search_sorted(start, stop, cfg.k + 1), vectors, cfg.k,
+                             cfg.threshold, **kw)
+        return g, lists.bytes_read
     finally:
         lists.close()
 
@@ -172,14 +173,18 @@ def task_search(out_dir: str, plan: dict, cfg: DedupConfig, task: int, threads: 
     _worker(threads)
     done = layout.dedup_edges(out_dir, task, "done.json")
     if not done.is_file():
-        g = search_core(out_dir, plan, cfg, task)
+        g, bytes_read = search_core(out_dir, plan, cfg, task)
         fa, fb = spanning_forest(g.a, g.b)
         atomic_save_npy(layout.dedup_edges(out_dir, task, "forest.npy"), np.stack([fa, fb], 1))
         atomic_write_parquet(layout.dedup_edges(out_dir, task, "nn.parquet"), pa.table({
             "row": pa.array(g.query_rows, pa.int64()), "nn_row": pa.array(g.nn_row, pa.int64()),
             "nn_sim": pa.array(g.nn_sim, pa.float32())}))
-        atomic_write_json(done, {"edges": int(len(g.a)), "forest_edges": int(len(fa)), "requeried": g.requeried})
-    return _usage({"step": "search", "task": task})
+        info = {"edges": int(len(g.a)), "forest_edges": int(len(fa)), "requeried": g.requeried,
+                "bytes_read": int(bytes_read)}
+        atomic_write_json(done, info)
+    info = json.loads(done.read_text())
+    return _usage({"step": "search", "task": task, "bytes_read": info.get("bytes_read", 0),
+                   "forest_edges": info["forest_edges"], "edges": info["edges"]})
 
 
 def task_reduce(out_dir: str, plan: dict, cfg: DedupConfig, threads: int = 0) -> dict:
@@ -216,8 +221,7 @@ def run_dedup_sharded(out_dir: str | Path, cfg: DedupConfig, sharding: ShardingC
     prepare_work(out_dir, plan)
     logs = Path(out_dir) / "logs" / "dedup"
     n_blocks, n_search = len(plan["blocks"]), len(plan["ranges"])
-    local = executor.cluster == "local"
-    threads = max(1, (os.cpu_count() or 1) // min(max(n_blocks, n_search), executor.array_parallelism)) if local else 0
+    threads = jobs.local_threads(executor, max(n_blocks, n_search))
     usage: list[dict] = []
 
     def step(name: str, fn: Any, calls: list[tuple], gather: bool = False) -> None:

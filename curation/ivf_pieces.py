@@ -66,12 +66,14 @@ class NpyRows:
         self.row_shape = shape[1:]
         self.row_bytes = int(np.prod(self.row_shape, dtype=np.int64)) * dtype.itemsize
         self.fd = os.open(path, os.O_RDONLY)
+        self.bytes_read = 0
 
     def read(self, lo: int, hi: int) -> np.ndarray:
         nbytes = (hi - lo) * self.row_bytes
         buf = os.pread(self.fd, nbytes, self.offset + lo * self.row_bytes)
         if len(buf) != nbytes:
             raise OSError(f"short read from a piece ({len(buf)} of {nbytes} bytes): truncated file?")
+        self.bytes_read += nbytes
         return np.frombuffer(buf, self.dtype).reshape((hi - lo, *self.row_shape))
 
     def close(self) -> None:
@@ -138,6 +140,10 @@ class DiskLists:
     def queries(self, start: int, stop: int):
         vec, rows, probes = self._read(start, stop, ("vec", "rows", "probes"))
         return self._torch.from_numpy(normalize_rows(vec)), probes, rows
+
+    @property
+    def bytes_read(self) -> int:
+        return sum(f.bytes_read for files in self.files.values() for f in files)
 
     def close(self) -> None:
         for files in self.files.values():
