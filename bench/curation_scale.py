@@ -55,7 +55,8 @@ def pair_recall(out: Path, pairs: np.ndarray) -> float:
 
 def summarise(name: str, usage: list[dict], wall: float) -> dict:
     return {"path": name, "tasks": len(usage), "wall_s": wall, "cpu_s": sum(u["cpu_s"] for u in usage),
-            "peak_rss_gb": max(u["peak_rss_gb"] for u in usage)}
+            "peak_rss_gb": max(u["peak_rss_gb"] for u in usage),
+            "read_gb": sum(u.get("bytes_read", 0) for u in usage) / 2**30}
 
 
 def main() -> None:
@@ -96,14 +97,15 @@ def main() -> None:
             if part:
                 rows.append(summarise(f"  {step}", part, float("nan")))
         print(f"sharded done, load average {os.getloadavg()[0]:.2f}", flush=True)
-        print(f"\n| path | tasks | wall s | CPU s | peak RSS/task GB | CPU ratio | RSS ratio |")
-        print("|---|---|---|---|---|---|---|")
+        print("\n| path | tasks | wall s | CPU s | peak RSS/task GB | pieces read GB | CPU ratio | RSS ratio |")
+        print("|---|---|---|---|---|---|---|---|")
         base = rows[0] if not args.no_gathered else None
         for r in rows:
             ratio = (f"{r['cpu_s'] / base['cpu_s']:.2f} | {r['peak_rss_gb'] / base['peak_rss_gb']:.2f}"
                      if base else "– | –")
             wall_txt = "–" if r["wall_s"] != r["wall_s"] else f"{r['wall_s']:.0f}"
-            print(f"| {r['path']} | {r['tasks']} | {wall_txt} | {r['cpu_s']:.0f} | {r['peak_rss_gb']:.2f} | {ratio} |")
+            print(f"| {r['path']} | {r['tasks']} | {wall_txt} | {r['cpu_s']:.0f} | {r['peak_rss_gb']:.2f} | "
+                  f"{r['read_gb']:.2f} | {ratio} |")
         if base:
             above = [r for r in rows if r["path"] in ("gathered", "  search")]
             print("above the per-process floor: " + ", ".join(
@@ -113,6 +115,11 @@ def main() -> None:
             same = (layout.dedup_decisions(root / "sharded").read_bytes()
                     == layout.dedup_decisions(root / "gathered").read_bytes())
             print(f"decisions byte-identical to gathered: {same}")
+        # The gathered job holds the list-ordered pool in float32 plus probes and sort arrays (gemm_ivf.py).
+        need = floor["peak_rss_gb"] + args.n * (4 * args.dim + 4 * 16 + 24) / 2**30
+        print(f"gathered job's memory for this pool, at least: {need:.2f} GB (floor + n x (4 D + 4 nprobe + 24) B)")
+        pieces = args.n * (2 * args.dim + 8 + 4 * 16) / 2**30
+        print(f"pieces written by assign (n x (2 D + 8 + 4 nprobe) B): {pieces:.2f} GB")
         d = pd.read_parquet(layout.dedup_decisions(root / "sharded"), columns=["kept", "component"])
         print(f"kept {int(d['kept'].sum()):,} of {len(d):,}; components {d['component'].nunique():,}; "
               f"load average at end {os.getloadavg()[0]:.2f}")

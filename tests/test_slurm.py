@@ -653,7 +653,7 @@ def test_sharded_dedup_on_slurm_is_an_array_matching_gathered(cluster, curation_
     >= 4 tasks, and every stage's outputs are byte-identical to a gathered run on the local executor
     (ivf_gemm with tiny lists, so the map tasks really split the IVF lists and query batches)."""
     root, args = curation_world["root"], curation_world["args"]
-    ivf = ["dedup.index.kind=ivf_gemm", "dedup.index.gemm_list_size=8", "dedup.index.search_batch=16",
+    ivf = ["dedup.index.kind=ivf_gemm", "dedup.index.gemm_list_size=8", "dedup.index.search_batch=8",
            "dedup.index.gemm_train_per_centroid=4"]
     local = subprocess.Popen([PY, "-m", "curation.cli", "run", *args, *ivf, f"output_dir={root / 'gathered-ivf'}",
                               "executor.cluster=local", "sharding.mode=gathered"], cwd=REPO,
