@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from curation import jobs, layout
 from curation.decontaminate import DecontamConfig, best_matches, run_decontaminate
-from curation.dedup_sharded import _usage, _worker
+from curation.dedup_sharded import setup_task, task_usage
 from curation.sharding import ShardingConfig, split_shards
 from curation.store import EmbeddingStore, ShardedVectors, list_sources, resolve_embedder
 from dinov2.utils.io import atomic_write_json, atomic_write_parquet
@@ -45,14 +45,14 @@ def match_core(out_dir: str | Path, plan: dict, cfg: DecontamConfig, block: int)
 
 
 def task_match(out_dir: str, plan: dict, cfg: DecontamConfig, block: int, threads: int = 0) -> dict:
-    _worker(threads)
+    setup_task(threads)
     path = layout.decontaminate_matches(out_dir, block)
     if not path.is_file():
         rows, best_row, best_sim = match_core(out_dir, plan, cfg, block)
         atomic_write_parquet(path, pa.table({"row": pa.array(rows, pa.int64()),
                                              "eval_row": pa.array(best_row, pa.int64()),
                                              "eval_sim": pa.array(best_sim, pa.float32())}))
-    return _usage({"step": "match", "task": block})
+    return task_usage({"step": "match", "task": block})
 
 
 def reduce_matches(out_dir: str | Path, plan: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -73,7 +73,7 @@ def reduce_matches(out_dir: str | Path, plan: dict) -> tuple[np.ndarray, np.ndar
 
 
 def task_reduce(out_dir: str, plan: dict, cfg: DecontamConfig, threads: int = 0) -> dict:
-    _worker(threads)
+    setup_task(threads)
 
     def matches(pool: EmbeddingStore):
         if pool.n != plan["n"] or [str(p) for p in pool.vectors.paths] != plan["paths"]:
@@ -81,7 +81,7 @@ def task_reduce(out_dir: str, plan: dict, cfg: DecontamConfig, threads: int = 0)
         return reduce_matches(out_dir, plan)
 
     run_decontaminate(out_dir, cfg, matches_fn=matches)
-    return _usage({"step": "reduce"})
+    return task_usage({"step": "reduce"})
 
 
 def run_decontaminate_sharded(out_dir: str | Path, cfg: DecontamConfig, sharding: ShardingConfig,

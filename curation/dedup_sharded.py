@@ -130,7 +130,7 @@ def reduce_graph(out_dir: str | Path, plan: dict) -> KnnGraph:
 
 
 # ----------------------------------------------------------------------------- task bodies (job wrappers)
-def _worker(threads: int) -> None:
+def setup_task(threads: int) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if threads > 0:  # local tasks share this machine's cores: avoid oversubscribing them
         import faiss
@@ -140,7 +140,7 @@ def _worker(threads: int) -> None:
         faiss.omp_set_num_threads(threads)
 
 
-def _usage(extra: dict) -> dict:
+def task_usage(extra: dict) -> dict:
     import resource
 
     ru = resource.getrusage(resource.RUSAGE_SELF)
@@ -148,17 +148,17 @@ def _usage(extra: dict) -> dict:
 
 
 def task_train(out_dir: str, plan: dict, cfg: DedupConfig, threads: int = 0) -> dict:
-    _worker(threads)
+    setup_task(threads)
     path = layout.dedup_centroids(out_dir)
     if not path.is_file():
         atomic_save_npy(path, train_core(plan, cfg))
-    return _usage({"step": "train"})
+    return task_usage({"step": "train"})
 
 
 def task_assign(out_dir: str, plan: dict, cfg: DedupConfig, block: int, threads: int = 0) -> dict:
     from curation.ivf_pieces import assign_block, piece_done, write_piece
 
-    _worker(threads)
+    setup_task(threads)
     if not piece_done(out_dir, block):
         a, b = plan["blocks"][block]
         row0 = int(sum(plan["counts"][:a]))
@@ -166,11 +166,11 @@ def task_assign(out_dir: str, plan: dict, cfg: DedupConfig, block: int, threads:
         arrays = assign_block(_vectors(plan, (a, b)), row0, np.load(layout.dedup_centroids(out_dir)),
                               index_plan.nprobe, cfg.index.search_batch * 4)
         write_piece(out_dir, block, arrays)
-    return _usage({"step": "assign", "task": block})
+    return task_usage({"step": "assign", "task": block})
 
 
 def task_search(out_dir: str, plan: dict, cfg: DedupConfig, task: int, threads: int = 0) -> dict:
-    _worker(threads)
+    setup_task(threads)
     done = layout.dedup_edges(out_dir, task, "done.json")
     if not done.is_file():
         g, bytes_read = search_core(out_dir, plan, cfg, task)
@@ -183,12 +183,12 @@ def task_search(out_dir: str, plan: dict, cfg: DedupConfig, task: int, threads: 
                 "bytes_read": int(bytes_read)}
         atomic_write_json(done, info)
     info = json.loads(done.read_text())
-    return _usage({"step": "search", "task": task, "bytes_read": info.get("bytes_read", 0),
+    return task_usage({"step": "search", "task": task, "bytes_read": info.get("bytes_read", 0),
                    "forest_edges": info["forest_edges"], "edges": info["edges"]})
 
 
 def task_reduce(out_dir: str, plan: dict, cfg: DedupConfig, threads: int = 0) -> dict:
-    _worker(threads)
+    setup_task(threads)
 
     def graph(store: EmbeddingStore) -> KnnGraph:
         if store.n != plan["n"] or [str(p) for p in store.vectors.paths] != plan["paths"]:
@@ -196,7 +196,7 @@ def task_reduce(out_dir: str, plan: dict, cfg: DedupConfig, threads: int = 0) ->
         return reduce_graph(out_dir, plan)
 
     run_dedup(out_dir, cfg, graph_fn=graph)
-    return _usage({"step": "reduce"})
+    return task_usage({"step": "reduce"})
 
 
 # ----------------------------------------------------------------------------- orchestration
@@ -265,16 +265,16 @@ def use_sharded(out_dir: str | Path, cfg: DedupConfig, sharding: ShardingConfig)
 
 def task_gathered(out_dir: str, cfg: DedupConfig, threads: int = 0) -> dict:
     """The gathered dedup as one task with its usage (the baseline benchmarks compare against)."""
-    _worker(threads)
+    setup_task(threads)
     run_dedup(out_dir, cfg)
-    return _usage({"step": "gathered"})
+    return task_usage({"step": "gathered"})
 
 
 def task_baseline(threads: int = 0) -> dict:
     """A task that only loads what a search task loads: the per-process memory floor (benchmarks)."""
     import torch  # noqa: F401 - the import is the measurement
 
-    _worker(threads)
+    setup_task(threads)
     from curation import gemm_ivf, ivf_pieces  # noqa: F401
 
-    return _usage({"step": "baseline"})
+    return task_usage({"step": "baseline"})
