@@ -45,42 +45,8 @@ from curation.dedup import DedupConfig, dedup_core
 from curation.index import IndexConfig
 from curation.kmeans import kmeans
 from curation.store import ShardedVectors
+from curation.synth_vectors import DIM, SHARD, make_shards
 
-DIM = 384
-SHARD = 100_000
-
-
-def make_shards(n: int, folder: Path, seed: int = 0, dup_frac: float = 0.05):
-    """Write ``n`` rows as float16 shards; returns (paths, planted pairs [P, 2] of global rows)."""
-    rng = np.random.default_rng(seed)
-    n_clusters = max(1, n // 1000)
-    centres = rng.standard_normal((n_clusters, DIM)).astype(np.float32)
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    spread = rng.uniform(1.1, 2.0, n_clusters).astype(np.float32)  # cos(point, centre) ≈ 0.45..0.67
-    paths, pairs = [], []
-    for start in range(0, n, SHARD):
-        rows = min(SHARD, n - start)
-        n_dup = int(rows * dup_frac / 2)
-        n_base = rows - n_dup
-        lab = rng.integers(0, n_clusters, n_base)
-        x = centres[lab] + spread[lab, None] * rng.standard_normal((n_base, DIM)).astype(np.float32) / math.sqrt(DIM)
-        src = rng.choice(n_base, n_dup, replace=False)
-        noise = rng.uniform(0.1, 0.45, n_dup).astype(np.float32)[:, None]  # cosine to the source ≥ ~0.9
-        x /= np.linalg.norm(x, axis=1, keepdims=True)
-        d = x[src] + noise * rng.standard_normal((n_dup, DIM)).astype(np.float32) / math.sqrt(DIM)
-        d /= np.linalg.norm(d, axis=1, keepdims=True)
-        block = np.concatenate([x, d])
-        perm = rng.permutation(rows)  # scatter duplicates among their shard
-        where = np.empty(rows, np.int64)
-        where[perm] = np.arange(rows)
-        p = folder / f"s{len(paths):06d}.npy"
-        np.save(p, block[perm].astype(np.float16))
-        paths.append(p)
-        pairs.append(start + np.stack([where[src], where[n_base + np.arange(n_dup)]], 1))
-    pairs = np.concatenate(pairs)
-    v = ShardedVectors(paths)
-    cos = np.einsum("ij,ij->i", v.gather(pairs[:, 0]), v.gather(pairs[:, 1]))
-    return paths, pairs[cos >= 0.9]  # planted pairs are defined as cosine >= 0.9 after float16
 
 
 def peak_rss_gb() -> float:

@@ -94,3 +94,9 @@ class Cluster(Choice):
     local = "local"
     slurm = "slurm"
     debug = "debug"
+
+
+class Sharding(Choice):
+    auto = "auto"  # sharded once the pool reaches sharding.min_items
+    gathered = "gathered"
+    sharded = "sharded"

@@ -25,6 +25,7 @@ from .ingest import DEFAULT_MAX_BYTES
 from .jobs import ExecutorConfig
 from .retrieve import QuerySetConfig as RetrieveQuerySetConfig
 from .retrieve import RetrieveConfig
+from .sharding import ShardingConfig
 from .write import WriteConfig
 
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]*$")  # used in file names (<source>, .<embedder>.npy)
@@ -61,6 +62,7 @@ class CurationConfig:
     calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)  # thresholds left null
     write: WriteConfig = field(default_factory=WriteConfig)
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)  # gathered job or job arrays (same results)
     seed: int = 0  # order of the written images (write.shuffle)
 
     def retrieve_config(self) -> RetrieveConfig:
@@ -105,7 +107,7 @@ class CurationConfig:
                 raise ConfigError(f"key '{stage}.embedder': required when several embedders are configured")
         if self.embed.max_pixels < 1 or self.embed.max_bytes < 1 or self.embed.num_workers < 0:
             raise ConfigError("key 'embed': max_pixels and max_bytes must be >= 1, num_workers >= 0")
-        for stage in ("dedup", "decontaminate", "calibrate", "write", "executor"):
+        for stage in ("dedup", "decontaminate", "calibrate", "write", "executor", "sharding"):
             _sub_validate(getattr(self, stage), stage)
         _sub_validate(self.retrieve_config(), "retrieve")
 

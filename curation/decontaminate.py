@@ -60,9 +60,13 @@ class DecontamResult:
     stats: dict
 
 
-def decontaminate_core(pool: Vectors | np.ndarray, evals: Vectors | np.ndarray, cfg: DecontamConfig,
-                       component: np.ndarray | None = None) -> DecontamResult:
-    """Match pool rows against eval rows; spread contamination over ``component`` labels."""
+def best_matches(pool: Vectors | np.ndarray, evals: Vectors | np.ndarray, cfg: DecontamConfig,
+                 row0: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(best eval row, its cosine) per pool row (-1 / NaN without eval images).
+
+    ``pool`` may be one block of the pool's shards (the sharded stage's tasks): it is searched in
+    the same per-shard batches as the whole pool, so each row's match is bit-identical.
+    """
     pool, evals = as_vectors(pool), as_vectors(evals)
     n = pool.n
     best_row = np.full(n, -1, np.int64)
@@ -74,8 +78,21 @@ def decontaminate_core(pool: Vectors | np.ndarray, evals: Vectors | np.ndarray, 
         for qrows, sims, nbrs in index.search_vectors(pool, max(1, cfg.k), desc="decontaminate"):
             best_row[qrows] = nbrs[:, 0]
             best_sim[qrows] = np.where(nbrs[:, 0] >= 0, sims[:, 0], np.nan)
+    return best_row, best_sim
+
+
+def decontaminate_core(pool: Vectors | np.ndarray, evals: Vectors | np.ndarray, cfg: DecontamConfig,
+                       component: np.ndarray | None = None,
+                       matches: tuple[np.ndarray, np.ndarray] | None = None) -> DecontamResult:
+    """Match pool rows against eval rows; spread contamination over ``component`` labels.
+
+    ``matches``: :func:`best_matches` already computed (the sharded stage's map tasks).
+    """
+    pool, evals = as_vectors(pool), as_vectors(evals)
+    n = pool.n
     if evals.n and n and cfg.threshold is None:
         raise ValueError("decontaminate.threshold is unset: give one, or let curation.calibrate choose it")
+    best_row, best_sim = matches if matches is not None else best_matches(pool, evals, cfg)
     own = np.nan_to_num(best_sim, nan=-np.inf) >= (cfg.threshold if cfg.threshold is not None else np.inf)
     eval_row = np.where(own, best_row, -1)
     contaminated = own.copy()
@@ -101,8 +118,13 @@ def decisions_path(out_dir: str | Path) -> Path:
     return layout.decontaminate_decisions(out_dir)
 
 
-def run_decontaminate(out_dir: str | Path, cfg: DecontamConfig | None = None, *, overwrite: bool = False) -> Path:
-    """Stage 3: pool vs ``eval-*`` embeddings + dedup components → decisions parquet."""
+def run_decontaminate(out_dir: str | Path, cfg: DecontamConfig | None = None, *, overwrite: bool = False,
+                      matches_fn=None) -> Path:
+    """Stage 3: pool vs ``eval-*`` embeddings + dedup components → decisions parquet.
+
+    ``matches_fn(pool_store) -> (best eval row, cosine)``: matches computed elsewhere (the sharded
+    stage's reduce reads its map tasks' outputs).
+    """
     cfg = cfg or DecontamConfig()
     out = decisions_path(out_dir)
     if out.exists() and not overwrite:
@@ -123,7 +145,8 @@ def run_decontaminate(out_dir: str | Path, cfg: DecontamConfig | None = None, *,
     else:
         log.warning("no dedup decisions at %s: decontaminating images individually", dedup_file)
     if evals is not None:
-        res = decontaminate_core(pool.vectors, evals.vectors, cfg, component)
+        matches = matches_fn(pool) if matches_fn is not None else None
+        res = decontaminate_core(pool.vectors, evals.vectors, cfg, component, matches)
         eval_ids = evals.ids
         eval_sets = evals.meta["source"].astype(str).str.removeprefix("eval-").to_numpy(dtype=object)
     else:

@@ -36,22 +36,13 @@ import pyarrow as pa
 from curation import layout
 from curation.hash_edges import exact_edges, hamming64, phash_edges
 from curation.index import IndexConfig, build_index
-from curation.kmeans import assign, kmeans
+from curation.semdedup import SemDedupConfig, semdedup
 from curation.store import EmbeddingStore, Vectors, as_vectors, resolve_embedder
 from dinov2.utils.io import atomic_write_json, atomic_write_parquet
 
 log = logging.getLogger(__name__)
 
 REASONS = ("exact_duplicate", "phash_duplicate", "near_duplicate", "semdedup")
-
-
-@dataclass
-class SemDedupConfig:
-    enabled: bool = False
-    n_clusters: int = 0  # 0 = auto: one cluster per ~1000 items
-    eps: float = 0.05  # drop when cosine to an earlier cluster member > 1 - eps
-    niter: int = 20
-    seed: int = 0
 
 
 @dataclass
@@ -92,6 +83,17 @@ def connected_components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     jumping.  The result is a pure function of the edge *set*.
     """
     parent = np.arange(n, dtype=np.int64)
+    union_edges(parent, a, b)
+    return parent
+
+
+def union_edges(parent: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
+    """Merge the edges ``a[i]–b[i]`` into the union-find ``parent`` in place (then fully compressed).
+
+    Applying edge sets one after another gives the same labels as applying their union at once,
+    which is what lets the sharded dedup stream its edge shards.
+    """
+    n = len(parent)
     a = np.asarray(a, dtype=np.int64)
     b = np.asarray(b, dtype=np.int64)
     if len(a) != len(b):
@@ -115,7 +117,19 @@ def connected_components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         np.minimum.at(parent, np.maximum(ra, rb), np.minimum(ra, rb))
         compress()
     compress()
-    return parent
+
+
+def spanning_forest(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Edges ``node → component label`` with the same connectivity as ``a–b`` (one per non-root node).
+
+    A map task reduces its up-to-k-per-row edges to at most one per endpoint before writing them.
+    """
+    a = np.asarray(a, dtype=np.int64)
+    b = np.asarray(b, dtype=np.int64)
+    nodes, inv = np.unique(np.concatenate([a, b]), return_inverse=True)
+    labels = connected_components(len(nodes), inv[: len(a)], inv[len(a):])
+    child = labels != np.arange(len(nodes))
+    return nodes[child], nodes[labels[child]]
 
 
 # ----------------------------------------------------------------------------- edges
@@ -131,6 +145,12 @@ class KnnGraph:
     requeried: int  # items that needed a larger k
     index_kind: str
     nlist: int = 0
+    edges: int = -1  # above-threshold edges found (-1: len(a)); a sharded graph keeps only a forest of them
+    query_rows: np.ndarray | None = None  # set: nn_row/nn_sim are for these rows only (one task's share)
+
+    @property
+    def n_edges(self) -> int:
+        return len(self.a) if self.edges < 0 else self.edges
 
 
 def _drop_self(qrows: np.ndarray, sims: np.ndarray, nbrs: np.ndarray, k: int):
@@ -148,17 +168,26 @@ def knn_graph(vectors: Vectors | np.ndarray, k: int = 64, threshold: float = 0.6
     """Thresholded k-NN self-graph of the (masked) rows, searched block by block."""
     vectors = as_vectors(vectors)
     index = build_index(vectors, index_cfg, mask)
-    n = vectors.n
-    nn_row = np.full(n, -1, dtype=np.int64)
-    nn_sim = np.full(n, np.nan, dtype=np.float32)
+    return graph_of_batches(index, index.search_vectors(vectors, k + 1, mask, desc="dedup k-NN"), vectors,
+                            k, threshold, max_k=max_k, pq_rescore_margin=pq_rescore_margin)
+
+
+def graph_of_batches(index, batches, vectors: Vectors, k: int, threshold: float, *, max_k: int,
+                     pq_rescore_margin: float, compact: bool = False) -> KnnGraph:
+    """Thresholded edges of self-search ``batches`` (query rows, sims, neighbour rows) of ``index``.
+
+    ``nn_row``/``nn_sim`` cover the whole pool (-1 / NaN for rows not in ``batches``), or with
+    ``compact`` only the queried rows, in ``query_rows`` order (a sharded dedup task's share:
+    no task allocates per-pool arrays).
+    """
+    nn_parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     ea, eb, es = [], [], []
     requeried = 0
     pq = index.plan.kind == "ivfpq"
     cut = threshold - (pq_rescore_margin if pq else 0.0)
-    for qrows, sims, nbrs in index.search_vectors(vectors, k + 1, mask, desc="dedup k-NN"):
+    for qrows, sims, nbrs in batches:
         sims, nbrs = _drop_self(qrows, sims, nbrs, k)
-        nn_row[qrows] = nbrs[:, 0]
-        nn_sim[qrows] = np.where(nbrs[:, 0] >= 0, sims[:, 0], np.nan)
+        nn_parts.append((qrows, nbrs[:, 0].copy(), np.where(nbrs[:, 0] >= 0, sims[:, 0], np.nan).astype(np.float32)))
         r, s, nb, kk = qrows, sims, nbrs, k
         while True:
             sat = s[:, -1] >= cut
@@ -186,7 +215,16 @@ def knn_graph(vectors: Vectors | np.ndarray, k: int = 64, threshold: float = 0.6
                 "ij,ij->i", vectors.gather(a[c : c + 65536]), vectors.gather(b[c : c + 65536]))
         s = exact
     keep = s >= threshold
-    return KnnGraph(a[keep], b[keep], s[keep], nn_row, nn_sim, requeried, index.plan.kind, index.plan.nlist)
+    q_rows, q_nn, q_sim = (np.concatenate(c) for c in zip(*nn_parts)) if nn_parts else (
+        np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
+    if compact:
+        nn_row, nn_sim = q_nn, q_sim
+    else:
+        nn_row = np.full(vectors.n, -1, dtype=np.int64)
+        nn_sim = np.full(vectors.n, np.nan, dtype=np.float32)
+        nn_row[q_rows], nn_sim[q_rows] = q_nn, q_sim
+    return KnnGraph(a[keep], b[keep], s[keep], nn_row, nn_sim, requeried, index.plan.kind, index.plan.nlist,
+                    query_rows=q_rows if compact else None)
 
 
 # ----------------------------------------------------------------------------- representatives
@@ -201,39 +239,6 @@ def choose_representatives(labels: np.ndarray, pixels: np.ndarray | None = None)
     first = np.r_[True, labels[order][1:] != labels[order][:-1]]
     rep_of_label = pd.Series(order[first], index=labels[order][first])
     return rep_of_label.reindex(labels).to_numpy(dtype=np.int64)
-
-
-def semdedup(vectors: Vectors | np.ndarray, rows: np.ndarray, cfg: SemDedupConfig,
-             block: int = 2048) -> np.ndarray:
-    """Boolean mask over ``rows``: True where SemDeDup drops the item."""
-    vectors = as_vectors(vectors)
-    rows = np.sort(np.asarray(rows, np.int64))
-    drop = np.zeros(len(rows), dtype=bool)
-    if len(rows) < 2:
-        return drop
-    n_clusters = cfg.n_clusters or max(1, len(rows) // 1000)
-    mask = np.zeros(vectors.n, dtype=bool)
-    mask[rows] = True
-    centroids = kmeans(vectors, min(n_clusters, len(rows)), mask=mask, niter=cfg.niter, seed=cfg.seed)
-    arows, labels, _ = assign(vectors, centroids, mask)
-    pos = np.searchsorted(rows, arows)
-    order = np.lexsort((arows, labels))
-    labels_sorted = labels[order]
-    starts = np.flatnonzero(np.r_[True, labels_sorted[1:] != labels_sorted[:-1]])
-    ends = np.r_[starts[1:], len(order)]
-    limit = 1.0 - cfg.eps
-    for s, e in zip(starts, ends):
-        members = arows[order[s:e]]  # sorted by global row: "earlier" = smaller row
-        if len(members) < 2:
-            continue
-        x = vectors.gather(members)
-        for c in range(1, len(members), block):
-            sims = x[c : c + block] @ x[: c + block].T
-            # only strictly earlier members count (upper triangle)
-            sims[np.arange(sims.shape[0])[:, None] + c <= np.arange(sims.shape[1])[None, :]] = -np.inf
-            best = sims.max(axis=1)
-            drop[pos[order[s + c : s + c + len(best)]]] = best > limit
-    return drop
 
 
 # ----------------------------------------------------------------------------- core + stage
@@ -253,8 +258,13 @@ class DedupResult:
 
 
 def dedup_core(vectors: Vectors | np.ndarray, cfg: DedupConfig, *, sha256=None, phash: np.ndarray | None = None,
-               phash_valid: np.ndarray | None = None, pixels: np.ndarray | None = None) -> DedupResult:
-    """Deduplicate all rows of ``vectors`` (pure: arrays in, arrays out)."""
+               phash_valid: np.ndarray | None = None, pixels: np.ndarray | None = None,
+               graph: KnnGraph | None = None) -> DedupResult:
+    """Deduplicate all rows of ``vectors`` (pure: arrays in, arrays out).
+
+    ``graph``: the embedding k-NN graph when already computed (the sharded dedup's map tasks);
+    otherwise it is searched here.
+    """
     vectors = as_vectors(vectors)
     n = vectors.n
     t0 = time.perf_counter()
@@ -273,13 +283,13 @@ def dedup_core(vectors: Vectors | np.ndarray, cfg: DedupConfig, *, sha256=None, 
     if n > 1:
         if cfg.threshold is None:
             raise ValueError("dedup.threshold is unset: give one, or let curation.calibrate choose it")
-        g = knn_graph(vectors, cfg.k, cfg.threshold, max_k=cfg.max_k, index_cfg=cfg.index,
-                      pq_rescore_margin=cfg.pq_rescore_margin)
+        g = graph or knn_graph(vectors, cfg.k, cfg.threshold, max_k=cfg.max_k, index_cfg=cfg.index,
+                               pq_rescore_margin=cfg.pq_rescore_margin)
         edges_a.append(g.a)
         edges_b.append(g.b)
         nn_row, nn_sim = g.nn_row, g.nn_sim
         graph = g
-        stats.update(near_edges=len(g.a), requeried=g.requeried, index_kind=g.index_kind, nlist=g.nlist)
+        stats.update(near_edges=g.n_edges, requeried=g.requeried, index_kind=g.index_kind, nlist=g.nlist)
     else:
         nn_row, nn_sim = np.full(n, -1, np.int64), np.full(n, np.nan, np.float32)
         graph = None
@@ -320,8 +330,13 @@ def decisions_path(out_dir: str | Path) -> Path:
     return layout.dedup_decisions(out_dir)
 
 
-def run_dedup(out_dir: str | Path, cfg: DedupConfig | None = None, *, overwrite: bool = False) -> Path:
-    """Stage 2: read ``OUT/embed/pool``, write ``OUT/dedup/decisions.parquet`` (+ stats.json)."""
+def run_dedup(out_dir: str | Path, cfg: DedupConfig | None = None, *, overwrite: bool = False,
+              graph_fn=None) -> Path:
+    """Stage 2: read ``OUT/embed/pool``, write ``OUT/dedup/decisions.parquet`` (+ stats.json).
+
+    ``graph_fn(store) -> KnnGraph``: where the embedding graph comes from when not searched here
+    (the sharded dedup's reduce reads it from its map tasks' edge shards).
+    """
     cfg = cfg or DedupConfig()
     out = decisions_path(out_dir)
     if out.exists() and not overwrite:
@@ -335,7 +350,7 @@ def run_dedup(out_dir: str | Path, cfg: DedupConfig | None = None, *, overwrite:
     res = dedup_core(
         store.vectors, cfg, sha256=meta["sha256"].to_numpy(dtype=object),
         phash=phash.fillna(0).astype(np.int64).to_numpy(), phash_valid=phash.notna().to_numpy(),
-        pixels=pixels.to_numpy(),
+        pixels=pixels.to_numpy(), graph=graph_fn(store) if graph_fn is not None and store.n > 1 else None,
     )
     ids = store.ids
     nn_id = np.where(res.nn_row >= 0, ids[np.maximum(res.nn_row, 0)] if len(ids) else res.nn_row, None)

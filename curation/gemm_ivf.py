@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator
+from typing import Protocol
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -43,6 +44,14 @@ class CoarseQuantizer:
         return dq, iq
 
 
+def train_centroids(vectors: Vectors, rows: np.ndarray, plan: IndexPlan, cfg: IndexConfig) -> np.ndarray:
+    """The ``nlist`` IVF centroids, k-means on a seeded sample of ``rows`` (gathered and sharded dedup)."""
+    train = vectors.gather(sample_rows(rows, plan.n_train, cfg.seed))
+    return kmeans_array(train, plan.nlist, niter=cfg.kmeans_niter, seed=cfg.seed,
+                        max_points_per_centroid=cfg.gemm_train_per_centroid,
+                        two_level_min_k=cfg.two_level_min_nlist)
+
+
 class GemmIvfIndex:
     """IVF whose list scans are dense float32 GEMMs instead of FAISS's per-query loops.
 
@@ -58,18 +67,14 @@ class GemmIvfIndex:
     Results are sorted by (similarity desc, row asc), so equal scores break by row id.
     """
 
-    def __init__(self, centroids: np.ndarray, db: np.ndarray, order: np.ndarray, bounds: np.ndarray,
-                 probes: np.ndarray, rows: np.ndarray, plan: IndexPlan, cfg: IndexConfig,
-                 source: Vectors, mask: np.ndarray | None):
+    def __init__(self, centroids: np.ndarray, lists: ListStore, bounds: np.ndarray, plan: IndexPlan,
+                 cfg: IndexConfig, source: Vectors | None, mask: np.ndarray | None):
         import torch
 
         self._torch = torch
         self.coarse = CoarseQuantizer(centroids)
-        self.db = torch.from_numpy(db)  # [n, D] float32, rows sorted by list
-        self.order = order  # sorted position -> index position
+        self.lists = lists  # the rows in list order, in memory or in the assign pieces on disk
         self.bounds = bounds  # list c = sorted positions bounds[c]:bounds[c+1]
-        self.probes = probes  # [n, nprobe] int32 lists probed by each indexed row (index position)
-        self.rows = rows  # index position -> global row
         self.plan = plan
         self.cfg = cfg
         self._source = source
@@ -77,17 +82,13 @@ class GemmIvfIndex:
 
     @property
     def ntotal(self) -> int:
-        return len(self.rows)
+        return int(self.bounds[-1])
 
     @classmethod
     def build(cls, vectors: Vectors, rows: np.ndarray, plan: IndexPlan, cfg: IndexConfig,
               mask: np.ndarray | None) -> GemmIvfIndex:
         n, d = len(rows), vectors.dim
-        train = vectors.gather(sample_rows(rows, plan.n_train, cfg.seed))
-        centroids = kmeans_array(train, plan.nlist, niter=cfg.kmeans_niter, seed=cfg.seed,
-                                 max_points_per_centroid=cfg.gemm_train_per_centroid,
-                                 two_level_min_k=cfg.two_level_min_nlist)
-        del train
+        centroids = train_centroids(vectors, rows, plan, cfg)
         coarse = CoarseQuantizer(centroids)
         probes = np.empty((n, plan.nprobe), np.int32)
         labels = np.empty(n, np.int64)
@@ -106,7 +107,7 @@ class GemmIvfIndex:
         bounds = np.concatenate([[0], np.cumsum(np.bincount(labels, minlength=plan.nlist))]).astype(np.int64)
         log.info("built ivf_gemm index over %d vectors (nlist=%d, nprobe=%d, largest list %d)",
                  n, plan.nlist, plan.nprobe, int(np.diff(bounds).max()) if n else 0)
-        return cls(centroids, db, order, bounds, probes, rows, plan, cfg, vectors, mask)
+        return cls(centroids, MemoryLists(db, order, probes, rows), bounds, plan, cfg, vectors, mask)
 
     def _search(self, xq, probes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k over the probed lists for float32 tensor queries ``xq`` [q, D]."""
@@ -114,31 +115,33 @@ class GemmIvfIndex:
         q, p = probes.shape
         kk = min(k, self.ntotal)
         cand_s = torch.full((q, p, kk), -math.inf)
-        cand_i = torch.full((q, p, kk), -1, dtype=torch.int64)
+        # int32 positions (n < 2**31): a third less memory per batch than int64, same values
+        cand_i = torch.full((q, p, kk), -1, dtype=torch.int32)
         flat_s, flat_i = cand_s.view(q * p, kk), cand_i.view(q * p, kk)
         flat = probes.reshape(-1).astype(np.int64)
         by_list = np.argsort(flat, kind="stable")
         lists, starts = np.unique(flat[by_list], return_index=True)
         ends = np.append(starts[1:], len(flat))
+        self.lists.begin_batch()
         for c, a, b in zip(lists.tolist(), starts.tolist(), ends.tolist()):
             lo, hi = int(self.bounds[c]), int(self.bounds[c + 1])
             if hi == lo:
                 continue
             pairs = torch.from_numpy(by_list[a:b])  # = query * p + probe slot
-            scores = xq[pairs // p] @ self.db[lo:hi].T
+            scores = xq[pairs // p] @ self.lists.members(c, lo, hi).T
             kc = min(kk, hi - lo)
             v, j = scores.topk(kc, dim=1, sorted=False)  # order is fixed by the final sort
             if kc == kk:  # whole rows: one index_copy_ instead of an advanced-index put
                 flat_s.index_copy_(0, pairs, v)
-                flat_i.index_copy_(0, pairs, j + lo)
+                flat_i.index_copy_(0, pairs, (j + lo).to(torch.int32))
             else:
                 flat_s[pairs, :kc] = v
-                flat_i[pairs, :kc] = j + lo
+                flat_i[pairs, :kc] = (j + lo).to(torch.int32)
         v, j = cand_s.view(q, -1).topk(kk, dim=1, sorted=False)
-        sorted_pos = torch.gather(cand_i.view(q, -1), 1, j).numpy()
+        sorted_pos = torch.gather(cand_i.view(q, -1), 1, j).numpy().astype(np.int64)
         sims = v.numpy()
         found = sorted_pos >= 0
-        grow = np.where(found, self.rows[self.order[np.maximum(sorted_pos, 0)]], -1)
+        grow = np.where(found, self.lists.rows_at(np.maximum(sorted_pos, 0)), -1)
         sims = np.where(found, sims, -np.inf).astype(np.float32)
         # deterministic order: similarity desc, then global row asc (missing entries last)
         key_row = np.where(found, grow, np.iinfo(np.int64).max)
@@ -185,15 +188,70 @@ class GemmIvfIndex:
                 sims, nbrs = self.search(block, k)
                 yield qrows, sims, nbrs
             return
+        yield from self.search_sorted(0, self.ntotal, k, desc)
+
+    def search_sorted(self, start: int, stop: int, k: int, desc: str = "search"
+                      ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Self-search of the indexed rows at sorted (list-order) positions ``start:stop``.
+
+        Blocks start at multiples of ``search_batch`` counted from 0, so a range split
+        at batch boundaries (the sharded dedup's tasks) runs exactly the GEMMs of the
+        whole self-search: same queries, same lists, bit-identical results.
+        """
         torch = self._torch
-        n = self.ntotal
-        bar = tqdm(total=n, desc=desc, leave=False, disable=n < 200_000)
+        bs = self.cfg.search_batch
+        bar = tqdm(total=stop - start, desc=desc, leave=False, disable=stop - start < 200_000)
         with torch.no_grad():
-            for s in range(0, n, self.cfg.search_batch):
-                pos = self.order[s : s + self.cfg.search_batch]
-                sims, nbrs = self._search(self.db[s : s + len(pos)], self.probes[pos], k)
+            for s in range(start, stop, bs):
+                xq, probes, qrows = self.lists.queries(s, min(s + bs, stop))
+                sims, nbrs = self._search(xq, probes, k)
                 if bar is not None:
-                    bar.update(len(pos))
-                yield self.rows[pos], sims, nbrs
+                    bar.update(len(qrows))
+                yield qrows, sims, nbrs
         if bar is not None:
             bar.close()
+
+
+class ListStore(Protocol):
+    """The indexed rows in list order (sorted position = list, then global row)."""
+
+    def begin_batch(self) -> None: ...
+
+    def members(self, c: int, lo: int, hi: int):
+        """float32 tensor [hi - lo, D] of list ``c`` (sorted positions lo:hi), a fresh contiguous copy."""
+        ...
+
+    def rows_at(self, sorted_pos: np.ndarray) -> np.ndarray:
+        """Global rows at sorted positions of lists fetched since ``begin_batch``."""
+        ...
+
+    def queries(self, start: int, stop: int):
+        """(float32 tensor [q, D], probes [q, nprobe] int32, global rows [q]) at sorted positions start:stop."""
+        ...
+
+
+class MemoryLists:
+    """The gathered job's store: one float32 array of every row, sorted by list."""
+
+    def __init__(self, db: np.ndarray, order: np.ndarray, probes: np.ndarray, rows: np.ndarray):
+        import torch
+
+        self.db = torch.from_numpy(db)
+        self.order = order  # sorted position -> index position
+        self.probes = probes  # [n, nprobe] int32 lists probed by each indexed row (index position)
+        self.rows = rows  # index position -> global row
+
+    def begin_batch(self) -> None:
+        pass
+
+    def members(self, c: int, lo: int, hi: int):
+        # A copy, not a view: the disk store hands out fresh tensors too, and the GEMM must see
+        # identically laid-out operands in both for bit-identical scores.
+        return self.db[lo:hi].clone()
+
+    def rows_at(self, sorted_pos: np.ndarray) -> np.ndarray:
+        return self.rows[self.order[sorted_pos]]
+
+    def queries(self, start: int, stop: int):
+        pos = self.order[start:stop]
+        return self.db[start:stop], self.probes[pos], self.rows[pos]

@@ -113,6 +113,16 @@ def num_array_tasks(cfg: ExecutorConfig, num_items: int, items_per_task: int) ->
     return n
 
 
+def local_threads(cfg: ExecutorConfig, n_tasks: int) -> int:
+    """Threads per task of a local array (0 = library default elsewhere): the LocalExecutor starts
+    every task at once, and BLAS threads beyond this machine's cores only add spinning."""
+    import os
+
+    if cfg.cluster != "local":
+        return 0
+    return max(1, (os.cpu_count() or 1) // max(1, min(n_tasks, cfg.array_parallelism)))
+
+
 @dataclass
 class _TaskError:
     """What a task raised, returned as a value (debug executor: see :func:`_guarded_call`)."""

@@ -6,7 +6,9 @@ here instead of joining folder names themselves::
     OUT/config.yaml
     OUT/embed/<source>/<shard_id>.parquet, <shard_id>.<embedder>.npy
     OUT/dedup/decisions.parquet, stats.json
+    OUT/dedup/work/plan.json, centroids.npy, pieces/b*.npy, edges/t*  (sharded dedup's map outputs)
     OUT/decontaminate/decisions.parquet, stats.json
+    OUT/decontaminate/work/plan.json, matches/b*.parquet         (sharded decontamination's map outputs)
     OUT/retrieve/selection.parquet, clusters.json
     OUT/write/plan.parquet, write/shards/<shard>.json      (bookkeeping of the write stage)
     OUT/final/<prefix>-000000.tar …, manifest.parquet, summary.json, audit.txt
@@ -79,8 +81,40 @@ def dedup_decisions(out: str | Path) -> Path:
     return Path(out) / "dedup" / "decisions.parquet"
 
 
+def dedup_work(out: str | Path) -> Path:
+    """Intermediate files of the sharded dedup (map outputs; the reduce writes the decisions)."""
+    return Path(out) / "dedup" / "work"
+
+
+def dedup_work_plan(out: str | Path) -> Path:
+    return dedup_work(out) / "plan.json"
+
+
+def dedup_centroids(out: str | Path) -> Path:
+    return dedup_work(out) / "centroids.npy"
+
+
+def dedup_piece(out: str | Path, block: int, part: str) -> Path:
+    """One assign task's rows in list order: ``part`` is vec | rows | probes | counts (counts last)."""
+    return dedup_work(out) / "pieces" / f"b{block:06d}.{part}.npy"
+
+
+def dedup_edges(out: str | Path, task: int, part: str) -> Path:
+    """One search task's output: ``part`` is forest.npy | nn.parquet | done.json (written last)."""
+    return dedup_work(out) / "edges" / f"t{task:06d}.{part}"
+
+
 def decontaminate_decisions(out: str | Path) -> Path:
     return Path(out) / "decontaminate" / "decisions.parquet"
+
+
+def decontaminate_work(out: str | Path) -> Path:
+    return Path(out) / "decontaminate" / "work"
+
+
+def decontaminate_matches(out: str | Path, block: int) -> Path:
+    """One match task's best eval match per pool row of its block."""
+    return decontaminate_work(out) / "matches" / f"b{block:06d}.parquet"
 
 
 def retrieve_selection(out: str | Path) -> Path:

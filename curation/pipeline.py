@@ -213,6 +213,22 @@ def task_decontaminate(cfg: CurationConfig) -> str:
     return str(run_decontaminate(cfg.output_dir, resolved(cfg, "decontaminate")))
 
 
+def task_resolve_threshold(cfg: CurationConfig, stage: str) -> Any:
+    """``cfg.<stage>`` with its threshold explicit or calibrated (a job: calibration embeds images)."""
+    _setup_worker_logging()
+    from .calibrate import resolved
+
+    return resolved(cfg, stage)
+
+
+def _resolved_in_job(cfg: CurationConfig, stage: str, progress: bool) -> Any:
+    if getattr(cfg, stage).threshold is not None:
+        return getattr(cfg, stage)
+    return jobs.run_tasks(cfg.executor, _logs(cfg, f"{stage}-calibrate"), f"{stage}-calibrate",
+                          task_resolve_threshold, [(cfg, stage)], [f"calibrate {stage}"], gather=True,
+                          progress=progress)[0]
+
+
 def task_retrieve(cfg: CurationConfig) -> str:
     _setup_worker_logging()
     from .retrieve import run_retrieve
@@ -265,6 +281,20 @@ def _embed_calls(cfg: CurationConfig) -> tuple[list[tuple], list[str]]:
     return calls, descs
 
 
+def _dedup_sharded(cfg: CurationConfig) -> bool:
+    from .dedup_sharded import use_sharded
+
+    return use_sharded(cfg.output_dir, cfg.dedup, cfg.sharding)
+
+
+def _decontaminate_sharded(cfg: CurationConfig) -> bool:
+    from .dedup_sharded import use_sharded
+    from .layout import EVAL_PREFIX, sources
+
+    # without eval sets there is nothing to stream against: the gathered job writes the clean decisions
+    return bool(sources(cfg.output_dir, EVAL_PREFIX)) and use_sharded(cfg.output_dir, cfg.decontaminate, cfg.sharding)
+
+
 def run_stage(cfg: CurationConfig, stage: str, progress: bool = True) -> Any:
     """Run one stage (skipped when already complete with the same config)."""
     if stage not in STAGES:
@@ -287,6 +317,18 @@ def run_stage(cfg: CurationConfig, stage: str, progress: bool = True) -> Any:
     if stage == "embed":
         calls, descs = _embed_calls(cfg)
         result = jobs.run_tasks(ex, logs, "embed", task_embed, calls, descs, progress=progress)
+    elif stage == "dedup" and _dedup_sharded(cfg):
+        from .dedup_sharded import run_dedup_sharded
+
+        print(f"[curate] dedup: sharded map → reduce (sharding.mode={cfg.sharding.mode})", flush=True)
+        dedup_cfg = _resolved_in_job(cfg, "dedup", progress)
+        result = run_dedup_sharded(cfg.output_dir, dedup_cfg, cfg.sharding, ex, progress=progress)
+    elif stage == "decontaminate" and _decontaminate_sharded(cfg):
+        from .decontaminate_sharded import run_decontaminate_sharded
+
+        print(f"[curate] decontaminate: sharded match array (sharding.mode={cfg.sharding.mode})", flush=True)
+        decon_cfg = _resolved_in_job(cfg, "decontaminate", progress)
+        result = run_decontaminate_sharded(cfg.output_dir, decon_cfg, cfg.sharding, ex, progress=progress)
     elif stage in ("dedup", "decontaminate", "retrieve"):
         fn: Callable[..., Any] = {"dedup": task_dedup, "decontaminate": task_decontaminate,
                                   "retrieve": task_retrieve}[stage]

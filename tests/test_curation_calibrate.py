@@ -262,3 +262,39 @@ def test_bootstrap_embedder_bad_input_is_one_line_error(tmp_path, capsys):
     assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err
     ov = overrides(tmp_path / "run", ["/d/it's/{0..3}.tar"], steps=12, batch_size=4)
     assert "data.sources=[{pattern: '/d/it''s/{0..3}.tar'}]" in ov and "optim.max_steps=12" in ov
+
+
+def test_sharded_dedup_runs_with_the_calibrated_threshold(tmp_path, sign_digits):
+    """Threshold left null + sharding.mode=sharded: calibration runs as its own job before the
+    arrays, and the sharded decisions equal the gathered stage's at the calibrated threshold."""
+    import dataclasses
+
+    from curation.calibrate import read_calibration
+    from curation.dedup import run_dedup
+    from curation.pipeline import prepare_output, run_stage
+
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    for n, f in enumerate(sorted(sign_digits.rglob("*.JPG"))[::40][:40]):
+        img = Image.open(f).convert("RGB")
+        (pool / f"{f.stem}.jpg").write_bytes(_jpeg(img))
+        if n % 8 == 0:
+            (pool / f"{f.stem}-copy.jpg").write_bytes(_jpeg(img.point(lambda v: min(255, int(v * 1.1)))))
+    cfg = _config(tmp_path)
+    cfg.executor.cluster = "debug"
+    cfg.sharding.mode = "sharded"
+    cfg.validate()
+    assert cfg.dedup.threshold is None
+    lock = prepare_output(cfg, ("embed", "dedup"))
+    try:
+        run_stage(cfg, "embed", progress=False)
+        run_stage(cfg, "dedup", progress=False)
+    finally:
+        lock.release()
+    out = tmp_path / "out"
+    assert (out / "logs" / "dedup-calibrate").is_dir()  # calibration ran as a job of its own
+    rec = read_calibration(out)["dedup"]
+    assert rec["source"] == "calibrated" and 0.0 < rec["threshold"] < 1.0
+    sharded = (out / "dedup" / "decisions.parquet").read_bytes()
+    run_dedup(out, dataclasses.replace(cfg.dedup, threshold=rec["threshold"]), overwrite=True)
+    assert (out / "dedup" / "decisions.parquet").read_bytes() == sharded
