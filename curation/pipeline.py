@@ -223,7 +223,9 @@ def task_resolve_threshold(cfg: CurationConfig, stage: str) -> Any:
 
 def _resolved_in_job(cfg: CurationConfig, stage: str, progress: bool) -> Any:
     if getattr(cfg, stage).threshold is not None:
-        return getattr(cfg, stage)
+        from .calibrate import resolved
+
+        return resolved(cfg, stage)  # no embedding: records the explicit threshold, as the gathered job does
     return jobs.run_tasks(cfg.executor, _logs(cfg, f"{stage}-calibrate"), f"{stage}-calibrate",
                           task_resolve_threshold, [(cfg, stage)], [f"calibrate {stage}"], gather=True,
                           progress=progress)[0]
