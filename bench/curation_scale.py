@@ -2,7 +2,7 @@
 
 Pool: curation.synth_vectors (clustered float16 vectors with planted near-duplicate pairs),
 written as an embed-stage folder of ``--blocks`` shards.  Both paths run on the submitit local
-executor (each task its own process), with the dedup stage's default config (k=64, cosine 0.6,
+executor (each task its own process), with the dedup stage's default config and threshold 0.6 (k=64,
 ivf_gemm above 1e5 rows).  Prints per step: tasks, wall s, CPU s (sum over tasks), max peak RSS
 of a task; then the checks: decisions byte-identical, planted-pair recall, RSS and CPU ratios.
 ``--no-gathered`` runs only the sharded path (pools too big for one job on this machine).
@@ -67,7 +67,7 @@ def main() -> None:
     ap.add_argument("--no-gathered", action="store_true", help="sharded path only")
     ap.add_argument("--tmp", default=None, help="folder for the pools (default: the system temp folder)")
     args = ap.parse_args()
-    cfg = DedupConfig(embedder=EMB)
+    cfg = DedupConfig(embedder=EMB, threshold=0.6)  # the synthetic pool's planted pairs sit above 0.6
     ex = jobs.ExecutorConfig(cluster="local", poll_interval_s=2.0)
     print(f"n {args.n:,} x {args.dim}, {args.blocks} blocks, {os.cpu_count()} CPUs, "
           f"load average at start {os.getloadavg()[0]:.2f}", flush=True)
