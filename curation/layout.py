@@ -121,6 +121,16 @@ def retrieve_selection(out: str | Path) -> Path:
     return Path(out) / "retrieve" / "selection.parquet"
 
 
+def retrieve_work(out: str | Path) -> Path:
+    """Intermediate files of the sharded retrieval (map outputs; the reduce writes the selection)."""
+    return Path(out) / "retrieve" / "work"
+
+
+def retrieve_part(out: str | Path, step: str, block: int) -> Path:
+    """One map task's output: ``step`` is hits (sample-based top-k) | labels (k-means assignment)."""
+    return retrieve_work(out) / step / f"b{block:06d}.parquet"
+
+
 def calibration(out: str | Path, stage: str) -> Path:
     """Calibrated threshold of a stage (dedup / decontaminate) and its estimated quality."""
     return Path(out) / "calibrate" / f"{stage}.json"

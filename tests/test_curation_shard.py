@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+from conftest import clustered_pool as _pool
 from conftest import write_embed_shard
 
 from curation import layout
@@ -25,24 +26,7 @@ from curation.index import IndexConfig
 from curation.jobs import ExecutorConfig
 from curation.sharding import ShardingConfig, split_range, split_shards
 
-EMB = "e"
-
-
-def _pool(out: Path, n_shards: int = 6, rows: int = 300, dim: int = 32, seed: int = 0) -> None:
-    """Clustered vectors with planted near-duplicates, exact copies (sha256) and close phashes."""
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((12, dim)).astype(np.float32)
-    for s in range(n_shards):
-        x = centres[rng.integers(0, 12, rows)] + 0.8 * rng.standard_normal((rows, dim)).astype(np.float32)
-        src = rng.choice(rows // 2, rows // 10, replace=False)
-        x[rows // 2 : rows // 2 + len(src)] = x[src] + 0.03 * rng.standard_normal((len(src), dim)).astype(np.float32)
-        x[-3:] = x[0]  # identical rows: every one of their k neighbours clears the threshold (re-query)
-        sha = [f"{s}-{i}" for i in range(rows)]
-        sha[7] = sha[8] = f"copy-{s % 2}"  # exact copies, also across shards
-        recs = pd.DataFrame({"key": [f"k{i:04d}" for i in range(rows)], "sha256": sha,
-                             "phash": rng.integers(-2**62, 2**62, rows), "width": rng.integers(50, 90, rows),
-                             "height": 64})
-        write_embed_shard(out, "pool", layout.shard_id(s), recs, {EMB: x})
+EMB = "e"  # the embedder name clustered_pool writes
 
 
 CONFIGS = {
