@@ -3,7 +3,10 @@
 Candidates = pool images kept by dedup and not contaminated.  Per curated query
 set (``query-<name>`` sources):
 - sample-based (a): the k nearest candidates of every query image (DINOv2: k=4,
-  32 for ImageNet-1k); used by ``auto`` for sets with ≥ ``sample_min_queries`` images;
+  32 for ImageNet-1k); used by ``auto`` for sets with ≥ ``sample_min_queries`` images.
+  The search is exact (curation/topk.py: per-shard GEMM chunks, ties → smaller pool row), which
+  makes the sharded job (curation/retrieve_sharded.py) byte-identical; ``index.kind`` ivf / ivfpq /
+  ivf_gemm gives the approximate FAISS / GEMM-IVF search instead (one gathered job only);
 - cluster-based (b): FAISS k-means on the candidates (``n_clusters``); from every
   cluster holding MORE than ``min_queries_per_cluster`` query images, ``per_cluster``
   random candidates (all when fewer), at most ``max_per_set`` per set.

@@ -52,14 +52,22 @@ def block_topk(pool: Vectors | np.ndarray, queries: np.ndarray, k: int, candidat
         if n_ok == 0:
             continue
         xt = torch.from_numpy(block)
-        bad = torch.from_numpy(~ok)
+        bad = torch.from_numpy(~ok) if n_ok < len(rows) else None
+        kk = min(k, n_ok)
         for b, q in enumerate(qt):
             sims = torch.mm(q, xt.T)
-            sims[:, bad] = -np.inf
-            kth = torch.topk(sims, min(k, n_ok), dim=1).values[:, -1:]
-            # every entry reaching the k-th value, so that ties are resolved by row, not by topk
-            qi, j = torch.nonzero((sims >= kth) & (sims > -np.inf), as_tuple=True)
-            s = sims[qi, j].numpy()
+            if bad is not None:
+                sims[:, bad] = -np.inf
+            vals, idx = torch.topk(sims, kk, dim=1)
+            # the k-th value is a candidate's (finite); more entries reaching it than topk returned
+            # means a tie at the boundary, resolved by row below rather than by topk's order
+            reach = sims >= vals[:, -1:]
+            if int(reach.sum()) == vals.numel():
+                qi = torch.arange(len(q)).repeat_interleave(kk)
+                j, s = idx.reshape(-1), vals.reshape(-1).numpy()
+            else:
+                qi, j = torch.nonzero(reach, as_tuple=True)
+                s = sims[qi, j].numpy()
             qi, j = qi.numpy(), j.numpy()
             pq_, ps, pr = best[b]
             best[b] = keep_topk(np.concatenate([pq_, qi.astype(np.int64) + b * QUERY_BATCH]),

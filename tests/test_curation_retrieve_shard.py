@@ -80,6 +80,22 @@ def test_block_topk_is_exact_and_split_invariant(monkeypatch):
     assert np.array_equal(whole[2].reshape(20, 6), expect) and cand[whole[2]].all()
 
 
+def test_block_topk_ties_go_to_the_smaller_row(monkeypatch):
+    """Rows orthogonal to the query score exactly 0: the k-th place is a tie across chunks and halves."""
+    monkeypatch.setattr(topk, "CHUNK_ROWS", 50)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((300, 8)).astype(np.float32)
+    x[:, 0] = 0.0
+    x[[40, 120, 250], 0] = 5.0  # the three clear winners
+    q = np.eye(8, dtype=np.float32)[:1]
+    cand = np.ones(300, bool)
+    cand[[0, 1, 3]] = False
+    _, s, r = topk.block_topk(x, q, 6, cand)
+    assert r.tolist() == [40, 120, 250, 2, 4, 5] and (s[3:] == 0).all()
+    halves = [topk.block_topk(x[a:b], q, 6, cand[a:b], row0=a) for a, b in ((0, 100), (100, 300))]
+    assert topk.keep_topk(*(np.concatenate(p) for p in zip(*halves)), 6)[2].tolist() == r.tolist()
+
+
 def test_sharded_retrieval_is_byte_identical(tmp_path, monkeypatch):
     monkeypatch.setattr(topk, "CHUNK_ROWS", 64)  # several GEMM chunks per shard and query batches
     monkeypatch.setattr(topk, "QUERY_BATCH", 16)
