@@ -7,10 +7,13 @@ Steps, each a submitit job or array on the configured executor:
 2. ``train`` (one task; only with cluster-based sets): the k-means centroids from the same seeded
    sample of candidates as the gathered job (:func:`curation.kmeans.kmeans` on the whole pool).
 3. ``assign`` (array over blocks): each candidate's k-means cluster.
-4. ``reduce`` (one task): merges the per-block top-k lists (:func:`curation.topk.keep_topk`, ties →
-   smaller pool row), assembles the labels, runs hierarchical k-means if enabled (still gathered:
-   its resampling rounds re-assign the whole pool several times) and selects and writes with the
-   gathered job's own code (:func:`curation.retrieve.select`, :func:`curation.retrieve.write_selection`).
+4. ``hk-train-r`` / ``hk-assign-r`` (hierarchical k-means enabled): the finest level as the gathered
+   job computes it, round r = 0 the seeded k-means, then each resampling round one task re-fitting
+   the centroids on the points closest to each (from every candidate's label and cosine) and one
+   assign array.  The coarser levels cluster centroids only and run in the reduce.
+5. ``reduce`` (one task): merges the per-block top-k lists (:func:`curation.topk.keep_topk`, ties →
+   smaller pool row), assembles the labels and selects and writes with the gathered job's own code
+   (:func:`curation.retrieve.select`, :func:`curation.retrieve.write_selection`).
 
 Byte-identity with the gathered job: both compute sample-based similarities with the same GEMMs
 (fixed chunks inside each shard, fixed query batches; curation/topk.py), so the similarities have
@@ -32,6 +35,7 @@ import pyarrow as pa
 
 from curation import jobs, layout
 from curation.dedup_sharded import setup_task, task_usage
+from curation.hkmeans import first_centroids, hierarchical_kmeans, level_sizes, resampled_centroids
 from curation.kmeans import assign, kmeans
 from curation.retrieve import (Evidence, RetrieveConfig, candidate_mask, cluster_count, exact_search,
                                load_query_sets, select, set_plans, write_selection)
@@ -48,6 +52,10 @@ def _candidates_path(out_dir: str | Path) -> Path:
 
 def _centroids_path(out_dir: str | Path) -> Path:
     return layout.retrieve_work(out_dir) / "centroids.npy"
+
+
+def _hk_centroids_path(out_dir: str | Path, r: int) -> Path:
+    return layout.retrieve_work(out_dir) / f"hk-centroids-{r}.npy"
 
 
 def make_plan(out_dir: str | Path, cfg: RetrieveConfig, sharding: ShardingConfig,
@@ -100,11 +108,41 @@ def train_core(out_dir: str | Path, plan: dict, cfg: RetrieveConfig) -> np.ndarr
     return kmeans(pool, k, mask=np.load(_candidates_path(out_dir)), niter=cfg.kmeans_niter, seed=cfg.seed)
 
 
-def assign_core(out_dir: str | Path, plan: dict, block: int) -> tuple[np.ndarray, np.ndarray]:
-    """(global candidate rows, k-means cluster) of one block."""
+def assign_core(out_dir: str | Path, plan: dict, block: int, centroids: Path):
+    """(global candidate rows, nearest centroid, cosine) of one block."""
     vectors, lo, hi = _block(plan, block)
-    rows, labels, _ = assign(vectors, np.load(_centroids_path(out_dir)), np.load(_candidates_path(out_dir))[lo:hi])
-    return rows + lo, labels
+    rows, labels, sims = assign(vectors, np.load(centroids), np.load(_candidates_path(out_dir))[lo:hi])
+    return rows + lo, labels, sims
+
+
+def read_labels(out_dir: str | Path, plan: dict, part: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, cosines) of every candidate from the assign tasks' ``part`` files, in row order."""
+    parts = [pd.read_parquet(layout.retrieve_part(out_dir, part, b)) for b in range(len(plan["blocks"]))]
+    got = np.concatenate([p["row"].to_numpy(np.int64) for p in parts])
+    if not np.array_equal(got, rows):
+        raise RuntimeError("the assign tasks do not cover the candidates once each: inconsistent work folder")
+    return (np.concatenate([p["label"].to_numpy(np.int64) for p in parts]),
+            np.concatenate([p["sim"].to_numpy(np.float32) for p in parts]))
+
+
+def hk_rounds_done(out_dir: str | Path, cfg: RetrieveConfig) -> int:
+    """The last level-0 round whose centroids exist (rounds stop early when too few points remain)."""
+    r = 0
+    while r < cfg.hkmeans.resampling_rounds and _hk_centroids_path(out_dir, r + 1).is_file():
+        r += 1
+    return r
+
+
+def hk_train_core(out_dir: str | Path, plan: dict, cfg: RetrieveConfig, r: int) -> np.ndarray | None:
+    """Level-0 centroids of hierarchical k-means, round ``r`` (0: the seeded k-means; then resampling)."""
+    hk = cfg.hkmeans
+    pool = ShardedVectors(plan["paths"], plan["counts"], plan["dim"])
+    mask = np.load(_candidates_path(out_dir))
+    if r == 0:
+        return first_centroids(pool, min(level_sizes(hk, plan["candidates"])[0], plan["candidates"]), hk, hk.seed, mask)
+    rows = np.flatnonzero(mask).astype(np.int64)
+    labels, sims = read_labels(out_dir, plan, f"hk{r - 1}", rows)
+    return resampled_centroids(pool, rows, labels, sims, np.load(_hk_centroids_path(out_dir, r - 1)), hk, hk.seed, r - 1)
 
 
 def collect(out_dir: str | Path, plan: dict, cfg: RetrieveConfig, rows: np.ndarray) -> Evidence:
@@ -121,11 +159,12 @@ def collect(out_dir: str | Path, plan: dict, cfg: RetrieveConfig, rows: np.ndarr
     if any(m == "cluster" for m, _ in plan["methods"].values()):
         ev.centroids = np.load(_centroids_path(out_dir))
         _, ev.k_why = cluster_count(cfg, plan["candidates"])
-        parts = [pd.read_parquet(layout.retrieve_part(out_dir, "labels", b)) for b in range(n_blocks)]
-        got = np.concatenate([p["row"].to_numpy(np.int64) for p in parts])
-        if not np.array_equal(got, rows):
-            raise RuntimeError("the assign tasks do not cover the candidates once each: inconsistent work folder")
-        ev.km_labels = np.concatenate([p["label"].to_numpy(np.int64) for p in parts])
+        ev.km_labels = read_labels(out_dir, plan, "labels", rows)[0]
+    if cfg.hkmeans.enabled:
+        r = hk_rounds_done(out_dir, cfg)
+        level0 = (rows, read_labels(out_dir, plan, f"hk{r}", rows)[0], np.load(_hk_centroids_path(out_dir, r)))
+        store = ShardedVectors(plan["paths"], plan["counts"], plan["dim"])
+        ev.hk = hierarchical_kmeans(store, cfg.hkmeans, np.load(_candidates_path(out_dir)), level0=level0)
     return ev
 
 
@@ -149,28 +188,37 @@ def task_train(out_dir: str, plan: dict, cfg: RetrieveConfig, threads: int = 0) 
     return task_usage({"step": "train"})
 
 
-def task_assign(out_dir: str, plan: dict, block: int, threads: int = 0) -> dict:
+def task_assign(out_dir: str, plan: dict, block: int, part: str, centroids: str, threads: int = 0) -> dict:
     setup_task(threads)
-    path = layout.retrieve_part(out_dir, "labels", block)
+    path = layout.retrieve_part(out_dir, part, block)
     if not path.is_file():
-        rows, labels = assign_core(out_dir, plan, block)
-        atomic_write_parquet(path, pa.table({"row": pa.array(rows, pa.int64()), "label": pa.array(labels, pa.int64())}))
-    return task_usage({"step": "assign", "task": block})
+        rows, labels, sims = assign_core(out_dir, plan, block, Path(centroids))
+        atomic_write_parquet(path, pa.table({"row": pa.array(rows, pa.int64()), "label": pa.array(labels, pa.int64()),
+                                             "sim": pa.array(sims, pa.float32())}))
+    return task_usage({"step": "assign", "task": block, "part": part})
+
+
+def task_hk_train(out_dir: str, plan: dict, cfg: RetrieveConfig, r: int, threads: int = 0) -> dict:
+    setup_task(threads)
+    path, stop = _hk_centroids_path(out_dir, r), layout.retrieve_work(out_dir) / "hk-stop.json"
+    if not path.is_file() and not stop.is_file():
+        centroids = hk_train_core(out_dir, plan, cfg, r)
+        if centroids is None:
+            atomic_write_json(stop, {"round": r})  # too few points: the rounds stop, as in the gathered job
+        else:
+            atomic_save_npy(path, centroids)
+    return task_usage({"step": "hk-train", "task": r})
 
 
 def task_reduce(out_dir: str, plan: dict, cfg: RetrieveConfig, threads: int = 0) -> dict:
     setup_task(threads)
     if not layout.retrieve_selection(out_dir).is_file():
-        from curation.hkmeans import hierarchical_kmeans
-
         store = EmbeddingStore(out_dir, layout.POOL, plan["embedder"])
         if store.n != plan["n"] or [str(p) for p in store.vectors.paths] != plan["paths"]:
             raise RuntimeError("the pool changed since the sharded retrieval's map tasks ran")
         mask = np.load(_candidates_path(out_dir))
         rows = np.flatnonzero(mask).astype(np.int64)
         ev = collect(out_dir, plan, cfg, rows) if len(rows) else Evidence()
-        if cfg.hkmeans.enabled and len(rows):
-            ev.hk = hierarchical_kmeans(store.vectors, cfg.hkmeans, mask)
         res = select(store.n, rows, load_query_sets(out_dir, plan["embedder"]), ev, cfg)
         write_selection(out_dir, store.ids, res, plan["embedder"])
     return task_usage({"step": "reduce"})
@@ -204,7 +252,14 @@ def run_retrieve_sharded(out_dir: str | Path, cfg: RetrieveConfig, sharding: Sha
         step("search", task_search, [(out_dir, plan, b, threads) for b in range(n)])
     if plan["candidates"] and "cluster" in methods:
         step("train", task_train, [(out_dir, plan, cfg, 0)])
-        step("assign", task_assign, [(out_dir, plan, b, threads) for b in range(n)])
+        step("assign", task_assign, [(out_dir, plan, b, "labels", str(_centroids_path(out_dir)), threads)
+                                     for b in range(n)])
+    for r in range(cfg.hkmeans.resampling_rounds + 1) if plan["candidates"] and cfg.hkmeans.enabled else ():
+        step(f"hk-train-{r}", task_hk_train, [(out_dir, plan, cfg, r)])
+        if not _hk_centroids_path(out_dir, r).is_file():
+            break  # the resampling rounds stopped early
+        c = str(_hk_centroids_path(out_dir, r))
+        step(f"hk-assign-{r}", task_assign, [(out_dir, plan, b, f"hk{r}", c, threads) for b in range(n)])
     step("reduce", task_reduce, [(out_dir, plan, cfg, 0)], gather=True)
     shutil.rmtree(work, ignore_errors=True)
     return usage

@@ -106,7 +106,9 @@ def test_sharded_retrieval_is_byte_identical(tmp_path, monkeypatch):
     usage = run_retrieve_sharded(sharded, CFG, ShardingConfig(mode=Sharding.sharded), ExecutorConfig(cluster="debug"),
                                  progress=False, n_tasks=4)
     steps = [u["step"] for u in usage]
-    assert steps.count("search") == 4 and steps.count("assign") == 4 and steps.count("train") == 1
+    assert steps.count("search") == 4 and steps.count("train") == 1 and steps.count("hk-train") == 3
+    parts = [u["part"] for u in usage if u["step"] == "assign"]
+    assert all(parts.count(p) == 4 for p in ("labels", "hk0", "hk1", "hk2")) and len(parts) == 16
     sel = pd.read_parquet(layout.retrieve_selection(gathered))
     methods = set(",".join(sel["method"].dropna()).split(","))
     assert methods == {"sample", "cluster", "hkmeans"} and len(sel) < 1200, "dedup must drop some candidates"

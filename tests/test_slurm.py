@@ -649,9 +649,10 @@ def test_curate_run_on_slurm_matches_local_executor(cluster, curation_world):
 
 @pytest.mark.slurm
 def test_sharded_dedup_on_slurm_is_an_array_matching_gathered(cluster, curation_world):
-    """`sharding.mode=sharded` on SLURM: dedup's assign and search steps run as real job arrays of
-    >= 4 tasks, and every stage's outputs are byte-identical to a gathered run on the local executor
-    (ivf_gemm with tiny lists, so the map tasks really split the IVF lists and query batches)."""
+    """`sharding.mode=sharded` on SLURM: dedup's assign and search steps and retrieval's search step
+    run as real job arrays of >= 4 tasks, and every stage's outputs are byte-identical to a gathered
+    run on the local executor (ivf_gemm with tiny lists, so the map tasks really split the IVF lists
+    and query batches)."""
     root, args = curation_world["root"], curation_world["args"]
     ivf = ["dedup.index.kind=ivf_gemm", "dedup.index.gemm_list_size=8", "dedup.index.search_batch=8",
            "dedup.index.gemm_train_per_centroid=4"]
@@ -664,11 +665,12 @@ def test_sharded_dedup_on_slurm_is_an_array_matching_gathered(cluster, curation_
     out, err = local.communicate(timeout=600)
     assert local.returncode == 0, f"local curate run failed:\n{out[-3000:]}\n{err[-5000:]}"
     assert "dedup: sharded map → reduce" in on_slurm.stdout
+    assert "retrieve: sharded search / assign arrays" in on_slurm.stdout
     ref, got = _stage_outputs(root / "gathered-ivf"), _stage_outputs(root / "sharded-ivf")
     assert sorted(got) == sorted(ref)
     differ = sorted(name for name in ref if got[name] != ref[name])
     assert not differ, f"sharded (SLURM) and gathered (local) outputs differ: {differ}"
     rows = _run(["sacct", "-n", "-X", "-P", "-S", "now-3600", "-o", "JobID,JobName,State"]).split()
-    for step in ("dedup-assign", "dedup-search"):
+    for step in ("dedup-assign", "dedup-search", "retrieve-search"):
         tasks = [r for r in rows if re.match(rf"^\d+_\d+\|{step}\|", r)]
         assert len(tasks) >= 4 and all(r.endswith("|COMPLETED") for r in tasks), (step, rows)
