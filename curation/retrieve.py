@@ -158,11 +158,11 @@ def exact_search(cfg: RetrieveConfig) -> bool:
 
 
 def sample_hits(pool: Vectors, mask: np.ndarray, queries: Vectors | np.ndarray, k: int,
-                cfg: RetrieveConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                index=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(query row, cosine, pool row) of every query's k best candidates: exact, or from ``index``."""
     qv = as_vectors(queries)
-    if exact_search(cfg):
+    if index is None:
         return block_topk(pool, qv.load_all(), k, mask)
-    index = build_index(pool, cfg.index, mask)
     parts = []
     for qrows, sims, nbrs in index.search_vectors(qv, k, desc="retrieve"):
         qi, j = np.nonzero(nbrs >= 0)
@@ -180,9 +180,12 @@ def retrieve_core(pool: Vectors | np.ndarray, candidates: np.ndarray | None, que
     _, plans = set_plans(query_sets, cfg, n)
     ev = Evidence()
     if n:
+        index = None
+        if not exact_search(cfg) and any(m == "sample" for _, m, _, _ in plans):
+            index = build_index(pool, cfg.index, mask)
         for qs, method, k, _ in plans:
             if method == "sample" and as_vectors(qs.vectors).n:
-                ev.hits[qs.name] = sample_hits(pool, mask, qs.vectors, k, cfg)
+                ev.hits[qs.name] = sample_hits(pool, mask, qs.vectors, k, index)
         if any(m == "cluster" for _, m, _, _ in plans):
             k, ev.k_why = cluster_count(cfg, n)
             ev.centroids = kmeans(pool, k, mask=mask, niter=cfg.kmeans_niter, seed=cfg.seed)

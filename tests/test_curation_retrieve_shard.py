@@ -154,3 +154,21 @@ def test_killed_sharded_retrieval_reruns_to_identical_output(tmp_path):
     run_retrieve_sharded(out, CFG, ShardingConfig(mode=Sharding.sharded), ExecutorConfig(cluster="debug"),
                          progress=False, n_tasks=4)
     assert _outputs(out) == _outputs(ref)
+
+
+def test_an_approximate_index_still_serves_the_gathered_job():
+    """``retrieve.index.kind: ivf_gemm`` keeps the approximate search (one job): nearly the exact picks."""
+    from curation.retrieve import QuerySet, retrieve_core
+
+    rng = np.random.default_rng(3)
+    centres = rng.standard_normal((20, 16)).astype(np.float32)
+    x = centres[rng.integers(0, 20, 3000)] + 0.3 * rng.standard_normal((3000, 16)).astype(np.float32)
+    q = x[rng.choice(3000, 30, replace=False)] + 0.05 * rng.standard_normal((30, 16)).astype(np.float32)
+    sets = [QuerySet("a", q, np.array([f"q{i:02d}" for i in range(30)], object))]
+    qsc = [QuerySetConfig(name="a", method="sample", k=4)]
+    exact = retrieve_core(x, None, sets, RetrieveConfig(query_sets=qsc))
+    approx = retrieve_core(x, None, sets, RetrieveConfig(query_sets=qsc, index=IndexConfig(
+        kind="ivf_gemm", gemm_list_size=100, nprobe=6, gemm_train_per_centroid=16)))
+    a, b = exact.rows[exact.selected], approx.rows[approx.selected]
+    assert 30 <= len(a) <= 120 and len(np.intersect1d(a, b)) >= 0.9 * len(a)
+    assert np.isfinite(approx.best_query_sim[approx.selected]).all()
