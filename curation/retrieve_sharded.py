@@ -149,13 +149,15 @@ def collect(out_dir: str | Path, plan: dict, cfg: RetrieveConfig, rows: np.ndarr
     """The map outputs as the gathered job's :class:`~curation.retrieve.Evidence`."""
     ev = Evidence()
     n_blocks = len(plan["blocks"])
-    if any(m == "sample" for m, _ in plan["methods"].values()):
-        hits = pd.concat([pd.read_parquet(layout.retrieve_part(out_dir, "hits", b)) for b in range(n_blocks)])
-        for name, (method, k) in plan["methods"].items():
-            if method == "sample":
-                h = hits[hits["set"] == name]
-                ev.hits[name] = keep_topk(h["qrow"].to_numpy(np.int64), h["sim"].to_numpy(np.float32),
-                                          h["row"].to_numpy(np.int64), k)
+    sample = {name: k for name, (method, k) in plan["methods"].items() if method == "sample"}
+    if sample:
+        empty = (np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.int64))
+        ev.hits = {name: empty for name in sample}
+        for b in range(n_blocks):  # a running merge: never more than two blocks' hits in memory
+            hits = pd.read_parquet(layout.retrieve_part(out_dir, "hits", b))
+            for name, h in hits.groupby("set", sort=False):
+                got = (h["qrow"].to_numpy(np.int64), h["sim"].to_numpy(np.float32), h["row"].to_numpy(np.int64))
+                ev.hits[name] = keep_topk(*(np.concatenate(p) for p in zip(ev.hits[name], got)), sample[name])
     if any(m == "cluster" for m, _ in plan["methods"].values()):
         ev.centroids = np.load(_centroids_path(out_dir))
         _, ev.k_why = cluster_count(cfg, plan["candidates"])
