@@ -15,7 +15,10 @@ thresholds left to calibration, and prints:
 - share of query-class images raw → curated for a small query set (two classes);
 - stage timings, with calibration's cost relative to embed + dedup.
 
-    python bench/curation_quality.py [--descriptor global flip regions] [--photos DIR]
+    python bench/curation_quality.py [--descriptor global flip regions] [--whitening none pca] [--photos DIR]
+
+Each (descriptor, whitening) pair is one column; a whitening variant reuses the embeddings of
+the descriptor's first run (same embedder, so the embed stage is copied, not recomputed).
 """
 from __future__ import annotations
 
@@ -213,11 +216,17 @@ def score(out: Path, truth: dict, query_classes) -> dict:
     return res
 
 
-def run_one(root: Path, descriptor: str, seed: int, image_size: int) -> dict:
+def run_one(root: Path, descriptor: str, seed: int, image_size: int, whitening: str = "none") -> dict:
+    import shutil
+
     from curation.config import load_curation_config
 
-    out = root / f"out-{descriptor}"
+    first = root / f"out-{descriptor}"
+    out = first if whitening == "none" else root / f"out-{descriptor}-{whitening}"
+    if out != first and not (out / "embed").exists() and (first / "embed" / "_stage.json").is_file():
+        shutil.copytree(first / "embed", out / "embed")  # same embedder: reuse the embeddings
     overrides = [
+        f"dedup.whitening.kind={whitening}", f"decontaminate.whitening.kind={whitening}",
         f"output_dir={out}", f"inputs=[{root / 'crawl'}/*.tar]", f"eval_sets.bench=[{root / 'eval'}]",
         f"query_sets.q.inputs=[{root / 'query'}]",
         "embedders.lite0.kind=efficientnet_lite0", "embedders.lite0.device=cpu", "embedders.lite0.batch_size=64",
@@ -241,6 +250,8 @@ def run_one(root: Path, descriptor: str, seed: int, image_size: int) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--descriptor", nargs="+", default=["global"])
+    ap.add_argument("--whitening", nargs="+", default=["none"], choices=["none", "pca"],
+                    help="copy-detection whitening of dedup / decontamination (curation/whiten.py)")
     ap.add_argument("--photos", type=Path, default=None, help="class-subfolder photo folder (default: sign-digits)")
     ap.add_argument("--copies-per-family", type=int, default=20)
     ap.add_argument("--n-pool", type=int, default=800, help="distinct photos in the pool")
@@ -264,11 +275,12 @@ def main(argv=None) -> int:
     print(f"crawl: {len(truth)} items from {len(photos)} photos in {root}")
     rows = []
     for desc in a.descriptor:
-        r = run_one(root, desc, a.seed, a.image_size)
-        q = score(r["out"], truth, query_classes)
-        cal = {st: json.loads((r["out"] / "calibrate" / f"{st}.json").read_text())
-               for st in ("dedup", "decontaminate")}  # with the timings summary.json leaves out
-        rows.append((desc, q, r, cal))
+        for wh in a.whitening:
+            r = run_one(root, desc, a.seed, a.image_size, wh)
+            q = score(r["out"], truth, query_classes)
+            cal = {st: json.loads((r["out"] / "calibrate" / f"{st}.json").read_text())
+                   for st in ("dedup", "decontaminate")}  # with the timings summary.json leaves out
+            rows.append((desc if wh == "none" else f"{desc} + {wh}", q, r, cal))
     print("\n| measure | " + " | ".join(f"`{d}`" for d, *_ in rows) + " |")
     print("|---|" + "---|" * len(rows))
 

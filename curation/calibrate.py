@@ -180,8 +180,11 @@ def _load_images(locs: pd.DataFrame, ids: list[str], max_pixels: int):
 
 
 def planted_similarities(embedder, originals, original_vectors: np.ndarray, n_copies: int,
-                         rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Plant ``n_copies`` copies (families round-robin over the originals) and return cosine per family."""
+                         rng: np.random.Generator, transform=None) -> dict[str, np.ndarray]:
+    """Plant ``n_copies`` copies (families round-robin over the originals) and return cosine per family.
+
+    ``transform``: the stage's whitening, applied to the copies' embeddings (``original_vectors``
+    come from the store through it already)."""
     import torch
 
     jobs = []
@@ -195,6 +198,8 @@ def planted_similarities(embedder, originals, original_vectors: np.ndarray, n_co
     for s in range(0, len(jobs), bs):
         chunk = jobs[s : s + bs]
         emb = embedder.embed(torch.stack([t for _, _, t in chunk]))
+        if transform is not None:
+            emb = transform(emb)
         ref = original_vectors[[o for _, o, _ in chunk]].astype(np.float32)
         for (fam, _, _), v in zip(chunk, (emb * ref).sum(1)):
             sims[fam].append(float(v))
@@ -257,14 +262,17 @@ def calibrate_stage(cfg, stage: str) -> float:
         if rec.get("source") == "calibrated" and rec.get("key") == key:
             return float(rec["threshold"])
     t0 = time.perf_counter()
-    pool = EmbeddingStore(cfg.output_dir, "pool", name)
+    from curation.whiten import pool_whitener
+
+    whitener = pool_whitener(cfg.output_dir, name, getattr(stage_cfg, "whitening", None))
+    pool = EmbeddingStore(cfg.output_dir, "pool", name, whitener)
     ref_sources = ["pool"] if stage == "dedup" else list_sources(cfg.output_dir, "eval-")
     if not ref_sources or pool.n < 2:
         log.info("calibration of %s skipped: nothing to compare", stage)
         atomic_write_json(out, {"stage": stage, "threshold": 1.0, "source": "calibrated", "skipped": True,
                                 "key": key})
         return 1.0
-    ref = pool if stage == "dedup" else EmbeddingStore(cfg.output_dir, ref_sources, name)
+    ref = pool if stage == "dedup" else EmbeddingStore(cfg.output_dir, ref_sources, name, whitener)
     rng = np.random.default_rng([cal.seed, len(stage)])
     n_copies = cal.n_copies or int(np.clip(round(0.05 * pool.n), 12 * len(FAMILIES), 100 * len(FAMILIES)))
     n_orig = min(ref.n, max(len(FAMILIES), n_copies // 3))
@@ -279,7 +287,7 @@ def calibrate_stage(cfg, stage: str) -> float:
     embedder = load_embedder(cfg.embedders[name])
     t_embed = time.perf_counter()
     copies = planted_similarities(embedder, [im for _, im in images], ref.vectors.gather(pick),
-                                  n_copies, rng)
+                                  n_copies, rng, whitener)
     t_embed = time.perf_counter() - t_embed
     background = background_similarities(pool, ref, stage, cal, stage_cfg, getattr(cfg.dedup, "phash_max_distance", 4))
     rec = fit_threshold(copies, background, cal.target_precision, cal.min_copy_share)
@@ -289,6 +297,7 @@ def calibrate_stage(cfg, stage: str) -> float:
     np.savez(buf, background=background, **{f"copies_{f}": v for f, v in copies.items()})
     atomic_write_bytes(out.with_suffix(".npz"), buf.getvalue())
     rec.update(stage=stage, source="calibrated", embedder=name, descriptor=cfg.embedders[name].descriptor,
+               whitening=whitener.path.name if whitener is not None else None,
                target_precision=cal.target_precision, n_originals=len(pick),
                n_copies=int(sum(len(v) for v in copies.values())), n_background=len(background),
                seconds=round(time.perf_counter() - t0, 2), embed_seconds=round(t_embed, 2),

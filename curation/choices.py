@@ -100,3 +100,8 @@ class Sharding(Choice):
     auto = "auto"  # sharded once the pool reaches sharding.min_items
     gathered = "gathered"
     sharded = "sharded"
+
+
+class Whitening(Choice):
+    none = "none"
+    pca = "pca"  # PCA whitening fitted on a sample of the pool, eigenvalues shrunk (curation/whiten.py)

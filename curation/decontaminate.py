@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 from curation import layout
 from curation.index import IndexConfig, build_index
 from curation.store import EmbeddingStore, Vectors, as_vectors, list_sources, resolve_embedder
+from curation.whiten import WhiteningConfig, pool_whitener
 from dinov2.utils.io import atomic_write_json, atomic_write_parquet
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class DecontamConfig:
     threshold: float | None = None  # cosine >= threshold → contaminated (DINOv2/SSCD: 0.45); null = calibrated
     k: int = 1  # eval neighbours looked up per pool image (only the best one decides)
     index: IndexConfig = field(default_factory=IndexConfig)
+    whitening: WhiteningConfig = field(default_factory=WhiteningConfig)  # pca: fitted on the POOL, applied to both
 
     def validate(self) -> None:
         from dinov2.utils.config import ConfigError
@@ -48,6 +50,7 @@ class DecontamConfig:
         if self.k < 1:
             raise ConfigError("decontaminate.k must be >= 1")
         self.index.validate()
+        self.whitening.validate("decontaminate.whitening")
 
 
 @dataclass
@@ -131,9 +134,10 @@ def run_decontaminate(out_dir: str | Path, cfg: DecontamConfig | None = None, *,
         log.info("decontamination already done: %s", out)
         return out
     embedder = resolve_embedder(out_dir, layout.POOL, cfg.embedder)
-    pool = EmbeddingStore(out_dir, layout.POOL, embedder)
+    whitener = pool_whitener(out_dir, embedder, cfg.whitening)
+    pool = EmbeddingStore(out_dir, layout.POOL, embedder, whitener)
     eval_sources = list_sources(out_dir, layout.EVAL_PREFIX)
-    evals = EmbeddingStore(out_dir, eval_sources, embedder) if eval_sources else None
+    evals = EmbeddingStore(out_dir, eval_sources, embedder, whitener) if eval_sources else None
     component = None
     dedup_file = layout.dedup_decisions(out_dir)
     if dedup_file.exists():
@@ -165,6 +169,7 @@ def run_decontaminate(out_dir: str | Path, cfg: DecontamConfig | None = None, *,
         "via_component": pa.array(res.via_component, pa.bool_()),
     })
     stats = dict(res.stats, embedder=embedder, eval_sources=eval_sources, threshold=cfg.threshold,
+                 whitening=whitener.path.name if whitener else None,
                  shard_problems=[vars(p) for p in pool.problems + (evals.problems if evals else [])])
     atomic_write_json(layout.stats_path(out), stats)
     atomic_write_parquet(out, table)

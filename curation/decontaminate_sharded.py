@@ -19,17 +19,20 @@ import pyarrow as pa
 
 from curation import jobs, layout
 from curation.decontaminate import DecontamConfig, best_matches, run_decontaminate
-from curation.dedup_sharded import setup_task, task_usage
+from curation.dedup_sharded import plan_whitener, setup_task, task_usage, task_whiten
 from curation.sharding import ShardingConfig, split_shards
 from curation.store import EmbeddingStore, ShardedVectors, list_sources, resolve_embedder
+from curation.whiten import pool_whitener
 from dinov2.utils.io import atomic_write_json, atomic_write_parquet
 
 
 def make_plan(out_dir: str | Path, cfg: DecontamConfig, sharding: ShardingConfig, n_tasks: int = 0) -> dict:
     embedder = resolve_embedder(out_dir, layout.POOL, cfg.embedder)
-    pool = EmbeddingStore(out_dir, layout.POOL, embedder).vectors
+    whitener = pool_whitener(out_dir, embedder, cfg.whitening)
+    pool = EmbeddingStore(out_dir, layout.POOL, embedder, whitener).vectors
     blocks = split_shards([int(c) for c in pool.counts], n_tasks or sharding.num_blocks(pool.n))
-    return {"n": pool.n, "dim": pool.dim, "embedder": embedder, "evals": list_sources(out_dir, layout.EVAL_PREFIX),
+    return {"n": pool.n, "dim": pool.dim, "raw_dim": pool.raw_dim, "embedder": embedder,
+            "whitening": str(whitener.path) if whitener is not None else None, "evals": list_sources(out_dir, layout.EVAL_PREFIX),
             "paths": [str(p) for p in pool.paths], "counts": [int(c) for c in pool.counts],
             "blocks": [list(b) for b in blocks]}
 
@@ -38,8 +41,9 @@ def match_core(out_dir: str | Path, plan: dict, cfg: DecontamConfig, block: int)
     """(global rows, best eval row, cosine) of one block of the pool."""
     a, b = plan["blocks"][block]
     row0 = int(sum(plan["counts"][:a]))
-    vectors = ShardedVectors(plan["paths"][a:b], plan["counts"][a:b], plan["dim"])
-    evals = EmbeddingStore(out_dir, plan["evals"], plan["embedder"]).vectors
+    whitener = plan_whitener(plan)
+    vectors = ShardedVectors(plan["paths"][a:b], plan["counts"][a:b], plan["raw_dim"], whitener)
+    evals = EmbeddingStore(out_dir, plan["evals"], plan["embedder"], whitener).vectors
     best_row, best_sim = best_matches(vectors, evals, cfg)
     return np.arange(vectors.n, dtype=np.int64) + row0, best_row, best_sim
 
@@ -87,15 +91,20 @@ def task_reduce(out_dir: str, plan: dict, cfg: DecontamConfig, threads: int = 0)
 def run_decontaminate_sharded(out_dir: str | Path, cfg: DecontamConfig, sharding: ShardingConfig,
                               executor: jobs.ExecutorConfig, *, progress: bool = True, n_tasks: int = 0) -> list[dict]:
     out_dir = str(out_dir)
+    logs = Path(out_dir) / "logs" / "decontaminate"
+    usage: list[dict] = []
+    if cfg.whitening.kind != "none":  # fitted (or found) in a job, as the sharded dedup does
+        usage += jobs.run_tasks(executor, logs / "whiten", "decontaminate-whiten", task_whiten,
+                                [(out_dir, resolve_embedder(out_dir, layout.POOL, cfg.embedder), cfg.whitening)],
+                                ["decontaminate whiten"], gather=True, progress=progress)
     plan = make_plan(out_dir, cfg, sharding, n_tasks)
     work = layout.decontaminate_work(out_dir)
     if not ((work / "plan.json").is_file() and json.loads((work / "plan.json").read_text()) == plan):
         shutil.rmtree(work, ignore_errors=True)
         atomic_write_json(work / "plan.json", plan)
-    logs = Path(out_dir) / "logs" / "decontaminate"
     n = len(plan["blocks"])
     threads = jobs.local_threads(executor, n)
-    usage = jobs.run_tasks(executor, logs / "match", "decontaminate-match", task_match,
+    usage += jobs.run_tasks(executor, logs / "match", "decontaminate-match", task_match,
                            [(out_dir, plan, cfg, b, threads) for b in range(n)],
                            [f"decontaminate match task {b}/{n}" for b in range(n)], progress=progress)
     usage += jobs.run_tasks(executor, logs / "reduce", "decontaminate-reduce", task_reduce, [(out_dir, plan, cfg, 0)],

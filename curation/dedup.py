@@ -38,6 +38,7 @@ from curation.hash_edges import exact_edges, hamming64, phash_edges
 from curation.index import IndexConfig, build_index
 from curation.semdedup import SemDedupConfig, semdedup
 from curation.store import EmbeddingStore, Vectors, as_vectors, resolve_embedder
+from curation.whiten import WhiteningConfig, pool_whitener
 from dinov2.utils.io import atomic_write_json, atomic_write_parquet
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class DedupConfig:
     pq_rescore_margin: float = 0.1  # IVF-PQ: re-score approximate edges above threshold - margin exactly
     index: IndexConfig = field(default_factory=IndexConfig)
     semdedup: SemDedupConfig = field(default_factory=SemDedupConfig)
+    whitening: WhiteningConfig = field(default_factory=WhiteningConfig)  # pca: pool-fitted (curation/whiten.py)
 
     def validate(self) -> None:
         from dinov2.utils.config import ConfigError
@@ -70,6 +72,7 @@ class DedupConfig:
         if not 0.0 < self.semdedup.eps < 1.0:
             raise ConfigError("dedup.semdedup.eps must be in (0, 1)")
         self.index.validate()
+        self.whitening.validate("dedup.whitening")
 
 
 # ----------------------------------------------------------------------------- union-find
@@ -343,7 +346,8 @@ def run_dedup(out_dir: str | Path, cfg: DedupConfig | None = None, *, overwrite:
         log.info("dedup already done: %s", out)
         return out
     embedder = resolve_embedder(out_dir, "pool", cfg.embedder)
-    store = EmbeddingStore(out_dir, "pool", embedder)
+    whitener = pool_whitener(out_dir, embedder, cfg.whitening)
+    store = EmbeddingStore(out_dir, "pool", embedder, whitener)
     meta = store.meta
     phash = pd.to_numeric(meta["phash"], errors="coerce")
     pixels = (pd.to_numeric(meta["width"], errors="coerce") * pd.to_numeric(meta["height"], errors="coerce")).fillna(0)
@@ -364,7 +368,8 @@ def run_dedup(out_dir: str | Path, cfg: DedupConfig | None = None, *, overwrite:
         "nn_id": pa.array(nn_id.tolist(), pa.string()),
         "nn_sim": pa.array(res.nn_sim.astype(np.float32), pa.float32()),
     })
-    stats = dict(res.stats, embedder=embedder, shard_problems=[vars(p) for p in store.problems])
+    stats = dict(res.stats, embedder=embedder, whitening=whitener.path.name if whitener else None,
+                 shard_problems=[vars(p) for p in store.problems])
     atomic_write_json(layout.stats_path(out), stats)
     atomic_write_parquet(out, table)  # written last: its presence marks the stage done
     log.info("dedup: kept %d of %d pool images", res.stats["kept"], store.n)

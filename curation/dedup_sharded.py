@@ -33,6 +33,7 @@ from curation.dedup import DedupConfig, KnnGraph, graph_of_batches, run_dedup, s
 from curation.index_plan import plan_index
 from curation.sharding import ShardingConfig, split_range, split_shards
 from curation.store import EmbeddingStore, ShardedVectors, resolve_embedder
+from curation.whiten import pool_whitener
 from dinov2.utils.config import ConfigError
 from dinov2.utils.io import atomic_save_npy, atomic_write_json, atomic_write_parquet
 
@@ -53,14 +54,23 @@ def make_plan(vectors: ShardedVectors, cfg: DedupConfig, sharding: ShardingConfi
         ranges = [(int(vectors.offsets[a]), int(vectors.offsets[b])) for a, b in blocks]
     else:
         ranges = split_range(vectors.n, cfg.index.search_batch, n_blocks)
-    return {"n": vectors.n, "dim": vectors.dim, "kind": plan.kind, "nlist": plan.nlist,
+    whitening = getattr(vectors.transform, "path", None)
+    return {"n": vectors.n, "dim": vectors.dim, "raw_dim": vectors.raw_dim, "kind": plan.kind, "nlist": plan.nlist,
+            "whitening": str(whitening) if whitening is not None else None,
             "paths": [str(p) for p in vectors.paths], "counts": [int(c) for c in vectors.counts],
             "blocks": [list(b) for b in blocks], "ranges": [list(r) for r in ranges]}
 
 
+def plan_whitener(plan: dict):
+    """The pool's whitening the plan was made with (None: raw cosines)."""
+    from curation.whiten import Whitener
+
+    return Whitener.load(plan["whitening"]) if plan.get("whitening") else None
+
+
 def _vectors(plan: dict, shards: tuple[int, int] | None = None) -> ShardedVectors:
     a, b = shards or (0, len(plan["paths"]))
-    return ShardedVectors(plan["paths"][a:b], plan["counts"][a:b], plan["dim"])
+    return ShardedVectors(plan["paths"][a:b], plan["counts"][a:b], plan["raw_dim"], plan_whitener(plan))
 
 
 def _index_plan(plan: dict, cfg: DedupConfig):
@@ -91,7 +101,7 @@ def search_core(out_dir: str | Path, plan: dict, cfg: DedupConfig, task: int) ->
     from curation.gemm_ivf import GemmIvfIndex
     from curation.ivf_pieces import DiskLists
 
-    lists = DiskLists(out_dir, len(plan["blocks"]))
+    lists = DiskLists(out_dir, len(plan["blocks"]), prepared=vectors.transform is not None)
     try:
         index = GemmIvfIndex(np.load(layout.dedup_centroids(out_dir)), lists, lists.bounds,
                              _index_plan(plan, cfg), cfg.index, None, None)
@@ -215,14 +225,19 @@ def run_dedup_sharded(out_dir: str | Path, cfg: DedupConfig, sharding: ShardingC
                       executor: jobs.ExecutorConfig, *, progress: bool = True, n_tasks: int = 0) -> list[dict]:
     """Run the four steps on ``executor``; returns every task's CPU time and peak RSS."""
     out_dir = str(out_dir)
-    store = EmbeddingStore(out_dir, "pool", resolve_embedder(out_dir, "pool", cfg.embedder))
+    logs = Path(out_dir) / "logs" / "dedup"
+    embedder = resolve_embedder(out_dir, "pool", cfg.embedder)
+    whitener, usage = None, []
+    if cfg.whitening.kind != "none":  # fitted (or loaded) in a job of its own: it reads a pool sample
+        usage = jobs.run_tasks(executor, logs / "whiten", "dedup-whiten", task_whiten, [(out_dir, embedder, cfg.whitening)],
+                       ["dedup whiten"], gather=True, progress=progress)
+        whitener = pool_whitener(out_dir, embedder, cfg.whitening)
+    store = EmbeddingStore(out_dir, "pool", embedder, whitener)
     plan = make_plan(store.vectors, cfg, sharding, n_tasks)
     del store
     prepare_work(out_dir, plan)
-    logs = Path(out_dir) / "logs" / "dedup"
     n_blocks, n_search = len(plan["blocks"]), len(plan["ranges"])
     threads = jobs.local_threads(executor, max(n_blocks, n_search))
-    usage: list[dict] = []
 
     def step(name: str, fn: Any, calls: list[tuple], gather: bool = False) -> None:
         usage.extend(jobs.run_tasks(executor, logs / name, f"dedup-{name}", fn, calls,
@@ -261,6 +276,13 @@ def use_sharded(out_dir: str | Path, cfg: DedupConfig, sharding: ShardingConfig)
     if sharding.mode != "auto":
         return sharding.mode == "sharded"
     return sharding.sharded(pool_rows(out_dir, resolve_embedder(out_dir, "pool", cfg.embedder)))
+
+
+def task_whiten(out_dir: str, embedder: str, cfg, threads: int = 0) -> dict:
+    """Fit (or find) the pool's whitening before the map tasks read the pool through it."""
+    setup_task(threads)
+    pool_whitener(out_dir, embedder, cfg)
+    return task_usage({"step": "whiten"})
 
 
 def task_gathered(out_dir: str, cfg: DedupConfig, threads: int = 0) -> dict:

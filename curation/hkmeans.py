@@ -79,37 +79,54 @@ class HKMeansResult:
         return out
 
 
-def _level(vectors: Vectors, k: int, cfg: HKMeansConfig, seed: int, mask: np.ndarray | None):
-    """One level: k-means + resampling rounds → (rows, labels, centroids)."""
-    centroids = kmeans(vectors, k, mask=mask, niter=cfg.niter, seed=seed,
-                       max_points_per_centroid=cfg.max_points_per_centroid)
-    rows, labels, sims = assign(vectors, centroids, mask)
+def first_centroids(vectors: Vectors, k: int, cfg: HKMeansConfig, seed: int, mask: np.ndarray | None) -> np.ndarray:
+    return kmeans(vectors, k, mask=mask, niter=cfg.niter, seed=seed, max_points_per_centroid=cfg.max_points_per_centroid)
+
+
+def resampled_centroids(vectors: Vectors, rows: np.ndarray, labels: np.ndarray, sims: np.ndarray,
+                        centroids: np.ndarray, cfg: HKMeansConfig, seed: int, r: int) -> np.ndarray | None:
+    """Resampling round ``r``: centroids re-fitted on the ``sample_size`` points closest to each
+    centroid (None: too few points, the rounds stop)."""
     k = len(centroids)
     sample_size = cfg.sample_size or max(1, len(rows) // (2 * k))
+    order = np.lexsort((rows, -sims, labels))
+    lab_sorted = labels[order]
+    starts = np.searchsorted(lab_sorted, lab_sorted, side="left")
+    rank = np.arange(len(order)) - starts
+    x = vectors.gather(np.sort(rows[order[rank < sample_size]]))
+    if len(x) <= k:
+        return None
+    return kmeans_array(x, k, niter=cfg.niter, seed=seed + 1 + r, max_points_per_centroid=cfg.max_points_per_centroid,
+                        init_centroids=centroids)
+
+
+def _level(vectors: Vectors, k: int, cfg: HKMeansConfig, seed: int, mask: np.ndarray | None):
+    """One level: k-means + resampling rounds → (rows, labels, centroids)."""
+    centroids = first_centroids(vectors, k, cfg, seed, mask)
+    rows, labels, sims = assign(vectors, centroids, mask)
     for r in range(cfg.resampling_rounds):
-        # the sample_size points closest to each centroid
-        order = np.lexsort((rows, -sims, labels))
-        lab_sorted = labels[order]
-        starts = np.searchsorted(lab_sorted, lab_sorted, side="left")
-        rank = np.arange(len(order)) - starts
-        chosen = np.sort(rows[order[rank < sample_size]])
-        x = vectors.gather(chosen)
-        if len(x) <= k:
+        new = resampled_centroids(vectors, rows, labels, sims, centroids, cfg, seed, r)
+        if new is None:
             break
-        centroids = kmeans_array(x, k, niter=cfg.niter, seed=seed + 1 + r,
-                                 max_points_per_centroid=cfg.max_points_per_centroid, init_centroids=centroids)
+        centroids = new
         rows, labels, sims = assign(vectors, centroids, mask)
     return rows, labels, centroids
 
 
-def hierarchical_kmeans(vectors: Vectors | np.ndarray, cfg: HKMeansConfig,
-                        mask: np.ndarray | None = None) -> HKMeansResult:
+def level_sizes(cfg: HKMeansConfig, n: int) -> list[int]:
+    return list(cfg.levels) or auto_levels(n)
+
+
+def hierarchical_kmeans(vectors: Vectors | np.ndarray, cfg: HKMeansConfig, mask: np.ndarray | None = None,
+                        level0: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> HKMeansResult:
+    """``level0``: (rows, labels, centroids) of the finest level when already computed (the sharded
+    retrieval assigns the pool as job arrays); the coarser levels cluster centroids only."""
     vectors = as_vectors(vectors)
     n = vectors.n if mask is None else int(np.count_nonzero(mask))
     if n == 0:
         raise ValueError("hierarchical k-means on an empty set")
-    levels = list(cfg.levels) or auto_levels(n)
-    rows, lab, cen = _level(vectors, min(levels[0], n), cfg, cfg.seed, mask)
+    levels = level_sizes(cfg, n)
+    rows, lab, cen = level0 or _level(vectors, min(levels[0], n), cfg, cfg.seed, mask)
     labels, centroids = [lab], [cen]
     for t, k in enumerate(levels[1:], start=1):
         prev = ArrayVectors(centroids[-1])

@@ -34,10 +34,15 @@ def assign_block(vectors: ShardedVectors, row0: int, centroids: np.ndarray, npro
     for rows, block in vectors.iter_blocks(batch):
         probes[rows] = coarse.search(block, nprobe)[1]
     order = np.argsort(probes[:, 0], kind="stable")
-    raw = np.empty((n, vectors.dim), np.float16)
-    for i, path in enumerate(vectors.paths):
-        lo, hi = int(vectors.offsets[i]), int(vectors.offsets[i + 1])
-        raw[lo:hi] = np.load(path, mmap_mode="r", allow_pickle=False)[: hi - lo]
+    if vectors.transform is not None:  # whitened: the prepared float32 rows the gathered index holds
+        raw = np.empty((n, vectors.dim), np.float32)
+        for rows, block in vectors.iter_blocks(batch):
+            raw[rows] = block
+    else:  # the stored float16 rows (half the bytes), normalised when read
+        raw = np.empty((n, vectors.dim), np.float16)
+        for i, path in enumerate(vectors.paths):
+            lo, hi = int(vectors.offsets[i]), int(vectors.offsets[i + 1])
+            raw[lo:hi] = np.load(path, mmap_mode="r", allow_pickle=False)[: hi - lo]
     counts = np.bincount(probes[:, 0], minlength=len(centroids)).astype(np.int64)
     return raw[order], order.astype(np.int64) + row0, probes[order], counts
 
@@ -83,9 +88,11 @@ class NpyRows:
 class DiskLists:
     """A :class:`~curation.gemm_ivf.ListStore` over every assign task's piece."""
 
-    def __init__(self, out_dir: str | Path, n_blocks: int):
+    def __init__(self, out_dir: str | Path, n_blocks: int, prepared: bool = False):
+        """``prepared``: the pieces hold the stage's float32 vectors already (whitened pools)."""
         import torch
 
+        self.prepared = prepared
         self._torch = torch
         counts = np.stack([np.load(layout.dedup_piece(out_dir, b, "counts")) for b in range(n_blocks)])
         self.nlist = counts.shape[1]
@@ -126,7 +133,10 @@ class DiskLists:
             self._parts.append(rows)
             self._size += len(rows)
             self._cache = None
-        return self._torch.from_numpy(normalize_rows(vec))
+        return self._torch.from_numpy(self._prepare(vec))
+
+    def _prepare(self, vec: np.ndarray) -> np.ndarray:
+        return np.array(vec, np.float32) if self.prepared else normalize_rows(vec)
 
     def rows_at(self, sorted_pos: np.ndarray) -> np.ndarray:
         if self._cache is None:
@@ -139,7 +149,7 @@ class DiskLists:
 
     def queries(self, start: int, stop: int):
         vec, rows, probes = self._read(start, stop, ("vec", "rows", "probes"))
-        return self._torch.from_numpy(normalize_rows(vec)), probes, rows
+        return self._torch.from_numpy(self._prepare(vec)), probes, rows
 
     @property
     def bytes_read(self) -> int:

@@ -9,6 +9,7 @@ here instead of joining folder names themselves::
     OUT/dedup/work/plan.json, centroids.npy, pieces/b*.npy, edges/t*  (sharded dedup's map outputs)
     OUT/decontaminate/decisions.parquet, stats.json
     OUT/decontaminate/work/plan.json, matches/b*.parquet         (sharded decontamination's map outputs)
+    OUT/whiten/<embedder>-<tag>.npz           (copy-detection whitening fitted on the pool; tag = its settings)
     OUT/retrieve/selection.parquet, clusters.json
     OUT/write/plan.parquet, write/shards/<shard>.json      (bookkeeping of the write stage)
     OUT/final/<prefix>-000000.tar …, manifest.parquet, summary.json, audit.txt
@@ -117,8 +118,23 @@ def decontaminate_matches(out: str | Path, block: int) -> Path:
     return decontaminate_work(out) / "matches" / f"b{block:06d}.parquet"
 
 
+def whitening(out: str | Path, embedder: str, tag: str) -> Path:
+    """The whitening fitted on the pool's ``embedder`` vectors with the settings hashed into ``tag``."""
+    return Path(out) / "whiten" / f"{embedder}-{tag}.npz"
+
+
 def retrieve_selection(out: str | Path) -> Path:
     return Path(out) / "retrieve" / "selection.parquet"
+
+
+def retrieve_work(out: str | Path) -> Path:
+    """Intermediate files of the sharded retrieval (map outputs; the reduce writes the selection)."""
+    return Path(out) / "retrieve" / "work"
+
+
+def retrieve_part(out: str | Path, step: str, block: int) -> Path:
+    """One map task's output: ``step`` is hits (sample-based top-k) | labels (k-means assignment)."""
+    return retrieve_work(out) / step / f"b{block:06d}.parquet"
 
 
 def calibration(out: str | Path, stage: str) -> Path:

@@ -283,18 +283,17 @@ def _embed_calls(cfg: CurationConfig) -> tuple[list[tuple], list[str]]:
     return calls, descs
 
 
-def _dedup_sharded(cfg: CurationConfig) -> bool:
+def _sharded(cfg: CurationConfig, stage_cfg: Any) -> bool:
     from .dedup_sharded import use_sharded
 
-    return use_sharded(cfg.output_dir, cfg.dedup, cfg.sharding)
+    return use_sharded(cfg.output_dir, stage_cfg, cfg.sharding)
 
 
 def _decontaminate_sharded(cfg: CurationConfig) -> bool:
-    from .dedup_sharded import use_sharded
     from .layout import EVAL_PREFIX, sources
 
     # without eval sets there is nothing to stream against: the gathered job writes the clean decisions
-    return bool(sources(cfg.output_dir, EVAL_PREFIX)) and use_sharded(cfg.output_dir, cfg.decontaminate, cfg.sharding)
+    return bool(sources(cfg.output_dir, EVAL_PREFIX)) and _sharded(cfg, cfg.decontaminate)
 
 
 def run_stage(cfg: CurationConfig, stage: str, progress: bool = True) -> Any:
@@ -319,7 +318,7 @@ def run_stage(cfg: CurationConfig, stage: str, progress: bool = True) -> Any:
     if stage == "embed":
         calls, descs = _embed_calls(cfg)
         result = jobs.run_tasks(ex, logs, "embed", task_embed, calls, descs, progress=progress)
-    elif stage == "dedup" and _dedup_sharded(cfg):
+    elif stage == "dedup" and _sharded(cfg, cfg.dedup):
         from .dedup_sharded import run_dedup_sharded
 
         print(f"[curate] dedup: sharded map → reduce (sharding.mode={cfg.sharding.mode})", flush=True)
@@ -331,6 +330,11 @@ def run_stage(cfg: CurationConfig, stage: str, progress: bool = True) -> Any:
         print(f"[curate] decontaminate: sharded match array (sharding.mode={cfg.sharding.mode})", flush=True)
         decon_cfg = _resolved_in_job(cfg, "decontaminate", progress)
         result = run_decontaminate_sharded(cfg.output_dir, decon_cfg, cfg.sharding, ex, progress=progress)
+    elif stage == "retrieve" and _sharded(cfg, cfg.retrieve):
+        from .retrieve_sharded import run_retrieve_sharded
+
+        print(f"[curate] retrieve: sharded search / assign arrays (sharding.mode={cfg.sharding.mode})", flush=True)
+        result = run_retrieve_sharded(cfg.output_dir, cfg.retrieve_config(), cfg.sharding, ex, progress=progress)
     elif stage in ("dedup", "decontaminate", "retrieve"):
         fn: Callable[..., Any] = {"dedup": task_dedup, "decontaminate": task_decontaminate,
                                   "retrieve": task_retrieve}[stage]

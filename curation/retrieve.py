@@ -3,7 +3,10 @@
 Candidates = pool images kept by dedup and not contaminated.  Per curated query
 set (``query-<name>`` sources):
 - sample-based (a): the k nearest candidates of every query image (DINOv2: k=4,
-  32 for ImageNet-1k); used by ``auto`` for sets with ≥ ``sample_min_queries`` images;
+  32 for ImageNet-1k); used by ``auto`` for sets with ≥ ``sample_min_queries`` images.
+  The search is exact (curation/topk.py: per-shard GEMM chunks, ties → smaller pool row), which
+  makes the sharded job (curation/retrieve_sharded.py) byte-identical; ``index.kind`` ivf / ivfpq /
+  ivf_gemm gives the approximate FAISS / GEMM-IVF search instead (one gathered job only);
 - cluster-based (b): FAISS k-means on the candidates (``n_clusters``); from every
   cluster holding MORE than ``min_queries_per_cluster`` query images, ``per_cluster``
   random candidates (all when fewer), at most ``max_per_set`` per set.
@@ -33,11 +36,12 @@ import pyarrow.parquet as pq
 
 from curation import layout
 from curation.choices import RetrieveMethod, coerce
-from curation.hkmeans import HKMeansConfig, balanced_sample, hierarchical_kmeans, size_ratio
+from curation.hkmeans import HKMeansConfig, HKMeansResult, balanced_sample, hierarchical_kmeans, size_ratio
 from curation.index import IndexConfig, build_index
 from curation.kmeans import assign, kmeans
 from curation.retrieval_plan import auto_method, auto_n_clusters, selection_warnings
 from curation.store import EmbeddingStore, Vectors, as_vectors, list_sources, resolve_embedder
+from curation.topk import block_topk, keep_topk
 from dinov2.utils.io import atomic_write_json, atomic_write_parquet
 
 log = logging.getLogger(__name__)
@@ -123,6 +127,49 @@ def _join(sets: list[set[str]]) -> np.ndarray:
     return np.array([",".join(sorted(s)) if s else None for s in sets], dtype=object)
 
 
+@dataclass
+class Evidence:
+    """What the heavy steps found, in one job (:func:`retrieve_core`) or collected from array tasks
+    (curation/retrieve_sharded.py); :func:`select` turns it into the selection."""
+
+    hits: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)  # sample sets:
+    # (query row, cosine, global pool row) of every query's k best candidates (curation/topk.py)
+    centroids: np.ndarray | None = None  # cluster-based k-means
+    km_labels: np.ndarray | None = None  # k-means cluster of each candidate (aligned with the candidate rows)
+    k_why: str = ""
+    hk: HKMeansResult | None = None
+
+
+def set_plans(query_sets: list[QuerySet], cfg: RetrieveConfig, n: int) -> tuple[dict, list[tuple]]:
+    """(explanations by set name, [(set, method, k, cap)] of the sets that retrieve anything)."""
+    explained = {qs.name: cfg.explain_set(qs.name, as_vectors(qs.vectors).n, n) for qs in query_sets}
+    plans = [(qs, *explained[qs.name][:3]) for qs in query_sets]
+    return explained, [p for p in plans if p[1] != "none"]
+
+
+def cluster_count(cfg: RetrieveConfig, n: int) -> tuple[int, str]:
+    return (min(cfg.n_clusters, n), "set in the config") if cfg.n_clusters else auto_n_clusters(n)
+
+
+def exact_search(cfg: RetrieveConfig) -> bool:
+    """Sample-based search is exact (curation/topk.py) unless ``retrieve.index.kind`` asks for an
+    approximate index (one job only: its results depend on how the pool is split)."""
+    return cfg.index.kind in ("auto", "flat")
+
+
+def sample_hits(pool: Vectors, mask: np.ndarray, queries: Vectors | np.ndarray, k: int,
+                index=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(query row, cosine, pool row) of every query's k best candidates: exact, or from ``index``."""
+    qv = as_vectors(queries)
+    if index is None:
+        return block_topk(pool, qv.load_all(), k, mask)
+    parts = []
+    for qrows, sims, nbrs in index.search_vectors(qv, k, desc="retrieve"):
+        qi, j = np.nonzero(nbrs >= 0)
+        parts.append((qrows[qi], sims[qi, j], nbrs[qi, j]))
+    return keep_topk(*(np.concatenate(p) for p in zip(*parts)), k)
+
+
 def retrieve_core(pool: Vectors | np.ndarray, candidates: np.ndarray | None, query_sets: list[QuerySet],
                   cfg: RetrieveConfig) -> RetrieveResult:
     """Select candidates (boolean mask over pool rows; None = all) for the query sets."""
@@ -130,7 +177,31 @@ def retrieve_core(pool: Vectors | np.ndarray, candidates: np.ndarray | None, que
     mask = np.ones(pool.n, bool) if candidates is None else np.asarray(candidates, bool)
     rows = np.flatnonzero(mask).astype(np.int64)
     n = len(rows)
-    pos = np.full(pool.n, -1, np.int64)
+    _, plans = set_plans(query_sets, cfg, n)
+    ev = Evidence()
+    if n:
+        index = None
+        if not exact_search(cfg) and any(m == "sample" for _, m, _, _ in plans):
+            index = build_index(pool, cfg.index, mask)
+        for qs, method, k, _ in plans:
+            if method == "sample" and as_vectors(qs.vectors).n:
+                ev.hits[qs.name] = sample_hits(pool, mask, qs.vectors, k, index)
+        if any(m == "cluster" for _, m, _, _ in plans):
+            k, ev.k_why = cluster_count(cfg, n)
+            ev.centroids = kmeans(pool, k, mask=mask, niter=cfg.kmeans_niter, seed=cfg.seed)
+            arows, ev.km_labels, _ = assign(pool, ev.centroids, mask)
+            assert np.array_equal(arows, rows)
+        if cfg.hkmeans.enabled:
+            ev.hk = hierarchical_kmeans(pool, cfg.hkmeans, mask)
+            assert np.array_equal(ev.hk.rows, rows)
+    return select(pool.n, rows, query_sets, ev, cfg)
+
+
+def select(n_pool: int, rows: np.ndarray, query_sets: list[QuerySet], ev: Evidence,
+           cfg: RetrieveConfig) -> RetrieveResult:
+    """The per-set picks, caps and hierarchical balancing over the candidate ``rows`` (sorted)."""
+    n = len(rows)
+    pos = np.full(n_pool, -1, np.int64)
     pos[rows] = np.arange(n)
     hit_sets: list[set[str]] = [set() for _ in range(n)]
     hit_methods: list[set[str]] = [set() for _ in range(n)]
@@ -139,26 +210,17 @@ def retrieve_core(pool: Vectors | np.ndarray, candidates: np.ndarray | None, que
     cluster = np.full(n, -1, np.int64)
     hk_path = np.full(n, None, dtype=object)
     info: dict = {"candidates": n, "per_set": {}}
-    explained = {qs.name: cfg.explain_set(qs.name, as_vectors(qs.vectors).n, n) for qs in query_sets}
-    plans = [(qs, *explained[qs.name][:3]) for qs in query_sets]
-    plans = [p for p in plans if p[1] != "none"]
+    explained, plans = set_plans(query_sets, cfg, n)
 
     def mark(sel_pos: np.ndarray, name: str, method: str) -> None:
         for p in sel_pos.tolist():
             hit_sets[p].add(name)
             hit_methods[p].add(method)
 
-    index = None
-    if n and any(m == "sample" for _, m, _, _ in plans):
-        index = build_index(pool, cfg.index, mask)
-    km_labels = None
-    if n and any(m == "cluster" for _, m, _, _ in plans):
-        k, k_why = (min(cfg.n_clusters, n), "set in the config") if cfg.n_clusters else auto_n_clusters(n)
-        centroids = kmeans(pool, k, mask=mask, niter=cfg.kmeans_niter, seed=cfg.seed)
-        arows, km_labels, _ = assign(pool, centroids, mask)
-        assert np.array_equal(arows, rows)
+    km_labels, centroids = ev.km_labels, ev.centroids
+    if km_labels is not None:
         cluster = km_labels.copy()
-        info["kmeans"] = {"n_clusters": len(centroids), "why": k_why,
+        info["kmeans"] = {"n_clusters": len(centroids), "why": ev.k_why,
                           "sizes_before": np.bincount(km_labels, minlength=len(centroids)).tolist()}
     for qs, method, k, cap in plans:
         qv = as_vectors(qs.vectors)
@@ -168,21 +230,16 @@ def retrieve_core(pool: Vectors | np.ndarray, candidates: np.ndarray | None, que
         chosen = np.zeros(0, np.int64)
         set_info: dict = {"method": method, "n_queries": qv.n, "why": explained[qs.name][3]}
         if method == "sample":
-            got = []
-            for qrows, sims, nbrs in index.search_vectors(qv, k, desc=f"retrieve {qs.name}"):
-                valid = nbrs >= 0
-                p = pos[nbrs[valid]]
-                s = sims[valid]
-                qid = np.repeat(np.asarray(qs.ids, dtype=object)[qrows], valid.sum(1))
-                # best hit per candidate: highest similarity, ties → smallest query id
-                hits = pd.DataFrame({"p": p, "s": s, "q": qid}).sort_values(
-                    ["p", "s", "q"], ascending=[True, False, True], kind="stable").drop_duplicates("p")
-                hp, hs, hq = hits["p"].to_numpy(), hits["s"].to_numpy(np.float32), hits["q"].to_numpy(object)
-                better = hs > best_sim[hp]
-                best_sim[hp[better]] = hs[better]
-                best_qid[hp[better]] = hq[better]
-                got.append(np.unique(p))
-            chosen = np.unique(np.concatenate(got)) if got else chosen
+            qrow, s, r = ev.hits[qs.name]
+            p = pos[r]
+            # best hit per candidate: highest similarity, ties → smallest query id (earlier sets win ties)
+            hits = pd.DataFrame({"p": p, "s": s, "q": np.asarray(qs.ids, dtype=object)[qrow]}).sort_values(
+                ["p", "s", "q"], ascending=[True, False, True], kind="stable").drop_duplicates("p")
+            hp, hs, hq = hits["p"].to_numpy(), hits["s"].to_numpy(np.float32), hits["q"].to_numpy(object)
+            better = hs > best_sim[hp]
+            best_sim[hp[better]] = hs[better]
+            best_qid[hp[better]] = hq[better]
+            chosen = np.unique(p)
         else:  # cluster-based
             _, qlab, _ = assign(qv, centroids)
             qcount = np.bincount(qlab, minlength=len(centroids))
@@ -206,8 +263,7 @@ def retrieve_core(pool: Vectors | np.ndarray, candidates: np.ndarray | None, que
         info["per_set"][qs.name] = set_info
     selected = np.array([bool(s) for s in hit_sets], dtype=bool) if n else np.zeros(0, bool)
     if cfg.hkmeans.enabled and n:
-        hk = hierarchical_kmeans(pool, cfg.hkmeans, mask)
-        assert np.array_equal(hk.rows, rows)
+        hk = ev.hk
         target = cfg.hkmeans.target_size or round(cfg.hkmeans.target_fraction * n)
         pick = balanced_sample(hk, min(target, n), seed=cfg.hkmeans.seed)
         for p in np.flatnonzero(pick).tolist():
@@ -273,13 +329,22 @@ def run_retrieve(out_dir: str | Path, cfg: RetrieveConfig | None = None, *, over
         return out
     embedder = resolve_embedder(out_dir, layout.POOL, cfg.embedder)
     pool = EmbeddingStore(out_dir, layout.POOL, embedder)
-    mask = candidate_mask(out_dir, pool.ids)
+    res = retrieve_core(pool.vectors, candidate_mask(out_dir, pool.ids), load_query_sets(out_dir, embedder), cfg)
+    return write_selection(out_dir, pool.ids, res, embedder)
+
+
+def load_query_sets(out_dir: str | Path, embedder: str) -> list[QuerySet]:
     query_sets = []
     for source in list_sources(out_dir, layout.QUERY_PREFIX):
         qstore = EmbeddingStore(out_dir, source, embedder)
         query_sets.append(QuerySet(source.removeprefix(layout.QUERY_PREFIX), qstore.vectors, qstore.ids))
-    res = retrieve_core(pool.vectors, mask, query_sets, cfg)
-    ids = pool.ids[res.rows]
+    return query_sets
+
+
+def write_selection(out_dir: str | Path, pool_ids: np.ndarray, res: RetrieveResult, embedder: str) -> Path:
+    """``selection.parquet`` + ``clusters.json`` (the gathered and the sharded job both write here)."""
+    out = selection_path(out_dir)
+    ids = pool_ids[res.rows]
     table = pa.table({
         "id": pa.array(ids.tolist(), pa.string()),
         "selected": pa.array(res.selected, pa.bool_()),

@@ -13,7 +13,7 @@ failing the whole stage.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -90,8 +90,13 @@ def as_vectors(v: Vectors | np.ndarray) -> Vectors:
 class ShardedVectors:
     """Concatenation of memory-mapped ``.npy`` shards, addressed by global row."""
 
-    def __init__(self, paths: Sequence[str | Path], counts: Sequence[int] | None = None, dim: int | None = None):
+    def __init__(self, paths: Sequence[str | Path], counts: Sequence[int] | None = None, dim: int | None = None,
+                 transform: Callable[[np.ndarray], np.ndarray] | None = None):
+        """``dim``: of the stored rows; ``transform``: raw rows → the float32 unit rows handed out
+        (default :func:`normalize_rows`; the copy-detection stages pass the pool's whitening,
+        curation/whiten.py), row by row, so ``dim`` is then the transform's output dimension."""
         self.paths = [Path(p) for p in paths]
+        self.transform = transform
         self._mmaps: list[np.ndarray | None] = [None] * len(self.paths)
         if counts is None:
             counts = []
@@ -105,7 +110,12 @@ class ShardedVectors:
             if len(dims) > 1:
                 raise StoreError(f"embedding shards have different dimensions {sorted(dims)}")
             dim = dims.pop() if dims else 0
-        self.dim = int(dim)
+        self.raw_dim = int(dim)
+        self.dim = int(getattr(transform, "dim", dim)) if transform is not None else self.raw_dim
+
+    def prepare(self, raw: np.ndarray) -> np.ndarray:
+        """Stored rows → the float32 unit rows the stages compare."""
+        return normalize_rows(raw) if self.transform is None else self.transform(raw)
 
     def _mmap(self, i: int) -> np.ndarray:
         m = self._mmaps[i]
@@ -128,14 +138,14 @@ class ShardedVectors:
                 sel = local[s : s + block_rows]
                 contiguous = sel[-1] - sel[0] + 1 == len(sel)
                 block = m[sel[0] : sel[-1] + 1] if contiguous else m[sel]
-                yield sel + lo, normalize_rows(block)
+                yield sel + lo, self.prepare(block)
 
     def gather(self, rows: np.ndarray) -> np.ndarray:
         """Vectors at arbitrary global rows (any order), float32 normalised."""
         rows = np.asarray(rows, dtype=np.int64)
-        out = np.empty((len(rows), self.dim), dtype=np.float32)
+        out = np.empty((len(rows), self.raw_dim), dtype=np.float32)
         if len(rows) == 0:
-            return out
+            return np.empty((0, self.dim), dtype=np.float32)
         if rows.min() < 0 or rows.max() >= self.n:
             raise IndexError("row out of range")
         shard = np.searchsorted(self.offsets, rows, side="right") - 1
@@ -145,7 +155,7 @@ class ShardedVectors:
             local = rows[pos] - self.offsets[i]
             sort_local = np.argsort(local, kind="stable")  # sorted access is kinder to memmaps
             out[pos[sort_local]] = self._mmap(int(i))[local[sort_local]]
-        return normalize_rows(out)
+        return self.prepare(out)
 
     def load_all(self, mask: np.ndarray | None = None) -> np.ndarray:
         parts = [b for _, b in self.iter_blocks(mask=mask)]
@@ -169,7 +179,9 @@ class EmbeddingStore:
     the id column as a numpy object array; ``vectors`` a ShardedVectors.
     """
 
-    def __init__(self, out_dir: str | Path, sources: str | Sequence[str], embedder: str):
+    def __init__(self, out_dir: str | Path, sources: str | Sequence[str], embedder: str,
+                 transform: Callable[[np.ndarray], np.ndarray] | None = None):
+        """``transform``: see :class:`ShardedVectors` (the pool's whitening for copy detection)."""
         self.out_dir = Path(out_dir)
         self.sources = [sources] if isinstance(sources, str) else list(sources)
         self.embedder = embedder
@@ -199,7 +211,7 @@ class EmbeddingStore:
             pd.concat(metas, ignore_index=True) if metas else pd.DataFrame({c: [] for c in META_COLUMNS})
         )
         self.ids = self.meta["id"].to_numpy(dtype=object)
-        self.vectors = ShardedVectors(npy_paths, counts, dims.pop() if dims else 0)
+        self.vectors = ShardedVectors(npy_paths, counts, dims.pop() if dims else 0, transform)
         assert self.vectors.n == len(self.meta)
         self.n = self.vectors.n
         self.dim = self.vectors.dim

@@ -105,3 +105,25 @@ def write_all(out_dir, cfg, seed: int = 0, **plan_kw) -> dict:
     plan_write(out_dir, cfg, seed=seed, **plan_kw)
     write_shards(out_dir, cfg, progress=False)
     return finalize_write(out_dir, cfg)
+
+
+def clustered_pool(out, n_shards: int = 6, rows: int = 300, dim: int = 32, seed: int = 0, emb: str = "e") -> None:
+    """Clustered vectors with planted near-duplicates, exact copies (sha256) and close phashes."""
+    import numpy as np
+    import pandas as pd
+
+    from curation import layout
+
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((12, dim)).astype(np.float32)
+    for s in range(n_shards):
+        x = centres[rng.integers(0, 12, rows)] + 0.8 * rng.standard_normal((rows, dim)).astype(np.float32)
+        src = rng.choice(rows // 2, rows // 10, replace=False)
+        x[rows // 2 : rows // 2 + len(src)] = x[src] + 0.03 * rng.standard_normal((len(src), dim)).astype(np.float32)
+        x[-3:] = x[0]  # identical rows: every one of their k neighbours clears the threshold (re-query)
+        sha = [f"{s}-{i}" for i in range(rows)]
+        sha[7] = sha[8] = f"copy-{s % 2}"  # exact copies, also across shards
+        recs = pd.DataFrame({"key": [f"k{i:04d}" for i in range(rows)], "sha256": sha,
+                             "phash": rng.integers(-2**62, 2**62, rows), "width": rng.integers(50, 90, rows),
+                             "height": 64})
+        write_embed_shard(out, "pool", layout.shard_id(s), recs, {emb: x})

@@ -174,8 +174,9 @@ def test_kill_and_rerun_equals_uninterrupted(world, reference):
 
 
 def test_sharded_dedup_run_equals_gathered(world, reference):
-    """`curate run sharding.mode=sharded` on the local executor: dedup as job arrays (one search task
-    per block of embed shards), decisions, manifest and shards byte-identical to the gathered run."""
+    """`curate run sharding.mode=sharded` on the local executor: dedup, decontamination and retrieval as
+    job arrays (one task per block of embed shards); decisions, selection, manifest and shards
+    byte-identical to the gathered run."""
     out = world["root"] / "sharded"
     proc = curate("run", *run_cfg(world, out, "executor.cluster=local", "sharding.mode=sharded",
                                   "sharding.block_items=10", "--no-progress"))
@@ -184,6 +185,10 @@ def test_sharded_dedup_run_equals_gathered(world, reference):
     assert len(searched) >= 4, f"expected >= 4 search tasks, found {len(searched)}"
     ref = reference["out"]
     assert (out / "dedup" / "decisions.parquet").read_bytes() == (ref / "dedup" / "decisions.parquet").read_bytes()
+    assert "retrieve: sharded search / assign arrays" in proc.stdout
+    assert len(list((out / "logs" / "retrieve" / "search").glob("*_result.pkl"))) >= 4
+    for name in ("selection.parquet", "clusters.json"):
+        assert (out / "retrieve" / name).read_bytes() == (ref / "retrieve" / name).read_bytes(), name
     assert (out / "final" / "manifest.parquet").read_bytes() == (ref / "final" / "manifest.parquet").read_bytes()
     assert _final(out) == _final(reference["out"])
 

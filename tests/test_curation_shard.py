@@ -1,6 +1,7 @@
 """The sharded dedup (curation/dedup_sharded.py) against the gathered one: byte-identical decisions."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ import pandas as pd
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+from conftest import clustered_pool as _pool
 from conftest import write_embed_shard
 
 from curation import layout
@@ -24,26 +26,12 @@ from curation.dedup_sharded import run_dedup_sharded
 from curation.index import IndexConfig
 from curation.jobs import ExecutorConfig
 from curation.sharding import ShardingConfig, split_range, split_shards
+from curation.whiten import WhiteningConfig
 
-EMB = "e"
+EMB = "e"  # the embedder name clustered_pool writes
 
 
-def _pool(out: Path, n_shards: int = 6, rows: int = 300, dim: int = 32, seed: int = 0) -> None:
-    """Clustered vectors with planted near-duplicates, exact copies (sha256) and close phashes."""
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((12, dim)).astype(np.float32)
-    for s in range(n_shards):
-        x = centres[rng.integers(0, 12, rows)] + 0.8 * rng.standard_normal((rows, dim)).astype(np.float32)
-        src = rng.choice(rows // 2, rows // 10, replace=False)
-        x[rows // 2 : rows // 2 + len(src)] = x[src] + 0.03 * rng.standard_normal((len(src), dim)).astype(np.float32)
-        x[-3:] = x[0]  # identical rows: every one of their k neighbours clears the threshold (re-query)
-        sha = [f"{s}-{i}" for i in range(rows)]
-        sha[7] = sha[8] = f"copy-{s % 2}"  # exact copies, also across shards
-        recs = pd.DataFrame({"key": [f"k{i:04d}" for i in range(rows)], "sha256": sha,
-                             "phash": rng.integers(-2**62, 2**62, rows), "width": rng.integers(50, 90, rows),
-                             "height": 64})
-        write_embed_shard(out, "pool", layout.shard_id(s), recs, {EMB: x})
-
+WHITEN = WhiteningConfig(kind="pca", dim=24, shrinkage=0.25, n_sample=1000)
 
 CONFIGS = {
     "ivf_gemm": DedupConfig(embedder=EMB, k=4, max_k=32, threshold=0.9,
@@ -53,9 +41,10 @@ CONFIGS = {
 }
 
 
+@pytest.mark.parametrize("whiten", [False, True], ids=["raw", "whitened"])
 @pytest.mark.parametrize("kind", sorted(CONFIGS))
-def test_sharded_dedup_decisions_are_byte_identical(tmp_path, kind):
-    cfg = CONFIGS[kind]
+def test_sharded_dedup_decisions_are_byte_identical(tmp_path, kind, whiten):
+    cfg = dataclasses.replace(CONFIGS[kind], whitening=WHITEN) if whiten else CONFIGS[kind]
     gathered, sharded = tmp_path / "g", tmp_path / "s"
     _pool(gathered)
     shutil.copytree(gathered, sharded)
@@ -64,6 +53,7 @@ def test_sharded_dedup_decisions_are_byte_identical(tmp_path, kind):
                               progress=False, n_tasks=4)
     steps = [u["step"] for u in usage]
     assert steps.count("search") == 4 and steps.count("assign") == (4 if kind == "ivf_gemm" else 0)
+    assert steps.count("whiten") == int(whiten)
     a = layout.dedup_decisions(gathered).read_bytes()
     b = layout.dedup_decisions(sharded).read_bytes()
     d = pd.read_parquet(layout.dedup_decisions(gathered))
@@ -73,6 +63,7 @@ def test_sharded_dedup_decisions_are_byte_identical(tmp_path, kind):
     sg, ss = (json.loads(layout.stats_path(layout.dedup_decisions(o)).read_text()) for o in (gathered, sharded))
     assert {k: v for k, v in sg.items() if not k.endswith("_s")} == {k: v for k, v in ss.items() if not k.endswith("_s")}
     assert sg["index_kind"] == kind and sg["requeried"] > 0 and sg["near_edges"] > 0
+    assert (sg["whitening"] is not None) == whiten
     assert not layout.dedup_work(sharded).exists(), "the list-ordered copy of the pool is removed"
 
 
@@ -129,7 +120,8 @@ def test_sharding_config_is_validated():
     assert ShardingConfig(mode="gathered", min_items=1).sharded(10**9) is False
 
 
-def test_sharded_decontamination_decisions_are_byte_identical(tmp_path):
+@pytest.mark.parametrize("whiten", [False, True], ids=["raw", "whitened"])
+def test_sharded_decontamination_decisions_are_byte_identical(tmp_path, whiten):
     from curation.decontaminate import DecontamConfig, run_decontaminate
     from curation.decontaminate_sharded import run_decontaminate_sharded
 
@@ -143,7 +135,8 @@ def test_sharded_decontamination_decisions_are_byte_identical(tmp_path):
                       {EMB: ev})
     run_dedup(gathered, CONFIGS["flat"])
     shutil.copytree(gathered, sharded)
-    cfg = DecontamConfig(embedder=EMB, threshold=0.9, index=IndexConfig(search_batch=64))
+    cfg = DecontamConfig(embedder=EMB, threshold=0.9, index=IndexConfig(search_batch=64),
+                         whitening=WHITEN if whiten else WhiteningConfig())
     run_decontaminate(gathered, cfg)
     usage = run_decontaminate_sharded(sharded, cfg, ShardingConfig(mode=Sharding.sharded),
                                       ExecutorConfig(cluster="debug"), progress=False, n_tasks=4)

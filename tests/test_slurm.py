@@ -651,7 +651,9 @@ def test_curate_run_on_slurm_matches_local_executor(cluster, curation_world):
 def test_sharded_dedup_on_slurm_is_an_array_matching_gathered(cluster, curation_world):
     """`sharding.mode=sharded` on SLURM: dedup's assign and search steps run as real job arrays of
     >= 4 tasks, and every stage's outputs are byte-identical to a gathered run on the local executor
-    (ivf_gemm with tiny lists, so the map tasks really split the IVF lists and query batches)."""
+    (ivf_gemm with tiny lists, so the map tasks really split the IVF lists and query batches).
+    Retrieval takes the sharded path too, but this embedder leaves no candidates after dedup, so
+    only its reduce runs (the retrieval arrays are covered on the local executor)."""
     root, args = curation_world["root"], curation_world["args"]
     ivf = ["dedup.index.kind=ivf_gemm", "dedup.index.gemm_list_size=8", "dedup.index.search_batch=8",
            "dedup.index.gemm_train_per_centroid=4"]
@@ -664,6 +666,7 @@ def test_sharded_dedup_on_slurm_is_an_array_matching_gathered(cluster, curation_
     out, err = local.communicate(timeout=600)
     assert local.returncode == 0, f"local curate run failed:\n{out[-3000:]}\n{err[-5000:]}"
     assert "dedup: sharded map → reduce" in on_slurm.stdout
+    assert "retrieve: sharded search / assign arrays" in on_slurm.stdout
     ref, got = _stage_outputs(root / "gathered-ivf"), _stage_outputs(root / "sharded-ivf")
     assert sorted(got) == sorted(ref)
     differ = sorted(name for name in ref if got[name] != ref[name])
