@@ -1,12 +1,8 @@
 """The sharded retrieval (curation/retrieve_sharded.py) against the gathered one: byte-identical outputs."""
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +10,7 @@ import pandas as pd
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import clustered_pool, write_embed_shard
+from conftest import clustered_pool, sigkill_when, write_embed_shard
 
 from curation import layout, topk
 from curation.choices import Sharding
@@ -138,18 +134,10 @@ def test_killed_sharded_retrieval_reruns_to_identical_output(tmp_path):
         "import sys; sys.path.insert(0, sys.argv[2]); from test_curation_retrieve_shard import *; "
         "run_retrieve_sharded(sys.argv[1], CFG, ShardingConfig(mode='sharded'), "
         "ExecutorConfig(cluster='local', poll_interval_s=0.1), progress=False, n_tasks=4)")
-    proc = subprocess.Popen([sys.executable, "-c", script, str(out), str(Path(__file__).parent)],
-                            cwd=Path(__file__).resolve().parents[1], start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     hits = layout.retrieve_work(out) / "hits"
-    t0 = time.time()
-    while proc.poll() is None and time.time() - t0 < 120:
-        if hits.is_dir() and any(hits.glob("*.parquet")):  # some blocks searched, nothing assigned
-            os.killpg(proc.pid, signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    assert proc.wait() == -signal.SIGKILL, "the run was not interrupted: the kill point came too late"
-    time.sleep(1.0)  # tasks started as their own processes may still finish their atomic writes
+    # kill once some blocks searched, nothing assigned
+    sigkill_when(script, [str(out), str(Path(__file__).parent)],
+                 lambda: hits.is_dir() and any(hits.glob("*.parquet")))
     assert not layout.retrieve_selection(out).exists() and (layout.retrieve_work(out) / "plan.json").is_file()
     run_retrieve_sharded(out, CFG, ShardingConfig(mode=Sharding.sharded), ExecutorConfig(cluster="debug"),
                          progress=False, n_tasks=4)

@@ -3,12 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import clustered_pool as _pool
-from conftest import write_embed_shard
+from conftest import sigkill_when, write_embed_shard
 
 from curation import layout
 from curation.choices import Sharding
@@ -89,18 +85,10 @@ def test_killed_sharded_dedup_reruns_to_identical_decisions(tmp_path):
         "import sys; sys.path.insert(0, sys.argv[2]); from test_curation_shard import *; "
         "run_dedup_sharded(sys.argv[1], CONFIGS['ivf_gemm'], ShardingConfig(mode='sharded'), "
         "ExecutorConfig(cluster='local', poll_interval_s=0.1), progress=False, n_tasks=4)")
-    proc = subprocess.Popen([sys.executable, "-c", script, str(out), str(Path(__file__).parent)],
-                            cwd=Path(__file__).resolve().parents[1], start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     pieces = layout.dedup_work(out) / "pieces"
-    t0 = time.time()
-    while proc.poll() is None and time.time() - t0 < 120:
-        if pieces.is_dir() and any(pieces.glob("*.counts.npy")):  # some blocks assigned, not searched
-            os.killpg(proc.pid, signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    assert proc.wait() == -signal.SIGKILL, "the run was not interrupted: the kill point came too late"
-    time.sleep(1.0)  # tasks started as their own processes may still finish their atomic writes
+    # kill once some blocks assigned, not searched
+    sigkill_when(script, [str(out), str(Path(__file__).parent)],
+                 lambda: pieces.is_dir() and any(pieces.glob("*.counts.npy")))
     assert not layout.dedup_decisions(out).exists()
     run_dedup_sharded(out, cfg, ShardingConfig(mode=Sharding.sharded), ExecutorConfig(cluster="debug"),
                       progress=False, n_tasks=4)
