@@ -129,15 +129,17 @@ def clustered_pool(out, n_shards: int = 6, rows: int = 300, dim: int = 32, seed:
         write_embed_shard(out, "pool", layout.shard_id(s), recs, {emb: x})
 
 
-def sigkill_when(script: str, args: list[str], ready, timeout_s: float = 120.0) -> None:
-    """Run ``python -c script *args`` from the repository root in its own process group and SIGKILL
-    the whole group as soon as ``ready()`` is true; fail if the run ended before that."""
+def sigkill_when(argv: list[str], ready, timeout_s: float = 120.0, settle_s: float = 0.0) -> int:
+    """Run ``python *argv`` from the repository root in its own process group, SIGKILL the whole group
+    as soon as ``ready()`` is true, and return its exit status (``-SIGKILL`` when it was killed).
+    ``settle_s``: wait that long after a kill (tasks started as their own processes may still finish
+    their atomic writes)."""
     import signal
     import subprocess
     import sys
     import time
 
-    proc = subprocess.Popen([sys.executable, "-c", script, *args], cwd=Path(__file__).resolve().parents[1],
+    proc = subprocess.Popen([sys.executable, *argv], cwd=Path(__file__).resolve().parents[1],
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     t0 = time.time()
     while proc.poll() is None and time.time() - t0 < timeout_s:
@@ -145,5 +147,7 @@ def sigkill_when(script: str, args: list[str], ready, timeout_s: float = 120.0) 
             os.killpg(proc.pid, signal.SIGKILL)
             break
         time.sleep(0.02)
-    assert proc.wait() == -signal.SIGKILL, "the run was not interrupted: the kill point came too late"
-    time.sleep(1.0)  # tasks started as their own processes may still finish their atomic writes
+    rc = proc.wait()
+    if rc == -signal.SIGKILL:
+        time.sleep(settle_s)
+    return rc

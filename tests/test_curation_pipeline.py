@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -21,6 +20,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from badcorpus import make_bad_corpus
+from conftest import sigkill_when
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "curation" / "tiny.yaml"
@@ -138,25 +138,15 @@ def test_audit_cli(world, reference, tmp_path, capsys):
     assert rc == 1 and victim in stdout and "FAIL" in stdout
 
 
-def _kill_when(cmd_args: list[str], ready, timeout: float = 120) -> int:
-    proc = subprocess.Popen([sys.executable, "-m", "curation.cli", *cmd_args], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    t0 = time.time()
-    while proc.poll() is None and time.time() - t0 < timeout:
-        if ready():
-            os.killpg(proc.pid, signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    return proc.wait()
-
-
 def test_kill_and_rerun_equals_uninterrupted(world, reference):
     out = world["root"] / "killed"
     args = run_cfg(world, out, "executor.cluster=debug", "--no-progress")
     embed_dir = out / "embed" / "pool"
-    rc1 = _kill_when(["run", *args], lambda: embed_dir.is_dir() and len(list(embed_dir.glob("*.parquet"))) >= 2)
+    rc1 = sigkill_when(["-m", "curation.cli", "run", *args],
+                       lambda: embed_dir.is_dir() and len(list(embed_dir.glob("*.parquet"))) >= 2)
     shards = out / "write" / "shards"
-    rc2 = _kill_when(["run", *args], lambda: shards.is_dir() and len(list(shards.glob("*.json"))) >= 2)
+    rc2 = sigkill_when(["-m", "curation.cli", "run", *args],
+                       lambda: shards.is_dir() and len(list(shards.glob("*.json"))) >= 2)
     print("kill return codes:", rc1, rc2)
     assert -signal.SIGKILL in (rc1, rc2), "neither run was interrupted: the kill points came too late"
     # Finish (different task grouping: results must not depend on it).

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -136,8 +137,9 @@ def test_killed_sharded_retrieval_reruns_to_identical_output(tmp_path):
         "ExecutorConfig(cluster='local', poll_interval_s=0.1), progress=False, n_tasks=4)")
     hits = layout.retrieve_work(out) / "hits"
     # kill once some blocks searched, nothing assigned
-    sigkill_when(script, [str(out), str(Path(__file__).parent)],
-                 lambda: hits.is_dir() and any(hits.glob("*.parquet")))
+    rc = sigkill_when(["-c", script, str(out), str(Path(__file__).parent)], settle_s=1.0,
+                      ready=lambda: hits.is_dir() and any(hits.glob("*.parquet")))
+    assert rc == -signal.SIGKILL, "the run was not interrupted: the kill point came too late"
     assert not layout.retrieve_selection(out).exists() and (layout.retrieve_work(out) / "plan.json").is_file()
     run_retrieve_sharded(out, CFG, ShardingConfig(mode=Sharding.sharded), ExecutorConfig(cluster="debug"),
                          progress=False, n_tasks=4)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -87,8 +88,9 @@ def test_killed_sharded_dedup_reruns_to_identical_decisions(tmp_path):
         "ExecutorConfig(cluster='local', poll_interval_s=0.1), progress=False, n_tasks=4)")
     pieces = layout.dedup_work(out) / "pieces"
     # kill once some blocks assigned, not searched
-    sigkill_when(script, [str(out), str(Path(__file__).parent)],
-                 lambda: pieces.is_dir() and any(pieces.glob("*.counts.npy")))
+    rc = sigkill_when(["-c", script, str(out), str(Path(__file__).parent)], settle_s=1.0,
+                      ready=lambda: pieces.is_dir() and any(pieces.glob("*.counts.npy")))
+    assert rc == -signal.SIGKILL, "the run was not interrupted: the kill point came too late"
     assert not layout.dedup_decisions(out).exists()
     run_dedup_sharded(out, cfg, ShardingConfig(mode=Sharding.sharded), ExecutorConfig(cluster="debug"),
                       progress=False, n_tasks=4)
