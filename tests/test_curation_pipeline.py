@@ -60,9 +60,9 @@ def world(tmp_path_factory):
     return {"root": root, "data": data, "expected": expected, "truth": truth, "overrides": overrides}
 
 
-def curate(*args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
+def curate(*args: str, check: bool = True, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "curation.cli", *args]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False, **kw)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False, **kw)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} → {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
@@ -169,7 +169,8 @@ def test_sharded_dedup_run_equals_gathered(world, reference):
     byte-identical to the gathered run."""
     out = world["root"] / "sharded"
     proc = curate("run", *run_cfg(world, out, "executor.cluster=local", "sharding.mode=sharded",
-                                  "sharding.block_items=10", "--no-progress"))
+                                  "sharding.block_items=10", "--no-progress"),
+                  timeout=900)  # ~25 local task processes: 300 s was too short on a loaded 2-core machine
     assert "dedup: sharded map → reduce" in proc.stdout
     searched = list((out / "logs" / "dedup" / "search").glob("*_result.pkl"))
     assert len(searched) >= 4, f"expected >= 4 search tasks, found {len(searched)}"
