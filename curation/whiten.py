@@ -26,6 +26,7 @@ import hashlib
 import io
 import json
 import logging
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -94,7 +95,10 @@ class Whitener:
     @classmethod
     def load(cls, path: str | Path) -> Whitener:
         with np.load(path, allow_pickle=False) as z:
-            return cls(z["mean"], z["proj"], z["eigenvalues"], str(z["key"]), Path(path))
+            w = cls(z["mean"], z["proj"], z["eigenvalues"], str(z["key"]), Path(path))
+        if w.mean.shape != (w.in_dim,) or w.eigenvalues.shape != (w.dim,) or not np.isfinite(w.proj).all():
+            raise ValueError("inconsistent arrays")
+        return w
 
 
 def fit_pca(x: np.ndarray, dim: int, shrinkage: float) -> Whitener:
@@ -149,7 +153,7 @@ def pool_whitener(out_dir: str | Path, embedder: str, cfg: WhiteningConfig | Non
             w = Whitener.load(path)
             if w.key == key:
                 return w
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
             log.warning("refitting the whitening: stored %s unreadable (%s)", path, exc)
     rng = np.random.default_rng([cfg.seed, 11])
     rows = np.sort(rng.choice(pool.n, size=min(pool.n, cfg.n_sample), replace=False))

@@ -195,3 +195,20 @@ def test_calibration_compares_planted_copies_in_the_whitened_space(tmp_path, sig
     with np.load(layout.calibration(cfg.output_dir, "dedup").with_suffix(".npz")) as z:
         copies = np.concatenate([z[k] for k in z.files if k.startswith("copies_")])
     assert len(copies) == 27 and np.all(np.abs(copies) <= 1 + 1e-5)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "zip_junk", "not_numpy", "wrong_shapes"])
+def test_a_damaged_stored_whitening_is_refitted_not_trusted(tmp_path, damage):
+    """The artifact sits in a run folder a user may hand over: odd bytes never crash a stage or run
+    code (no pickles); the stage refits and writes a good one, with the same result as before."""
+    out = tmp_path / "out"
+    _pool(out)
+    wcfg = WhiteningConfig(kind="pca", dim=32, n_sample=300)
+    good = pool_whitener(out, "e", wcfg)
+    data = good.path.read_bytes()
+    bad = {"truncated": data[: len(data) // 2], "zip_junk": b"PK\x03\x04" + b"\x00" * 64, "not_numpy": b"hello",
+           "wrong_shapes": Whitener(good.mean[:3], good.proj, good.eigenvalues, good.key).to_bytes()}[damage]
+    good.path.write_bytes(bad)
+    again = pool_whitener(out, "e", wcfg)
+    assert np.array_equal(again.proj, good.proj) and np.array_equal(again.mean, good.mean)
+    assert good.path.read_bytes() == data
