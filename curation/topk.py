@@ -7,6 +7,9 @@ inside each embed shard (``iter_blocks`` without a mask) and the queries in batc
 block of whole shards a task holds.  Non-candidates are masked after the GEMM (masking before would
 change the operand shapes).  Ties are broken by the smaller pool row, which makes the top-k a total
 order: per-block top-k lists merged with :func:`keep_topk` equal the top-k of the whole pool.
+
+Scoring is numpy only (float32 GEMMs through numpy's BLAS, :func:`similarities`; top-k by
+partition, :func:`top_k`), so the search tasks of the sharded stages never import torch.
 """
 from __future__ import annotations
 
@@ -16,6 +19,62 @@ from curation.store import Vectors, as_vectors
 
 CHUNK_ROWS = 8192  # pool rows per GEMM (fixed offsets inside each shard)
 QUERY_BATCH = 2048  # query rows per GEMM: a 2048 × 8192 float32 similarity block is 64 MiB
+
+
+def similarities(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b.T`` for float32 rows, always one general GEMM.
+
+    numpy computes ``x @ x.T`` of one buffer with a symmetric rank-k update, whose rounding differs
+    from the GEMM the same rows get next to other rows; a shared buffer is copied first.
+    """
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    b = np.ascontiguousarray(b, dtype=np.float32)
+    if a.size and b.size and a.ctypes.data == b.ctypes.data:
+        b = b.copy()
+    return a @ b.T
+
+
+def top_k(s: np.ndarray, k: int, key=None, chunk: int = 1 << 22) -> np.ndarray:
+    """Columns [n, k] of the ``k`` largest entries of each row of ``s`` [n, m], in ascending column order.
+
+    Ties at the k-th value go to the smaller column, or with ``key`` (a function of row indices →
+    [len, m] int64) to the smaller key, so the selected set is a total order's top-k.  Rows are
+    processed in chunks of ~``chunk`` entries (each row's result is its own).  ``k >= m``: all columns.
+    """
+    n, m = s.shape
+    if k >= m:
+        return np.broadcast_to(np.arange(m, dtype=np.int64), (n, m)).copy()
+    if k < 1:
+        return np.zeros((n, 0), np.int64)
+    out = np.empty((n, k), np.int64)
+    step = max(1, chunk // max(m, 1))
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        x = s[a:b]
+        kth = np.partition(x, m - k, axis=1)[:, m - k : m - k + 1]
+        take = x >= kth
+        tied = np.flatnonzero(take.sum(1) != k)
+        if len(tied):
+            sub, kt = x[tied], kth[tied]
+            if key is None:
+                eq = sub == kt
+                need = k - (sub > kt).sum(1, keepdims=True)
+                take[tied] = (sub > kt) | (eq & (np.cumsum(eq, axis=1) <= need))
+            else:
+                first = np.lexsort((key(tied + a), -sub), axis=-1)[:, :k]
+                t = np.zeros(sub.shape, bool)
+                np.put_along_axis(t, first, True, axis=1)
+                take[tied] = t
+        cols = np.nonzero(take)[1]
+        if len(cols) != (b - a) * k:
+            raise ValueError("top_k: NaN similarities (non-finite embeddings?)")
+        out[a:b] = cols.reshape(b - a, k)
+    return out
+
+
+def sort_desc(vals: np.ndarray, key: np.ndarray) -> np.ndarray:
+    """Per-row order of ``vals`` [n, k]: value desc, then ``key`` asc."""
+    return np.lexsort((key, -vals), axis=-1)
 
 
 def keep_topk(q: np.ndarray, s: np.ndarray, r: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -36,8 +95,6 @@ def block_topk(pool: Vectors | np.ndarray, queries: np.ndarray, k: int, candidat
     boolean mask over its rows (None = all); ``queries`` unit-norm float32.  Fewer than ``k``
     triplets for a query when the block holds fewer candidates.
     """
-    import torch
-
     pool = as_vectors(pool)
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     nq = len(queries)
@@ -45,31 +102,24 @@ def block_topk(pool: Vectors | np.ndarray, queries: np.ndarray, k: int, candidat
     best = [empty] * ((nq + QUERY_BATCH - 1) // QUERY_BATCH)
     if nq == 0 or k < 1:
         return empty
-    qt = [torch.from_numpy(queries[b : b + QUERY_BATCH]) for b in range(0, nq, QUERY_BATCH)]
+    qb = [queries[b : b + QUERY_BATCH] for b in range(0, nq, QUERY_BATCH)]
     for rows, block in pool.iter_blocks(CHUNK_ROWS):
         ok = np.ones(len(rows), bool) if candidates is None else np.asarray(candidates[rows], bool)
         n_ok = int(ok.sum())
         if n_ok == 0:
             continue
-        xt = torch.from_numpy(block)
-        bad = torch.from_numpy(~ok) if n_ok < len(rows) else None
+        block = np.ascontiguousarray(block, dtype=np.float32)
+        bad = ~ok if n_ok < len(rows) else None
         kk = min(k, n_ok)
-        for b, q in enumerate(qt):
-            sims = torch.mm(q, xt.T)
+        for b, q in enumerate(qb):
+            sims = similarities(q, block)
             if bad is not None:
                 sims[:, bad] = -np.inf
-            vals, idx = torch.topk(sims, kk, dim=1)
-            # the k-th value is a candidate's (finite); more entries reaching it than topk returned
-            # means a tie at the boundary, resolved by row below rather than by topk's order
-            reach = sims >= vals[:, -1:]
-            if int(reach.sum()) == vals.numel():
-                qi = torch.arange(len(q)).repeat_interleave(kk)
-                j, s = idx.reshape(-1), vals.reshape(-1).numpy()
-            else:
-                qi, j = torch.nonzero(reach, as_tuple=True)
-                s = sims[qi, j].numpy()
-            qi, j = qi.numpy(), j.numpy()
+            j = top_k(sims, kk)  # ties at the k-th value → smaller column = smaller pool row
+            s = np.take_along_axis(sims, j, 1).reshape(-1)
+            qi = np.repeat(np.arange(len(q), dtype=np.int64), j.shape[1])
+            j = j.reshape(-1)
             pq_, ps, pr = best[b]
-            best[b] = keep_topk(np.concatenate([pq_, qi.astype(np.int64) + b * QUERY_BATCH]),
+            best[b] = keep_topk(np.concatenate([pq_, qi + b * QUERY_BATCH]),
                                 np.concatenate([ps, s]), np.concatenate([pr, rows[j] + row0]), k)
     return tuple(np.concatenate(parts) for parts in zip(*best))
