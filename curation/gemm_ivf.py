@@ -12,35 +12,34 @@ from tqdm.auto import tqdm
 from curation.index_plan import IndexConfig, IndexPlan
 from curation.kmeans import kmeans_array, sample_rows
 from curation.store import Vectors, as_vectors
+from curation.topk import similarities, sort_desc, top_k
 
 log = logging.getLogger(__name__)
 
 
 class CoarseQuantizer:
-    """Nearest IVF centroids by one matrix product + top-k in torch.
+    """Nearest IVF centroids by one matrix product + top-k (numpy float32 GEMM, partition top-k).
 
     Faster than FAISS's flat search on CPU (bench/RESULTS.md), and coarse quantization
-    dominates IVF add and search once lists are short.
+    dominates IVF add and search once lists are short.  Probes are sorted by similarity desc,
+    ties → smaller centroid id.
     """
 
     def __init__(self, centroids: np.ndarray, batch: int = 2048):
-        import torch
-
-        self._torch = torch
-        self.centroids = torch.from_numpy(np.ascontiguousarray(centroids, dtype=np.float32))
+        self.centroids = np.ascontiguousarray(centroids, dtype=np.float32)
         self.batch = batch
 
     def search(self, x: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
-        torch = self._torch
         nprobe = min(nprobe, self.centroids.shape[0])
         dq = np.empty((len(x), nprobe), np.float32)
         iq = np.empty((len(x), nprobe), np.int64)
-        with torch.no_grad():
-            for s in range(0, len(x), self.batch):
-                sims = torch.from_numpy(np.ascontiguousarray(x[s : s + self.batch])) @ self.centroids.T
-                v, i = sims.topk(nprobe, dim=1)
-                dq[s : s + len(v)] = v.numpy()
-                iq[s : s + len(v)] = i.numpy()
+        for s in range(0, len(x), self.batch):
+            sims = similarities(x[s : s + self.batch], self.centroids)
+            i = top_k(sims, nprobe)
+            v = np.take_along_axis(sims, i, 1)
+            o = sort_desc(v, i)
+            dq[s : s + len(v)] = np.take_along_axis(v, o, 1)
+            iq[s : s + len(v)] = np.take_along_axis(i, o, 1)
         return dq, iq
 
 
@@ -69,9 +68,6 @@ class GemmIvfIndex:
 
     def __init__(self, centroids: np.ndarray, lists: ListStore, bounds: np.ndarray, plan: IndexPlan,
                  cfg: IndexConfig, source: Vectors | None, mask: np.ndarray | None):
-        import torch
-
-        self._torch = torch
         self.coarse = CoarseQuantizer(centroids)
         self.lists = lists  # the rows in list order, in memory or in the assign pieces on disk
         self.bounds = bounds  # list c = sorted positions bounds[c]:bounds[c+1]
@@ -109,15 +105,17 @@ class GemmIvfIndex:
                  n, plan.nlist, plan.nprobe, int(np.diff(bounds).max()) if n else 0)
         return cls(centroids, MemoryLists(db, order, probes, rows), bounds, plan, cfg, vectors, mask)
 
-    def _search(self, xq, probes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k over the probed lists for float32 tensor queries ``xq`` [q, D]."""
-        torch = self._torch
+    def _search(self, xq: np.ndarray, probes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k over the probed lists for float32 queries ``xq`` [q, D].
+
+        Exact under the order (similarity desc, global row asc): a list's members lie in row order,
+        so its top-k keeps the smaller positions on ties, and every row is in one list only.
+        """
         q, p = probes.shape
         kk = min(k, self.ntotal)
-        cand_s = torch.full((q, p, kk), -math.inf)
+        cand_s = np.full((q * p, kk), -np.inf, np.float32)
         # int32 positions (n < 2**31): a third less memory per batch than int64, same values
-        cand_i = torch.full((q, p, kk), -1, dtype=torch.int32)
-        flat_s, flat_i = cand_s.view(q * p, kk), cand_i.view(q * p, kk)
+        cand_i = np.full((q * p, kk), -1, np.int32)
         flat = probes.reshape(-1).astype(np.int64)
         by_list = np.argsort(flat, kind="stable")
         lists, starts = np.unique(flat[by_list], return_index=True)
@@ -127,25 +125,30 @@ class GemmIvfIndex:
             lo, hi = int(self.bounds[c]), int(self.bounds[c + 1])
             if hi == lo:
                 continue
-            pairs = torch.from_numpy(by_list[a:b])  # = query * p + probe slot
-            scores = xq[pairs // p] @ self.lists.members(c, lo, hi).T
-            kc = min(kk, hi - lo)
-            v, j = scores.topk(kc, dim=1, sorted=False)  # order is fixed by the final sort
-            if kc == kk:  # whole rows: one index_copy_ instead of an advanced-index put
-                flat_s.index_copy_(0, pairs, v)
-                flat_i.index_copy_(0, pairs, (j + lo).to(torch.int32))
-            else:
-                flat_s[pairs, :kc] = v
-                flat_i[pairs, :kc] = (j + lo).to(torch.int32)
-        v, j = cand_s.view(q, -1).topk(kk, dim=1, sorted=False)
-        sorted_pos = torch.gather(cand_i.view(q, -1), 1, j).numpy().astype(np.int64)
-        sims = v.numpy()
+            pairs = by_list[a:b]  # = query * p + probe slot
+            scores = similarities(xq[pairs // p], self.lists.members(c, lo, hi))
+            j = top_k(scores, kk)  # all members when the list is short; order is fixed by the final sort
+            kc = j.shape[1]
+            cand_s[pairs, :kc] = np.take_along_axis(scores, j, 1)
+            cand_i[pairs, :kc] = j + lo
+        cand_s, cand_i = cand_s.reshape(q, p * kk), cand_i.reshape(q, p * kk)
+
+        def rows(pos: np.ndarray, missing: int) -> np.ndarray:
+            out = np.full(pos.shape, missing, np.int64)
+            ok = pos >= 0
+            out[ok] = self.lists.rows_at(pos[ok].astype(np.int64))
+            return out
+
+        # ties across lists → smaller global row (empty slots last)
+        j = top_k(cand_s, kk, key=lambda qs: rows(cand_i[qs], np.iinfo(np.int64).max))
+        sorted_pos = np.take_along_axis(cand_i, j, 1)
+        sims = np.take_along_axis(cand_s, j, 1)
         found = sorted_pos >= 0
-        grow = np.where(found, self.lists.rows_at(np.maximum(sorted_pos, 0)), -1)
+        grow = rows(sorted_pos, -1)
         sims = np.where(found, sims, -np.inf).astype(np.float32)
         # deterministic order: similarity desc, then global row asc (missing entries last)
         key_row = np.where(found, grow, np.iinfo(np.int64).max)
-        o = np.lexsort((key_row, -sims), axis=-1)
+        o = sort_desc(sims, key_row)
         sims, grow = np.take_along_axis(sims, o, 1), np.take_along_axis(grow, o, 1)
         out_s = np.full((q, k), -np.inf, np.float32)
         out_r = np.full((q, k), -1, np.int64)
@@ -154,18 +157,16 @@ class GemmIvfIndex:
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(sims [q, k] float32, global rows [q, k] int64; -1 / -inf where fewer than k found)."""
-        torch = self._torch
         q = np.ascontiguousarray(queries, dtype=np.float32)
         if self.ntotal == 0 or len(q) == 0:
             return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
         out_s, out_r = [], []
-        with torch.no_grad():
-            for s in range(0, len(q), self.cfg.search_batch):
-                qb = q[s : s + self.cfg.search_batch]
-                _, iq = self.coarse.search(qb, self.plan.nprobe)
-                a, b = self._search(torch.from_numpy(qb), iq.astype(np.int32), k)
-                out_s.append(a)
-                out_r.append(b)
+        for s in range(0, len(q), self.cfg.search_batch):
+            qb = q[s : s + self.cfg.search_batch]
+            _, iq = self.coarse.search(qb, self.plan.nprobe)
+            a, b = self._search(qb, iq.astype(np.int32), k)
+            out_s.append(a)
+            out_r.append(b)
         return np.concatenate(out_s), np.concatenate(out_r)
 
     def _is_self(self, vectors: Vectors, mask: np.ndarray | None) -> bool:
@@ -198,16 +199,14 @@ class GemmIvfIndex:
         at batch boundaries (the sharded dedup's tasks) runs exactly the GEMMs of the
         whole self-search: same queries, same lists, bit-identical results.
         """
-        torch = self._torch
         bs = self.cfg.search_batch
         bar = tqdm(total=stop - start, desc=desc, leave=False, disable=stop - start < 200_000)
-        with torch.no_grad():
-            for s in range(start, stop, bs):
-                xq, probes, qrows = self.lists.queries(s, min(s + bs, stop))
-                sims, nbrs = self._search(xq, probes, k)
-                if bar is not None:
-                    bar.update(len(qrows))
-                yield qrows, sims, nbrs
+        for s in range(start, stop, bs):
+            xq, probes, qrows = self.lists.queries(s, min(s + bs, stop))
+            sims, nbrs = self._search(xq, probes, k)
+            if bar is not None:
+                bar.update(len(qrows))
+            yield qrows, sims, nbrs
         if bar is not None:
             bar.close()
 
@@ -218,7 +217,7 @@ class ListStore(Protocol):
     def begin_batch(self) -> None: ...
 
     def members(self, c: int, lo: int, hi: int):
-        """float32 tensor [hi - lo, D] of list ``c`` (sorted positions lo:hi), a fresh contiguous copy."""
+        """float32 array [hi - lo, D] of list ``c`` (sorted positions lo:hi), a fresh contiguous copy."""
         ...
 
     def rows_at(self, sorted_pos: np.ndarray) -> np.ndarray:
@@ -226,7 +225,7 @@ class ListStore(Protocol):
         ...
 
     def queries(self, start: int, stop: int):
-        """(float32 tensor [q, D], probes [q, nprobe] int32, global rows [q]) at sorted positions start:stop."""
+        """(float32 array [q, D], probes [q, nprobe] int32, global rows [q]) at sorted positions start:stop."""
         ...
 
 
@@ -234,9 +233,7 @@ class MemoryLists:
     """The gathered job's store: one float32 array of every row, sorted by list."""
 
     def __init__(self, db: np.ndarray, order: np.ndarray, probes: np.ndarray, rows: np.ndarray):
-        import torch
-
-        self.db = torch.from_numpy(db)
+        self.db = db
         self.order = order  # sorted position -> index position
         self.probes = probes  # [n, nprobe] int32 lists probed by each indexed row (index position)
         self.rows = rows  # index position -> global row
@@ -247,7 +244,7 @@ class MemoryLists:
     def members(self, c: int, lo: int, hi: int):
         # A copy, not a view: the disk store hands out fresh tensors too, and the GEMM must see
         # identically laid-out operands in both for bit-identical scores.
-        return self.db[lo:hi].clone()
+        return self.db[lo:hi].copy()
 
     def rows_at(self, sorted_pos: np.ndarray) -> np.ndarray:
         return self.rows[self.order[sorted_pos]]

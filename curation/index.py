@@ -2,7 +2,7 @@
 
 Kinds and when each is chosen: :mod:`curation.index_plan`.  k-means: :mod:`curation.kmeans`; the
 CPU GEMM IVF: :mod:`curation.gemm_ivf`.  Vectors are added shard by shard from the memmaps; with a
-flat coarse quantizer on CPU, centroid lookup for add and search is one torch GEMM + top-k per batch
+flat coarse quantizer on CPU, centroid lookup for add and search is one numpy GEMM + top-k per batch
 (:class:`~curation.gemm_ivf.CoarseQuantizer`), then FAISS scans its inverted lists.
 """
 from __future__ import annotations

@@ -5,7 +5,7 @@ All similarity is inner product on L2-normalised float32 vectors (= cosine).
 Index choice (``IndexConfig.kind == "auto"``):
 - N < ``flat_max`` (1e5): exact FAISS ``IndexFlatIP``.
 - CPU, N >= ``flat_max``: ``ivf_gemm`` (:mod:`curation.gemm_ivf`): lists of ~``gemm_list_size``
-  rows scanned by float32 torch GEMMs + top-k; cost linear in N and at BLAS speed, which FAISS's
+  rows scanned by float32 numpy GEMMs + top-k; cost linear in N and at BLAS speed, which FAISS's
   IVF-Flat scan is not on CPU (bench/RESULTS.md has the measurements).
 - GPU (or ``kind: ivf``): FAISS IVF with ``nlist = N / target_list_size`` clamped to [4·√N, 16·√N]
   (FAISS guideline): short inverted lists keep the per-query scan independent of N, and an HNSW
@@ -36,7 +36,7 @@ class IndexConfig:
     target_list_size: int = 64
     nprobe: int = 16
     quantizer: Quantizer = Quantizer.auto  # auto: hnsw when nlist >= hnsw_min_nlist
-    hnsw_min_nlist: int = 8192  # below this the torch flat quantizer beats HNSW (bench/RESULTS.md)
+    hnsw_min_nlist: int = 8192  # below this the GEMM flat quantizer beats HNSW (bench/RESULTS.md)
     hnsw_m: int = 32
     hnsw_ef_search: int = 0  # 0 = max(64, 4·nprobe)
     train_per_centroid: int = 30  # FAISS: 30..256 training vectors per centroid

@@ -90,10 +90,7 @@ class DiskLists:
 
     def __init__(self, out_dir: str | Path, n_blocks: int, prepared: bool = False):
         """``prepared``: the pieces hold the stage's float32 vectors already (whitened pools)."""
-        import torch
-
         self.prepared = prepared
-        self._torch = torch
         counts = np.stack([np.load(layout.dedup_piece(out_dir, b, "counts")) for b in range(n_blocks)])
         self.nlist = counts.shape[1]
         # piece_cum[b, c]: rank in list c where piece b's members start; offsets[b, c]: where they lie in piece b
@@ -133,7 +130,7 @@ class DiskLists:
             self._parts.append(rows)
             self._size += len(rows)
             self._cache = None
-        return self._torch.from_numpy(self._prepare(vec))
+        return self._prepare(vec)
 
     def _prepare(self, vec: np.ndarray) -> np.ndarray:
         return np.array(vec, np.float32) if self.prepared else normalize_rows(vec)
@@ -149,7 +146,7 @@ class DiskLists:
 
     def queries(self, start: int, stop: int):
         vec, rows, probes = self._read(start, stop, ("vec", "rows", "probes"))
-        return self._torch.from_numpy(self._prepare(vec)), probes, rows
+        return self._prepare(vec), probes, rows
 
     @property
     def bytes_read(self) -> int:
