@@ -144,9 +144,9 @@ def setup_task(threads: int) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if threads > 0:  # local tasks share this machine's cores: avoid oversubscribing them
         import faiss
-        import torch
+        from threadpoolctl import threadpool_limits
 
-        torch.set_num_threads(threads)
+        threadpool_limits(threads, user_api="blas")  # numpy's BLAS (the scoring GEMMs); stays set
         faiss.omp_set_num_threads(threads)
 
 
@@ -294,8 +294,6 @@ def task_gathered(out_dir: str, cfg: DedupConfig, threads: int = 0) -> dict:
 
 def task_baseline(threads: int = 0) -> dict:
     """A task that only loads what a search task loads: the per-process memory floor (benchmarks)."""
-    import torch  # noqa: F401 - the import is the measurement
-
     setup_task(threads)
     from curation import gemm_ivf, ivf_pieces  # noqa: F401
 
