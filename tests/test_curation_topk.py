@@ -135,6 +135,6 @@ def test_sharded_search_tasks_never_import_torch(tmp_path):
     """The map tasks' code (train, assign, search, reduce, match, retrieval) run in a fresh interpreter
     leaves torch unimported: a task process does not pay torch's ~0.5 GB (bench/RESULTS.md)."""
     res = subprocess.run([sys.executable, "-c", NO_TORCH, str(REPO), str(tmp_path)], capture_output=True,
-                         text=True, timeout=600, cwd=REPO)
+                         text=True, timeout=600, cwd=REPO, check=False)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "torch imported: False" in res.stdout, res.stdout[-2000:]
