@@ -78,7 +78,7 @@ def main() -> None:
         print(f"pool written in {time.time() - t0:.0f} s ({len(pairs):,} planted pairs)", flush=True)
         rows = []
         floor = jobs.run_tasks(ex, root / "baseline", "baseline", task_baseline, [(0,)], progress=False)[0]
-        print(f"per-process floor (python + torch + faiss loaded, nothing computed): "
+        print(f"per-process floor (python + numpy + faiss + the curation modules a search task loads, nothing computed): "
               f"{floor['peak_rss_gb']:.2f} GB peak RSS", flush=True)
         if not args.no_gathered:
             shutil.copytree(root / "sharded" / "embed", root / "gathered" / "embed")
