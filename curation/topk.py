@@ -51,6 +51,8 @@ def top_k(s: np.ndarray, k: int, key=None, chunk: int = 1 << 22) -> np.ndarray:
     for a in range(0, n, step):
         b = min(n, a + step)
         x = s[a:b]
+        if np.isnan(x).any():
+            raise ValueError("top_k: NaN similarities (non-finite embeddings?)")
         kth = np.partition(x, m - k, axis=1)[:, m - k : m - k + 1]
         take = x >= kth
         tied = np.flatnonzero(take.sum(1) != k)
@@ -65,10 +67,7 @@ def top_k(s: np.ndarray, k: int, key=None, chunk: int = 1 << 22) -> np.ndarray:
                 t = np.zeros(sub.shape, bool)
                 np.put_along_axis(t, first, True, axis=1)
                 take[tied] = t
-        cols = np.nonzero(take)[1]
-        if len(cols) != (b - a) * k:
-            raise ValueError("top_k: NaN similarities (non-finite embeddings?)")
-        out[a:b] = cols.reshape(b - a, k)
+        out[a:b] = np.nonzero(take)[1].reshape(b - a, k)
     return out
 
 

@@ -49,6 +49,13 @@ def test_top_k_of_distinct_values_and_sort_desc():
     assert np.array_equal(np.take_along_axis(j, o, 1), np.argsort(-s, axis=1)[:, :10])
 
 
+def test_top_k_refuses_nan():
+    s = np.zeros((2, 5), np.float32)
+    s[1, 2] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        topk.top_k(s, 2)
+
+
 def test_similarities_of_one_buffer_equal_the_general_gemm():
     x = np.random.default_rng(0).standard_normal((300, 64)).astype(np.float32)
     assert np.array_equal(topk.similarities(x, x), x @ x.copy().T)
