@@ -34,17 +34,19 @@ def assign_block(vectors: ShardedVectors, row0: int, centroids: np.ndarray, npro
     for rows, block in vectors.iter_blocks(batch):
         probes[rows] = coarse.search(block, nprobe)[1]
     order = np.argsort(probes[:, 0], kind="stable")
+    slot = np.empty(n, np.int64)  # row -> its position in list order: rows are copied there directly
+    slot[order] = np.arange(n)
     if vectors.transform is not None:  # whitened: the prepared float32 rows the gathered index holds
-        raw = np.empty((n, vectors.dim), np.float32)
+        vec = np.empty((n, vectors.dim), np.float32)
         for rows, block in vectors.iter_blocks(batch):
-            raw[rows] = block
+            vec[slot[rows]] = block
     else:  # the stored float16 rows (half the bytes), normalised when read
-        raw = np.empty((n, vectors.dim), np.float16)
+        vec = np.empty((n, vectors.dim), np.float16)
         for i, path in enumerate(vectors.paths):
             lo, hi = int(vectors.offsets[i]), int(vectors.offsets[i + 1])
-            raw[lo:hi] = np.load(path, mmap_mode="r", allow_pickle=False)[: hi - lo]
+            vec[slot[lo:hi]] = np.load(path, mmap_mode="r", allow_pickle=False)[: hi - lo]
     counts = np.bincount(probes[:, 0], minlength=len(centroids)).astype(np.int64)
-    return raw[order], order.astype(np.int64) + row0, probes[order], counts
+    return vec, order.astype(np.int64) + row0, probes[order], counts
 
 
 def write_piece(out_dir: str | Path, block: int, arrays) -> None:
