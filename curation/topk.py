@@ -53,6 +53,9 @@ def top_k(s: np.ndarray, k: int, key=None, chunk: int = 1 << 22) -> np.ndarray:
         x = s[a:b]
         if np.isnan(x).any():
             raise ValueError("top_k: NaN similarities (non-finite embeddings?)")
+        if key is None and m >= 64 * k:
+            out[a:b] = _few_of_many(x, k)
+            continue
         kth = np.partition(x, m - k, axis=1)[:, m - k : m - k + 1]
         take = x >= kth
         tied = np.flatnonzero(take.sum(1) != k)
@@ -69,6 +72,24 @@ def top_k(s: np.ndarray, k: int, key=None, chunk: int = 1 << 22) -> np.ndarray:
                 take[tied] = t
         out[a:b] = np.nonzero(take)[1].reshape(b - a, k)
     return out
+
+
+def _few_of_many(x: np.ndarray, k: int) -> np.ndarray:
+    """:func:`top_k` (no key) for k << m, ~4× faster than a partition at k = 10, m = 8192: the k-th
+    largest of 4k group maxima is a threshold that k groups reach, so every entry of the top-k (ties
+    included) is at or above it; the few entries that are get sorted exactly."""
+    r, m = x.shape
+    g = m // (4 * k)
+    n_groups = m // g
+    gmax = x[:, : n_groups * g].reshape(r, n_groups, g).max(axis=2)
+    if n_groups * g < m:
+        gmax = np.concatenate([gmax, x[:, n_groups * g :].max(axis=1, keepdims=True)], axis=1)
+    c = gmax.shape[1] - k
+    rows, cols = np.nonzero(x >= np.partition(gmax, c, axis=1)[:, c : c + 1])
+    order = np.lexsort((cols, -x[rows, cols], rows))
+    rows, cols = rows[order], cols[order]
+    keep = np.arange(len(rows)) - np.searchsorted(rows, rows, side="left") < k
+    return np.sort(cols[keep].reshape(r, k), axis=1)
 
 
 def sort_desc(vals: np.ndarray, key: np.ndarray) -> np.ndarray:

@@ -39,6 +39,17 @@ def test_top_k_equals_brute_force_with_ties(k):
     assert np.array_equal(got, _reference(s, k, key))
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_top_k_of_few_in_many_columns_equals_brute_force(seed):
+    """k << m takes the group-maximum threshold path: same columns as the reference, ties and -inf included."""
+    rng = np.random.default_rng(seed)
+    m = int(rng.integers(700, 3000))
+    s = rng.integers(0, [3, 20, 1000, 2, 7, 50][seed], size=(60, m)).astype(np.float32)
+    s[rng.random(s.shape) < 0.2] = -np.inf
+    for k in (1, 2, 5, m // 64):
+        assert np.array_equal(topk.top_k(s, k, chunk=m * 7), _reference(s, k))
+
+
 def test_top_k_of_distinct_values_and_sort_desc():
     rng = np.random.default_rng(0)
     s = rng.standard_normal((50, 1000)).astype(np.float32)
