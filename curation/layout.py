@@ -12,6 +12,7 @@ here instead of joining folder names themselves::
     OUT/whiten/<embedder>-<tag>.npz           (copy-detection whitening fitted on the pool; tag = its settings)
     OUT/retrieve/selection.parquet, clusters.json
     OUT/write/plan.parquet, write/shards/<shard>.json      (bookkeeping of the write stage)
+    OUT/write/plan/b*.parquet, write/work/plan.json, decided/, pieces/  (the sharded write plan)
     OUT/final/<prefix>-000000.tar …, manifest.parquet, summary.json, audit.txt
 """
 from __future__ import annotations

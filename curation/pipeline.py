@@ -296,6 +296,12 @@ def _decontaminate_sharded(cfg: CurationConfig) -> bool:
     return bool(sources(cfg.output_dir, EVAL_PREFIX)) and _sharded(cfg, cfg.decontaminate)
 
 
+def _write_sharded(cfg: CurationConfig) -> bool:
+    from .write_sharded import use_sharded
+
+    return use_sharded(cfg.output_dir, cfg.sharding)
+
+
 def run_stage(cfg: CurationConfig, stage: str, progress: bool = True) -> Any:
     """Run one stage (skipped when already complete with the same config)."""
     if stage not in STAGES:
@@ -339,6 +345,11 @@ def run_stage(cfg: CurationConfig, stage: str, progress: bool = True) -> Any:
         fn: Callable[..., Any] = {"dedup": task_dedup, "decontaminate": task_decontaminate,
                                   "retrieve": task_retrieve}[stage]
         result = jobs.run_tasks(ex, logs, stage, fn, [(cfg,)], [stage], gather=True, progress=progress)[0]
+    elif stage == "write" and _write_sharded(cfg):
+        from .write_sharded import run_write_sharded
+
+        print(f"[curate] write: sharded plan → shards → manifest (sharding.mode={cfg.sharding.mode})", flush=True)
+        result = run_write_sharded(cfg.output_dir, cfg.write, cfg.seed, cfg.sharding, ex, progress=progress)
     else:  # write: plan (gather) → shards (array) → finalize (gather)
         jobs.run_tasks(ex, logs, "write-plan", task_write_plan, [(cfg,)], ["write plan"], gather=True,
                        progress=progress)

@@ -22,7 +22,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,24 +34,27 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dinov2.data.shards import RangeReader, ShardWriter, ShortRead, written_image_ext
-from dinov2.utils.io import atomic_write_json, atomic_write_parquet, sha256_file
+from dinov2.utils.io import atomic_write_json, sha256_file
 
 from . import layout
 from .calibrate import read_calibration
-from .funnel import funnel_counts
+from .funnel import FUNNEL_ORDER
 from .health import output_warnings
 from .retrieval_plan import read_choice
 from .text import stored_path
-
-MANIFEST_COLUMNS = (
-    "id", "source_shard", "input_path", "member", "key", "sha256", "width", "height",
-    "decision", "stage", "reason", "detail",
-    "component", "component_size", "representative_id", "nn_id", "nn_sim",
-    "eval_set", "eval_id", "eval_sim",
-    "cluster", "hk_path", "query_sets", "best_query_id", "best_query_sim",
-    "output_shard", "output_key",
+from .write_plan import (  # noqa: F401 - MANIFEST_COLUMNS, WriteError: public names of this stage
+    MANIFEST_COLUMNS,
+    MANIFEST_SCHEMA,
+    PLAN_SCHEMA,
+    WriteError,
+    assign_outputs,
+    count_block,
+    decide,
+    manifest_block,
+    parquet_stream,
+    plan_table,
+    read_block_decisions,
 )
-
 
 @dataclass
 class WriteConfig:
@@ -66,10 +70,6 @@ class WriteConfig:
             raise ConfigError(f"key 'write.images_per_shard': must be >= 1, got {self.images_per_shard}")
         if not self.shard_prefix or "/" in self.shard_prefix:
             raise ConfigError(f"key 'write.shard_prefix': invalid prefix {self.shard_prefix!r}")
-
-
-class WriteError(RuntimeError):
-    """The write stage cannot run (missing or inconsistent inputs); the message says why."""
 
 
 def _none(v: Any) -> Any:
@@ -101,18 +101,6 @@ def _read_embed_pool(out_dir: Path) -> pd.DataFrame:
     return df
 
 
-def _read_decisions(path: Path, columns: Iterable[str], required: bool) -> pd.DataFrame | None:
-    if not path.is_file():
-        if required:
-            raise WriteError(f"missing {path}: run the stage that writes it first")
-        return None
-    df = pq.read_table(path).to_pandas()
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise WriteError(f"{path} lacks columns {missing}")
-    return df
-
-
 def build_plan(
     out_dir: str | Path,
     cfg: WriteConfig,
@@ -120,107 +108,21 @@ def build_plan(
     decontaminate_required: bool = True,
     retrieve_required: bool = True,
 ) -> pd.DataFrame:
-    """Join inputs with every stage's decisions; assign output shard/key to kept rows."""
+    """Join inputs with every stage's decisions; assign output shard/key to kept rows.
+
+    Output order: the kept rows sorted by id (a pure function of the inputs), placed by the seeded
+    permutation of :func:`curation.write_plan.output_positions` (the sharded plan places its blocks
+    with the same function, see :mod:`curation.write_sharded`)."""
     out_dir = Path(out_dir)
     df = _read_embed_pool(out_dir)
-    n = len(df)
-    decision = np.full(n, "kept", dtype=object)
-    stage = np.full(n, "write", dtype=object)
-    reason = np.full(n, None, dtype=object)
-    ok = (df["status"] == "ok").to_numpy()
-    decision[~ok] = "dropped"
-    stage[~ok] = "embed"
-    reason[~ok] = df.loc[~ok, "reason"].fillna("error").to_numpy()
+    plan = decide(df, *read_block_decisions(out_dir, None, decontaminate_required, retrieve_required))
+    n_kept = int((plan["decision"] == "kept").sum())
+    return assign_outputs(plan, 0, n_kept, seed, cfg.shard_prefix, cfg.images_per_shard, cfg.shuffle)
 
-    dedup = _read_decisions(
-        layout.dedup_decisions(out_dir),
-        ("id", "component", "component_size", "kept", "reason", "representative_id", "nn_id", "nn_sim"),
-        required=True,
-    )
-    dedup = dedup.rename(columns={"kept": "dedup_kept", "reason": "dedup_reason"})
-    df = df.merge(dedup, on="id", how="left", validate="one_to_one")
-    missing = ok & df["dedup_kept"].isna().to_numpy()
-    if missing.any():
-        raise WriteError(
-            f"{int(missing.sum())} decoded pool images have no dedup decision "
-            f"(e.g. {df.loc[missing, 'id'].iloc[0]!r}): dedup outputs are stale, rerun dedup"
-        )
-    dropped = ok & ~df["dedup_kept"].fillna(True).astype(bool).to_numpy()
-    decision[dropped], stage[dropped] = "dropped", "dedup"
-    reason[dropped] = df.loc[dropped, "dedup_reason"].fillna("duplicate").to_numpy()
-    alive = ok & ~dropped
 
-    decon = _read_decisions(
-        layout.decontaminate_decisions(out_dir),
-        ("id", "contaminated", "eval_set", "eval_id", "eval_sim"),
-        required=decontaminate_required,
-    )
-    if decon is not None:
-        keep_cols = ["id", "contaminated", "eval_set", "eval_id", "eval_sim"]
-        if "via_component" in decon.columns:
-            keep_cols.append("via_component")
-        df = df.merge(decon[keep_cols], on="id", how="left", validate="one_to_one")
-        missing = alive & df["contaminated"].isna().to_numpy()
-        if missing.any():
-            raise WriteError(
-                f"{int(missing.sum())} deduplicated images have no decontamination decision "
-                f"(e.g. {df.loc[missing, 'id'].iloc[0]!r}): rerun decontaminate"
-            )
-        bad = alive & df["contaminated"].fillna(False).astype(bool).to_numpy()
-        via = df["via_component"].fillna(False).astype(bool).to_numpy() if "via_component" in df else np.zeros(n, bool)
-        decision[bad], stage[bad] = "dropped", "decontaminate"
-        reason[bad & via] = "eval_copy_component"
-        reason[bad & ~via] = "eval_copy"
-        alive &= ~bad
-    else:
-        for c in ("eval_set", "eval_id", "eval_sim"):
-            df[c] = None
-
-    sel = _read_decisions(
-        layout.retrieve_selection(out_dir),
-        ("id", "selected", "query_sets", "cluster", "hk_path", "best_query_id", "best_query_sim"),
-        required=retrieve_required,
-    )
-    if sel is not None:
-        sel = sel[["id", "selected", "query_sets", "cluster", "hk_path", "best_query_id", "best_query_sim"]]
-        df = df.merge(sel, on="id", how="left", validate="one_to_one")
-        missing = alive & df["selected"].isna().to_numpy()
-        if missing.any():
-            raise WriteError(
-                f"{int(missing.sum())} candidates have no retrieval decision "
-                f"(e.g. {df.loc[missing, 'id'].iloc[0]!r}): rerun retrieve"
-            )
-        unsel = alive & ~df["selected"].fillna(False).astype(bool).to_numpy()
-        decision[unsel], stage[unsel], reason[unsel] = "dropped", "retrieve", "not_selected"
-        alive &= ~unsel
-    else:
-        for c in ("query_sets", "cluster", "hk_path", "best_query_id", "best_query_sim"):
-            df[c] = None
-
-    df["decision"], df["stage"], df["reason"] = decision, stage, reason
-    df["source_shard"] = df["shard_id"]
-
-    # Output order: sorted ids (a pure function of the inputs), optionally permuted by the seed.
-    kept_idx = np.flatnonzero(alive)
-    kept_idx = kept_idx[np.argsort(df["id"].to_numpy()[kept_idx], kind="stable")]
-    if cfg.shuffle:
-        kept_idx = kept_idx[np.random.default_rng(seed).permutation(len(kept_idx))]
-    out_shard = np.full(n, None, dtype=object)
-    out_key = np.full(n, None, dtype=object)
-    out_pos = np.full(n, -1, dtype=np.int64)
-    for pos, i in enumerate(kept_idx):
-        out_shard[i] = layout.output_shard_name(cfg.shard_prefix, pos // cfg.images_per_shard)
-        out_key[i] = f"{pos:09d}"
-        out_pos[i] = pos
-    df["output_shard"], df["output_key"], df["output_pos"] = out_shard, out_key, out_pos
-    for c in MANIFEST_COLUMNS:
-        if c not in df.columns:
-            df[c] = None
-    # Left joins turn integer columns with gaps into floats; keep them integers (nullable).
-    for c in ("width", "height", "component", "component_size", "cluster", "byte_offset", "byte_size"):
-        df[c] = pd.to_numeric(df[c], errors="coerce").round().astype("Int64")
-    extra = ["ext", "url", "caption", "byte_offset", "byte_size", "input_path_bytes", "output_pos"]
-    return df[list(MANIFEST_COLUMNS) + [c for c in extra if c in df.columns]].sort_values("id", kind="stable").reset_index(drop=True)
+def write_plan_file(path: Path, plan: pd.DataFrame) -> None:
+    with parquet_stream(path, PLAN_SCHEMA) as add:
+        add(plan_table(plan))
 
 
 def plan_write(out_dir: str | Path, cfg: WriteConfig, seed: int = 0, **kw: Any) -> pd.DataFrame:
@@ -229,20 +131,8 @@ def plan_write(out_dir: str | Path, cfg: WriteConfig, seed: int = 0, **kw: Any) 
     if path.is_file():
         return pq.read_table(path).to_pandas()
     plan = build_plan(out_dir, cfg, seed=seed, **kw)
-    atomic_write_parquet(path, _to_table(plan))
-    return plan
-
-
-def _to_table(df: pd.DataFrame) -> pa.Table:
-    # Object columns that are entirely null get an explicit string type (stable schema).
-    fields = {}
-    for c in df.columns:
-        if df[c].dtype == object and df[c].isna().all():
-            fields[c] = pa.array([None] * len(df), type=pa.string())
-    table = pa.Table.from_pandas(df, preserve_index=False)
-    for c, arr in fields.items():
-        table = table.set_column(table.schema.get_field_index(c), c, arr)
-    return table
+    write_plan_file(path, plan)
+    return pq.read_table(path).to_pandas()  # as the later steps read it (one schema for every path)
 
 
 # ----------------------------------------------------------------------------- step 2: shards
@@ -353,9 +243,16 @@ def finalize_write(out_dir: str | Path, cfg: WriteConfig) -> dict:
     if not layout.write_plan(out_dir).is_file():
         raise WriteError(f"missing {layout.write_plan(out_dir)}: the write stage did not finish its plan step")
     plan = pq.read_table(layout.write_plan(out_dir)).to_pandas()
-    groups = shard_groups(plan)
+    return finalize_blocks(out_dir, cfg, sorted(shard_groups(plan)), lambda: iter([plan]))
+
+
+def finalize_blocks(out_dir: Path, cfg: WriteConfig, names: list[str],
+                    blocks: Callable[[], Iterator[pd.DataFrame]]) -> dict:
+    """The manifest and summary from the shard records of ``names`` and the plan's id-sorted
+    ``blocks`` (streamed: the gathered job passes one block, the sharded finalize task one per plan
+    task; the bytes are the same)."""
     shards, failed = [], {}
-    for name in sorted(groups):
+    for name in names:
         rp = layout.write_shard_record(out_dir, name)
         if not rp.is_file() or not layout.final_shard(out_dir, name).is_file():
             raise WriteError(f"shard {name} was not written (no {rp}): rerun the write stage")
@@ -363,27 +260,18 @@ def finalize_write(out_dir: str | Path, cfg: WriteConfig) -> dict:
         shards.append({"name": name, "sha256": rec["sha256"], "count": rec["count"], "bytes": rec["bytes"]})
         failed.update(rec["failed"])
 
-    manifest = plan.copy()
-    if failed:
-        hit = manifest["id"].isin(list(failed))
-        manifest.loc[hit, "decision"] = "dropped"
-        manifest.loc[hit, "stage"] = "write"
-        manifest.loc[hit, "reason"] = manifest.loc[hit, "id"].map(lambda i: failed[i][0])
-        manifest.loc[hit, "detail"] = manifest.loc[hit, "id"].map(lambda i: failed[i][1])
-        manifest.loc[hit, "output_shard"] = None
-        manifest.loc[hit, "output_key"] = None
-    manifest = manifest[list(MANIFEST_COLUMNS)]
-    final = layout.final_dir(out_dir)
-    atomic_write_parquet(layout.manifest(out_dir), _to_table(manifest))
-
-    funnel = funnel_counts(manifest)
+    funnel: Counter = Counter()
+    dropped: dict[str, Counter] = {}
+    with parquet_stream(layout.manifest(out_dir), MANIFEST_SCHEMA) as add:
+        for plan in blocks():
+            manifest = manifest_block(plan, failed)
+            add(plan_table(manifest, MANIFEST_SCHEMA))
+            count_block(manifest, funnel, dropped)
+    funnel_d = {k: int(funnel[k]) for k in FUNNEL_ORDER}
     summary = {
-        "funnel": funnel,
-        "warnings": output_warnings(out_dir, funnel),
-        "dropped": {
-            st: {str(r): int(c) for r, c in g["reason"].value_counts(dropna=False).sort_index().items()}
-            for st, g in manifest[manifest["decision"] == "dropped"].groupby("stage", sort=True)
-        },
+        "funnel": funnel_d,
+        "warnings": output_warnings(out_dir, funnel_d),
+        "dropped": {st: dict(sorted(c.items())) for st, c in sorted(dropped.items())},
         "images_per_shard": cfg.images_per_shard,
         "num_shards": len(shards),
         "shards": shards,
@@ -391,5 +279,5 @@ def finalize_write(out_dir: str | Path, cfg: WriteConfig) -> dict:
     summary["calibration"] = read_calibration(out_dir)  # thresholds used and their estimated quality
     summary["retrieval"] = read_choice(out_dir)  # method / clusters chosen and why, warnings
     atomic_write_json(layout.summary(out_dir), summary)
-    _clean_stale_tmp(final)
+    _clean_stale_tmp(layout.final_dir(out_dir))
     return summary

@@ -180,6 +180,8 @@ def test_sharded_dedup_run_equals_gathered(world, reference):
     assert len(list((out / "logs" / "retrieve" / "search").glob("*_result.pkl"))) >= 4
     for name in ("selection.parquet", "clusters.json"):
         assert (out / "retrieve" / name).read_bytes() == (ref / "retrieve" / name).read_bytes(), name
+    assert "write: sharded plan → shards → manifest" in proc.stdout
+    assert len(list((out / "write" / "plan").glob("b*.parquet"))) >= 2  # the plan joined per block
     assert (out / "final" / "manifest.parquet").read_bytes() == (ref / "final" / "manifest.parquet").read_bytes()
     assert _final(out) == _final(reference["out"])
 
