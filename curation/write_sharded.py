@@ -180,8 +180,19 @@ def task_finalize(out_dir: str, plan: dict, cfg: WriteConfig) -> dict:
         for b in range(len(plan["blocks"])):
             yield pq.read_table(plan_block_path(out_dir, b)).to_pandas()
 
+    # The plan of record, streamed from the blocks with the gathered job's writer: the same bytes.
+    with parquet_stream(layout.write_plan(out_dir), PLAN_SCHEMA) as add:
+        for b in range(len(plan["blocks"])):
+            add(pq.read_table(plan_block_path(out_dir, b)))
     summary = finalize_blocks(Path(out_dir), cfg, shard_names(out_dir, plan), blocks)
     return task_usage({"step": "finalize", "written": summary["funnel"]["written"]})
+
+
+def remove_work(out_dir: str | Path) -> None:
+    """After finalize: the decided blocks, writer pieces and plan blocks (~3x the plan) go; the run
+    folder then holds what the gathered job leaves (plan.parquet, shard records, final/)."""
+    shutil.rmtree(_work(out_dir), ignore_errors=True)
+    shutil.rmtree(plan_block_path(out_dir, 0).parent, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- orchestration
@@ -190,8 +201,7 @@ def prepare_work(out_dir: str | Path, plan: dict) -> None:
     path = _work(out_dir) / "plan.json"
     if path.is_file() and json.loads(path.read_text()) == json.loads(json.dumps(plan)):
         return
-    shutil.rmtree(_work(out_dir), ignore_errors=True)
-    shutil.rmtree(plan_block_path(out_dir, 0).parent, ignore_errors=True)
+    remove_work(out_dir)
     atomic_write_json(path, plan)
 
 
@@ -214,6 +224,7 @@ def run_write_sharded(out_dir: str | Path, cfg: WriteConfig, seed: int, sharding
     step("place", task_place, [(out_dir, plan, b) for b in range(n)])
     step("shards", task_write, [(out_dir, plan, cfg, w) for w in range(plan["writers"])])
     step("finalize", task_finalize, [(out_dir, plan, cfg)], gather=True)
+    remove_work(out_dir)
     return usage
 
 

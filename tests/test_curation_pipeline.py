@@ -181,7 +181,8 @@ def test_sharded_dedup_run_equals_gathered(world, reference):
     for name in ("selection.parquet", "clusters.json"):
         assert (out / "retrieve" / name).read_bytes() == (ref / "retrieve" / name).read_bytes(), name
     assert "write: sharded plan → shards → manifest" in proc.stdout
-    assert len(list((out / "write" / "plan").glob("b*.parquet"))) >= 2  # the plan joined per block
+    assert len(list((out / "logs" / "write" / "decide").glob("*_result.pkl"))) >= 2  # the plan joined per block
+    assert (out / "write" / "plan.parquet").read_bytes() == (ref / "write" / "plan.parquet").read_bytes()
     assert (out / "final" / "manifest.parquet").read_bytes() == (ref / "final" / "manifest.parquet").read_bytes()
     assert _final(out) == _final(reference["out"])
 
