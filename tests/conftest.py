@@ -151,3 +151,23 @@ def sigkill_when(argv: list[str], ready, timeout_s: float = 120.0, settle_s: flo
     if rc == -signal.SIGKILL:
         time.sleep(settle_s)
     return rc
+
+
+@pytest.fixture(autouse=True)
+def _restore_thread_limits():
+    """Tasks run in-process (the debug executor) set BLAS / OpenMP / torch thread counts that stay set
+    (curation.dedup_sharded.setup_task); restore them so a later test runs with the counts it was
+    measured with (the learning tests' margins depend on the arithmetic, hence on the thread count)."""
+    import sys
+
+    from threadpoolctl import threadpool_limits
+
+    saved = threadpool_limits(limits=None)  # records the current limits, changes nothing
+    torch_threads = sys.modules["torch"].get_num_threads() if "torch" in sys.modules else None
+    faiss_threads = sys.modules["faiss"].omp_get_max_threads() if "faiss" in sys.modules else None
+    yield
+    saved.restore_original_limits()
+    if torch_threads is not None and "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(torch_threads)
+    if faiss_threads is not None and "faiss" in sys.modules:
+        sys.modules["faiss"].omp_set_num_threads(faiss_threads)
