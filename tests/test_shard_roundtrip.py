@@ -33,8 +33,10 @@ PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "moon",
 
 @pytest.fixture(scope="module")
 def embedder():
+    before = torch.get_num_threads()
     torch.set_num_threads(1)
-    return load_embedder(EmbedderConfig(kind="efficientnet_lite0", image_size=64, batch_size=16, device="cpu"))
+    yield load_embedder(EmbedderConfig(kind="efficientnet_lite0", image_size=64, batch_size=16, device="cpu"))
+    torch.set_num_threads(before)  # the per-test restore saw 1 already: module fixtures are set up first
 
 
 def _curate(out: Path, inputs: list[str], embedder) -> dict:

@@ -98,13 +98,21 @@ def run_learning(root: Path, steps: int, out: Path, overrides=()) -> dict:
 
 
 def train_supervised_teacher(items, epochs: int, out_path: Path, crop: int = 84, batch_size: int = 64,
-                             lr: float = 1e-3, seed: int = 0, photometric: bool = False) -> nn.Module:
-    """The tiny config's backbone + a linear classifier on its CLS, trained with cross-entropy."""
+                             lr: float = 1e-3, seed: int = 0, photometric: bool = False, clip_grad: float = 3.0,
+                             pos_embed_init: str = "sincos", record: dict | None = None) -> nn.Module:
+    """The tiny config's backbone + a linear classifier on its CLS, trained with cross-entropy.
+
+    The loss first sits at chance (ln 10) for a number of epochs that depends on the seed and on the
+    CPU's arithmetic: with the reference trunc-normal position init seed 0 left that plateau only after
+    epoch 8 here (k-NN 0.32-0.35) and never on another CPU (0.153, a failed test).  The sin-cos start of
+    tiny.yaml leaves it by epoch 3-4 (k-NN 0.54-0.59 over two seeds; bench/RESULTS.md).  Gradients are
+    clipped to ``clip_grad`` (the reference's 3.0); a non-finite loss or an epoch without one readable
+    image is an error.  ``record`` (if given) receives each epoch's mean loss and training accuracy and
+    the number of images seen, so a weak teacher shows why."""
     from torchvision.transforms import v2
 
-    # The reference position init, as when the 0.35 teacher in bench/RESULTS.md was measured.
     cfg = load_train_config(CONFIGS / "tiny.yaml",
-                            ["train.output_dir=/unused", "model.pos_embed_init=trunc_normal"])
+                            ["train.output_dir=/unused", f"model.pos_embed_init={pos_embed_init}"])
     torch.manual_seed(seed)
     backbone = build_backbone(cfg.model, crop, 0.0)
     n_classes = max(i.label for i in items) + 1
@@ -128,8 +136,10 @@ def train_supervised_teacher(items, epochs: int, out_path: Path, crop: int = 84,
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05, fused=True)
     total = epochs * len(loader)
     step = 0
+    epoch_loss, epoch_acc, seen = [], [], 0
     backbone.train()
-    for _ in range(epochs):
+    for epoch in range(epochs):
+        loss_sum, correct, n_epoch = torch.zeros(()), torch.zeros((), dtype=torch.long), 0
         for x, y, _idx, _bad in loader:
             if x is None:
                 continue
@@ -137,12 +147,27 @@ def train_supervised_teacher(items, epochs: int, out_path: Path, crop: int = 84,
                 warm = len(loader)
                 group["lr"] = lr * (step + 1) / warm if step < warm else \
                     lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
-            cls = backbone.forward_features(x)["x_norm_clstoken"]
-            loss = F.cross_entropy(classifier(cls), y)
+            logits = classifier(backbone.forward_features(x)["x_norm_clstoken"])
+            loss = F.cross_entropy(logits, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if clip_grad > 0:
+                nn.utils.clip_grad_norm_(params, clip_grad)
             opt.step()
             step += 1
+            loss_sum += loss.detach() * len(y)
+            correct += (logits.detach().argmax(1) == y).sum()
+            n_epoch += len(y)
+        seen += n_epoch
+        if n_epoch == 0:
+            raise RuntimeError(f"supervised teacher: no image of epoch {epoch} could be read")
+        mean_loss = float(loss_sum) / n_epoch  # one host sync per epoch
+        if not math.isfinite(mean_loss):
+            raise RuntimeError(f"supervised teacher diverged in epoch {epoch} (mean loss {mean_loss})")
+        epoch_loss.append(round(mean_loss, 4))
+        epoch_acc.append(round(int(correct) / n_epoch, 4))
+    if record is not None:
+        record.update(epoch_loss=epoch_loss, epoch_train_acc=epoch_acc, images_seen=seen)
     backbone.eval()
     save_official(backbone, out_path)
     return backbone
@@ -187,7 +212,9 @@ def run_distillation(root: Path, out: Path, teacher_epochs: int = 15, student_st
 
         teacher = load_pretrained(out / "teacher.pth")
     else:
-        teacher = train_supervised_teacher(train, teacher_epochs, out / "teacher.pth")
+        res["teacher_training"] = {}
+        teacher = train_supervised_teacher(train, teacher_epochs, out / "teacher.pth",
+                                           record=res["teacher_training"])
     res["teacher_seconds"] = round(time.time() - t0, 1)
     res["teacher"] = knn(teacher, train, val)
 
