@@ -19,8 +19,10 @@ byte-identical.  Every step skips the work whose files exist, so a killed run re
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ import pandas as pd
 import pyarrow as pa
 
 from curation import jobs, layout
+from curation.choices import IndexKind
 from curation.dedup import DedupConfig, KnnGraph, graph_of_batches, run_dedup, spanning_forest, union_edges
 from curation.index_plan import plan_index
 from curation.sharding import ShardingConfig, split_range, split_shards
@@ -42,8 +45,15 @@ log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------- plan
 def make_plan(vectors: ShardedVectors, cfg: DedupConfig, sharding: ShardingConfig, n_tasks: int = 0) -> dict:
-    """Index plan, assign blocks and search ranges of a pool (pure; JSON-serialisable)."""
-    plan = plan_index(vectors.n, vectors.dim, cfg.index, gpu=False)
+    """Index plan, assign blocks and search ranges of a pool (pure; JSON-serialisable).
+
+    ``auto`` never turns into IVF-PQ here: its float32 cap (``index.max_memory_gb``) is about one
+    process holding the whole pool, and a sharded task holds one block.  Without this the pools the
+    sharding exists for (a 1e7 × 256 pool is 10 GB of float32) were refused under the default config."""
+    index_cfg = cfg.index
+    if index_cfg.kind == IndexKind.auto:
+        index_cfg = dataclasses.replace(index_cfg, max_memory_gb=math.inf)
+    plan = plan_index(vectors.n, vectors.dim, index_cfg, gpu=False)
     if plan.kind not in ("flat", "ivf_gemm"):
         raise ConfigError(
             f"key 'dedup.index.kind': the sharded dedup scans flat or ivf_gemm lists, but this pool plans "

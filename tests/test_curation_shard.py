@@ -110,6 +110,28 @@ def test_sharding_config_is_validated():
     assert ShardingConfig(mode="gathered", min_items=1).sharded(10**9) is False
 
 
+def test_auto_index_of_a_pool_too_big_for_one_process_is_planned_as_ivf_gemm(tmp_path):
+    """The float32 cap that sends the gathered job's ``auto`` to IVF-PQ does not refuse the sharded
+    stage (whose tasks hold one block): it plans ivf_gemm lists; an explicit ivfpq is still refused."""
+    from curation.dedup_sharded import make_plan
+    from curation.index_plan import plan_index
+    from curation.store import ShardedVectors
+    from dinov2.utils.config import ConfigError
+
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"{i}.npy")
+        np.save(paths[-1], np.random.default_rng(i).standard_normal((400, 16)).astype(np.float16))
+    vectors = ShardedVectors(paths)
+    tiny_cap = IndexConfig(flat_max=100, max_memory_gb=1e-6, gemm_list_size=100)
+    assert plan_index(vectors.n, vectors.dim, tiny_cap).kind == "ivfpq"  # what the gathered job would build
+    plan = make_plan(vectors, DedupConfig(index=tiny_cap), ShardingConfig(mode="sharded"), n_tasks=3)
+    assert plan["kind"] == "ivf_gemm" and plan["nlist"] == 12 and len(plan["blocks"]) == 3
+    with pytest.raises(ConfigError, match="dedup.index.kind"):
+        make_plan(vectors, DedupConfig(index=dataclasses.replace(tiny_cap, kind="ivfpq")),
+                  ShardingConfig(mode="sharded"), n_tasks=3)
+
+
 @pytest.mark.parametrize("whiten", [False, True], ids=["raw", "whitened"])
 def test_sharded_decontamination_decisions_are_byte_identical(tmp_path, whiten):
     from curation.decontaminate import DecontamConfig, run_decontaminate
