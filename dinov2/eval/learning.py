@@ -103,9 +103,9 @@ def train_supervised_teacher(items, epochs: int, out_path: Path, crop: int = 84,
     """The tiny config's backbone + a linear classifier on its CLS, trained with cross-entropy.
 
     The loss first sits at chance (ln 10) for a number of epochs that depends on the seed and on the
-    CPU's arithmetic: with the reference trunc-normal position init seed 0 left that plateau only after
-    epoch 8 here (k-NN 0.32-0.35) and never on another CPU (0.153, a failed test).  The sin-cos start of
-    tiny.yaml leaves it by epoch 3-4 (k-NN 0.54-0.59 over two seeds; bench/RESULTS.md).  Gradients are
+    CPU's arithmetic; with the reference trunc-normal position init that plateau can last most of the
+    budget (a chance-level teacher failed CI on one CPU), while tiny.yaml's sin-cos start leaves it within
+    a few epochs (bench/RESULTS.md, "the teacher's chance plateau").  Gradients are
     clipped to ``clip_grad`` (the reference's 3.0); a non-finite loss or an epoch without one readable
     image is an error.  ``record`` (if given) receives each epoch's mean loss and training accuracy and
     the number of images seen, so a weak teacher shows why."""
