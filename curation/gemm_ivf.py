@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterator
 from typing import Protocol
 
@@ -12,9 +11,39 @@ from tqdm.auto import tqdm
 from curation.index_plan import IndexConfig, IndexPlan
 from curation.kmeans import kmeans_array, sample_rows
 from curation.store import Vectors, as_vectors
-from curation.topk import similarities, sort_desc, top_k
+from curation.topk import select_k, similarities, sort_desc, top_k
 
 log = logging.getLogger(__name__)
+
+PAIR_BLOCK = 1024  # queries per list GEMM: a cache-sized score block (PAIR_BLOCK × list size float32)
+_MISSING = np.iinfo(np.int64).max  # row of an empty top-k slot: sorts after every real row
+
+
+def _merge(best_s: np.ndarray, best_r: np.ndarray, filled: np.ndarray, qi: np.ndarray,
+           cand_s: np.ndarray, cand_r: np.ndarray) -> None:
+    """Fold one list's candidates (``cand_*`` [len(qi), ≤ k]) into the running top-k (unordered) of
+    queries ``qi`` under (similarity desc, row asc)."""
+    kk = best_s.shape[1]
+    first = ~filled[qi]
+    if first.any():
+        q, m = qi[first], cand_s.shape[1]
+        best_s[q, :m], best_r[q, :m] = cand_s[first], cand_r[first]
+        filled[q] = True
+        if first.all():
+            return
+        keep = ~first
+        qi, cand_s, cand_r = qi[keep], cand_s[keep], cand_r[keep]
+    # a list whose best candidate is below a query's k-th cannot change it (>=: a tie may, by row)
+    useful = cand_s.max(1) >= best_s[qi].min(1)
+    if not useful.all():
+        qi, cand_s, cand_r = qi[useful], cand_s[useful], cand_r[useful]
+    if len(qi) == 0:
+        return
+    s = np.concatenate([best_s[qi], cand_s], 1)
+    r = np.concatenate([best_r[qi], cand_r], 1)
+    j = select_k(s, kk, key=lambda rows: r[rows])
+    best_s[qi] = np.take_along_axis(s, j, 1)
+    best_r[qi] = np.take_along_axis(r, j, 1)
 
 
 class CoarseQuantizer:
@@ -108,51 +137,42 @@ class GemmIvfIndex:
     def _search(self, xq: np.ndarray, probes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k over the probed lists for float32 queries ``xq`` [q, D].
 
-        Exact under the order (similarity desc, global row asc): a list's members lie in row order,
-        so its top-k keeps the smaller positions on ties, and every row is in one list only.
+        Each probed list is read once per call and scored against all of its queries (in blocks of
+        ``PAIR_BLOCK``); a query's running top-k is merged with each list's.  Exact under the order
+        (similarity desc, global row asc), which is strict (a row lies in one list only), so the
+        merge order does not matter; a list's members lie in row order, so its own top-k keeps the
+        smaller rows on ties.  Memory is O(q · k), not O(q · nprobe · k): the query batch can be large,
+        and the lists are read ``N / batch`` times in a whole self-search.
         """
         q, p = probes.shape
         kk = min(k, self.ntotal)
-        cand_s = np.full((q * p, kk), -np.inf, np.float32)
-        # int32 positions (n < 2**31): a third less memory per batch than int64, same values
-        cand_i = np.full((q * p, kk), -1, np.int32)
+        best_s = np.full((q, kk), -np.inf, np.float32)
+        best_r = np.full((q, kk), _MISSING, np.int64)
+        filled = np.zeros(q, bool)  # queries with a merged list: the first list is copied, not merged
         flat = probes.reshape(-1).astype(np.int64)
         by_list = np.argsort(flat, kind="stable")
         lists, starts = np.unique(flat[by_list], return_index=True)
         ends = np.append(starts[1:], len(flat))
-        self.lists.begin_batch()
         for c, a, b in zip(lists.tolist(), starts.tolist(), ends.tolist()):
             lo, hi = int(self.bounds[c]), int(self.bounds[c + 1])
             if hi == lo:
                 continue
-            pairs = by_list[a:b]  # = query * p + probe slot
-            scores = similarities(xq[pairs // p], self.lists.members(c, lo, hi))
-            j = top_k(scores, kk)  # all members when the list is short; order is fixed by the final sort
-            kc = j.shape[1]
-            cand_s[pairs, :kc] = np.take_along_axis(scores, j, 1)
-            cand_i[pairs, :kc] = j + lo
-        cand_s, cand_i = cand_s.reshape(q, p * kk), cand_i.reshape(q, p * kk)
-
-        def rows(pos: np.ndarray, missing: int) -> np.ndarray:
-            out = np.full(pos.shape, missing, np.int64)
-            ok = pos >= 0
-            out[ok] = self.lists.rows_at(pos[ok].astype(np.int64))
-            return out
-
-        # ties across lists → smaller global row (empty slots last)
-        j = top_k(cand_s, kk, key=lambda qs: rows(cand_i[qs], np.iinfo(np.int64).max))
-        sorted_pos = np.take_along_axis(cand_i, j, 1)
-        sims = np.take_along_axis(cand_s, j, 1)
-        found = sorted_pos >= 0
-        grow = rows(sorted_pos, -1)
-        sims = np.where(found, sims, -np.inf).astype(np.float32)
-        # deterministic order: similarity desc, then global row asc (missing entries last)
-        key_row = np.where(found, grow, np.iinfo(np.int64).max)
-        o = sort_desc(sims, key_row)
-        sims, grow = np.take_along_axis(sims, o, 1), np.take_along_axis(grow, o, 1)
+            members, rows = self.lists.members(c, lo, hi)
+            queries = by_list[a:b] // p  # distinct: a query probes a list once
+            for s in range(0, len(queries), PAIR_BLOCK):
+                qi = queries[s : s + PAIR_BLOCK]
+                scores = similarities(xq[qi], members)
+                j = select_k(scores, kk)  # all members when the list is short
+                _merge(best_s, best_r, filled, qi, np.take_along_axis(scores, j, 1), rows[j])
+        o = sort_desc(best_s, best_r)  # similarity desc, then row asc; empty slots last
+        best_s, best_r = np.take_along_axis(best_s, o, 1), np.take_along_axis(best_r, o, 1)
+        del o
+        best_r[best_r == _MISSING] = -1  # empty slots keep -inf
+        if kk == k:
+            return best_s, best_r
         out_s = np.full((q, k), -np.inf, np.float32)
         out_r = np.full((q, k), -1, np.int64)
-        out_s[:, :kk], out_r[:, :kk] = sims, grow
+        out_s[:, :kk], out_r[:, :kk] = best_s, best_r
         return out_s, out_r
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -161,8 +181,8 @@ class GemmIvfIndex:
         if self.ntotal == 0 or len(q) == 0:
             return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
         out_s, out_r = [], []
-        for s in range(0, len(q), self.cfg.search_batch):
-            qb = q[s : s + self.cfg.search_batch]
+        for s in range(0, len(q), self.cfg.gemm_query_batch):
+            qb = q[s : s + self.cfg.gemm_query_batch]
             _, iq = self.coarse.search(qb, self.plan.nprobe)
             a, b = self._search(qb, iq.astype(np.int32), k)
             out_s.append(a)
@@ -195,11 +215,11 @@ class GemmIvfIndex:
                       ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Self-search of the indexed rows at sorted (list-order) positions ``start:stop``.
 
-        Blocks start at multiples of ``search_batch`` counted from 0, so a range split
+        Blocks start at multiples of ``gemm_query_batch`` counted from 0, so a range split
         at batch boundaries (the sharded dedup's tasks) runs exactly the GEMMs of the
         whole self-search: same queries, same lists, bit-identical results.
         """
-        bs = self.cfg.search_batch
+        bs = self.cfg.gemm_query_batch
         bar = tqdm(total=stop - start, desc=desc, leave=False, disable=stop - start < 200_000)
         for s in range(start, stop, bs):
             xq, probes, qrows = self.lists.queries(s, min(s + bs, stop))
@@ -214,14 +234,8 @@ class GemmIvfIndex:
 class ListStore(Protocol):
     """The indexed rows in list order (sorted position = list, then global row)."""
 
-    def begin_batch(self) -> None: ...
-
-    def members(self, c: int, lo: int, hi: int):
-        """float32 array [hi - lo, D] of list ``c`` (sorted positions lo:hi), a fresh contiguous copy."""
-        ...
-
-    def rows_at(self, sorted_pos: np.ndarray) -> np.ndarray:
-        """Global rows at sorted positions of lists fetched since ``begin_batch``."""
+    def members(self, c: int, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        """(float32 array [hi - lo, D], global rows [hi - lo] int64) of list ``c`` (sorted positions lo:hi)."""
         ...
 
     def queries(self, start: int, stop: int):
@@ -238,16 +252,8 @@ class MemoryLists:
         self.probes = probes  # [n, nprobe] int32 lists probed by each indexed row (index position)
         self.rows = rows  # index position -> global row
 
-    def begin_batch(self) -> None:
-        pass
-
-    def members(self, c: int, lo: int, hi: int):
-        # A copy, not a view: the disk store hands out fresh tensors too, and the GEMM must see
-        # identically laid-out operands in both for bit-identical scores.
-        return self.db[lo:hi].copy()
-
-    def rows_at(self, sorted_pos: np.ndarray) -> np.ndarray:
-        return self.rows[self.order[sorted_pos]]
+    def members(self, c: int, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.db[lo:hi], self.rows[self.order[lo:hi]]
 
     def queries(self, start: int, stop: int):
         pos = self.order[start:stop]

@@ -50,6 +50,9 @@ class IndexConfig:
     # ivf_gemm (CPU default for N >= flat_max): clusters of ~gemm_list_size rows scanned with BLAS GEMMs
     gemm_list_size: int = 1000
     gemm_train_per_centroid: int = 64
+    # queries per self-search pass over the lists: each pass reads every list it probes once, so a
+    # whole self-search reads the lists ~N / gemm_query_batch times (memory per pass ~ batch × (4 D + 12 k) B)
+    gemm_query_batch: int = 65536
 
     def validate(self) -> None:
         from dinov2.utils.config import ConfigError
@@ -57,8 +60,9 @@ class IndexConfig:
         self.kind = coerce(IndexKind, self.kind, "index.kind")
         self.quantizer = coerce(Quantizer, self.quantizer, "index.quantizer")
         self.use_gpu = coerce(UseGpu, self.use_gpu, "index.use_gpu")
-        if self.gemm_list_size < 1 or self.gemm_train_per_centroid < 1:
-            raise ConfigError("index.gemm_list_size and index.gemm_train_per_centroid must be >= 1")
+        if self.gemm_list_size < 1 or self.gemm_train_per_centroid < 1 or self.gemm_query_batch < 1:
+            raise ConfigError("index.gemm_list_size, index.gemm_train_per_centroid and index.gemm_query_batch "
+                              "must be >= 1")
         if self.nprobe < 1 or self.search_batch < 1 or self.target_list_size < 1:
             raise ConfigError("index.nprobe, index.search_batch and index.target_list_size must be >= 1")
         if not 1 <= self.train_per_centroid <= 1024:

@@ -101,10 +101,6 @@ class DiskLists:
         self.bounds = np.concatenate([[0], np.cumsum(counts.sum(0))]).astype(np.int64)
         self.files = {p: [NpyRows(layout.dedup_piece(out_dir, b, p)) for b in range(n_blocks)]
                       for p in ("vec", "rows", "probes")}
-        self._start = np.full(self.nlist, -1, np.int64)  # list -> position in the batch's row cache
-        self._parts: list[np.ndarray] = []
-        self._cache: np.ndarray | None = None
-        self._size = 0
 
     def _read(self, start: int, stop: int, parts: tuple[str, ...]) -> list[np.ndarray]:
         got: dict[str, list[np.ndarray]] = {p: [] for p in parts}
@@ -121,30 +117,12 @@ class DiskLists:
                     got[p].append(self.files[p][b].read(first, first + int(hi[b] - lo[b])))
         return [np.concatenate(got[p]) for p in parts]
 
-    def begin_batch(self) -> None:
-        self._start[:] = -1
-        self._parts, self._cache, self._size = [], None, 0
-
-    def members(self, c: int, lo: int, hi: int):
+    def members(self, c: int, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
         vec, rows = self._read(lo, hi, ("vec", "rows"))
-        if self._start[c] < 0:
-            self._start[c] = self._size
-            self._parts.append(rows)
-            self._size += len(rows)
-            self._cache = None
-        return self._prepare(vec)
+        return self._prepare(vec), rows
 
     def _prepare(self, vec: np.ndarray) -> np.ndarray:
         return np.array(vec, np.float32) if self.prepared else normalize_rows(vec)
-
-    def rows_at(self, sorted_pos: np.ndarray) -> np.ndarray:
-        if self._cache is None:
-            self._cache = np.concatenate(self._parts) if self._parts else np.zeros(0, np.int64)
-        lists = np.searchsorted(self.bounds, sorted_pos, "right") - 1
-        start = self._start[lists]
-        if (start < 0).any():
-            raise RuntimeError("rows_at: a list that was not fetched in this batch")
-        return self._cache[start + sorted_pos - self.bounds[lists]]
 
     def queries(self, start: int, stop: int):
         vec, rows, probes = self._read(start, stop, ("vec", "rows", "probes"))

@@ -182,12 +182,15 @@ def run_tasks(
     if cfg.cluster == "debug":
         calls = [(fn, *c) for c in calls]
         fn = _guarded_call
-    if len(calls) == 1:
-        jobs = [ex.submit(fn, *calls[0])]
-    else:
-        columns = list(zip(*calls))
-        jobs = ex.map_array(fn, *columns)
-    _wait(jobs, name, cfg, progress)
+    # SLURM throttles an array itself (slurm_array_parallelism); the local executor starts every task
+    # it is handed, so a local array runs in waves of array_parallelism processes.
+    wave = len(calls) if cfg.cluster != "local" else max(1, cfg.array_parallelism)
+    jobs = []
+    for start in range(0, len(calls), wave):
+        part = calls[start : start + wave]
+        submitted = [ex.submit(fn, *part[0])] if len(part) == 1 else ex.map_array(fn, *zip(*part))
+        _wait(submitted, name, cfg, progress)
+        jobs.extend(submitted)
     failures: list[TaskFailure] = []
     results: list[Any] = []
     for job, desc in zip(jobs, descriptions):

@@ -74,6 +74,22 @@ def top_k(s: np.ndarray, k: int, key=None, chunk: int = 1 << 22) -> np.ndarray:
     return out
 
 
+def select_k(s: np.ndarray, k: int, key=None) -> np.ndarray:
+    """The columns of :func:`top_k` (same set, same tie rule) in no particular order, for callers that
+    sort later: one ``argpartition``; only rows with a tie at the k-th value take :func:`top_k`'s path."""
+    n, m = s.shape
+    if k >= m or k < 1 or n == 0:
+        return top_k(s, k, key)
+    idx = np.argpartition(s, m - k, axis=1)[:, m - k :]
+    kth = np.take_along_axis(s, idx, 1).min(1, keepdims=True)
+    if np.isnan(kth).any():
+        raise ValueError("top_k: NaN similarities (non-finite embeddings?)")
+    tied = np.flatnonzero((s >= kth).sum(1) > k)
+    if len(tied):
+        idx[tied] = top_k(s[tied], k, None if key is None else (lambda rows: key(tied[rows])))
+    return idx
+
+
 def _few_of_many(x: np.ndarray, k: int) -> np.ndarray:
     """:func:`top_k` (no key) for k << m, ~4× faster than a partition at k = 10, m = 8192: the k-th
     largest of 4k group maxima is a threshold that k groups reach, so every entry of the top-k (ties

@@ -202,7 +202,7 @@ def test_ivf_gemm_deterministic_across_threads_masked_and_memmapped(tmp_path):
     vectors = ShardedVectors([tmp_path / "a.npy", tmp_path / "b.npy"])
     mask = np.ones(len(x), bool)
     mask[::7] = False
-    cfg = IndexConfig(kind="ivf_gemm", gemm_list_size=100, nprobe=6, search_batch=1000)
+    cfg = IndexConfig(kind="ivf_gemm", gemm_list_size=100, nprobe=6, search_batch=1000, gemm_query_batch=1000)
     threads = torch.get_num_threads()
     results = []
     try:

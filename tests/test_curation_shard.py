@@ -32,7 +32,7 @@ WHITEN = WhiteningConfig(kind="pca", dim=24, shrinkage=0.25, n_sample=1000)
 
 CONFIGS = {
     "ivf_gemm": DedupConfig(embedder=EMB, k=4, max_k=32, threshold=0.9,
-                            index=IndexConfig(kind="ivf_gemm", gemm_list_size=40, nprobe=3, search_batch=128,
+                            index=IndexConfig(kind="ivf_gemm", gemm_list_size=40, nprobe=3, search_batch=128, gemm_query_batch=128,
                                               gemm_train_per_centroid=16)),
     "flat": DedupConfig(embedder=EMB, k=4, max_k=32, threshold=0.9, index=IndexConfig(search_batch=128)),
 }

@@ -60,6 +60,23 @@ def test_top_k_of_distinct_values_and_sort_desc():
     assert np.array_equal(np.take_along_axis(j, o, 1), np.argsort(-s, axis=1)[:, :10])
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_select_k_takes_the_columns_of_top_k(seed):
+    """Same set as :func:`top_k` (ties by column, or by key), in any order; plain rows and tied rows mixed."""
+    rng = np.random.default_rng(seed)
+    s = rng.standard_normal((300, 130)).astype(np.float32)
+    s[::3] = rng.integers(0, 4, (100, 130)).astype(np.float32)  # many ties at the k-th value
+    key = rng.permutation(300 * 130).reshape(300, 130)
+    for k in (1, 7, 65, 129, 130, 200):
+        got = np.sort(topk.select_k(s, k), axis=1)
+        assert np.array_equal(got, topk.top_k(s, k))
+        got = np.sort(topk.select_k(s, k, key=lambda rows: key[rows]), axis=1)
+        assert np.array_equal(got, topk.top_k(s, k, key=lambda rows: key[rows]))
+    s[5, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        topk.select_k(s, 10)
+
+
 def test_top_k_refuses_nan():
     s = np.zeros((2, 5), np.float32)
     s[1, 2] = np.nan
@@ -87,12 +104,14 @@ def test_coarse_quantizer_probes_break_ties_by_centroid():
     assert np.array_equal(iq, ref) and np.array_equal(dq, np.take_along_axis(q @ c.T, ref, 1))
 
 
-def test_gemm_ivf_search_is_exact_under_similarity_then_row_with_ties():
+@pytest.mark.parametrize("query_batch", [16, 4096])
+def test_gemm_ivf_search_is_exact_under_similarity_then_row_with_ties(query_batch):
     """Probing every list, the IVF equals brute force under (similarity desc, row asc), though the pool is
-    full of equal scores within and across lists."""
+    full of equal scores within and across lists — whether a pass over the lists serves few queries or all."""
     x = _tied_pool(600, 0)
     q = _tied_pool(50, 3)
-    cfg = IndexConfig(kind="ivf_gemm", gemm_list_size=40, nprobe=1000, search_batch=16, gemm_train_per_centroid=20)
+    cfg = IndexConfig(kind="ivf_gemm", gemm_list_size=40, nprobe=1000, search_batch=16,
+                      gemm_query_batch=query_batch, gemm_train_per_centroid=20)
     plan = plan_index(len(x), 8, cfg, gpu=False)
     assert plan.kind == "ivf_gemm" and plan.nprobe == plan.nlist > 1
     index = GemmIvfIndex.build(as_vectors(x), np.arange(len(x)), plan, cfg, None)

@@ -326,3 +326,18 @@ def test_jobs_run_tasks_and_report_failures(tmp_path, cluster):
     assert "1 of 2 task(s) failed" in msg and "bad one" in msg and "JSONDecodeError" in msg
     log = Path(msg.split("log: ")[1].split()[0])
     assert log.parent == tmp_path / "bad" and log.is_file()
+
+
+def test_local_array_runs_at_most_array_parallelism_tasks_at_once(tmp_path):
+    """The local executor starts every task it is handed; run_tasks hands it array_parallelism at a time."""
+    import subprocess
+
+    from curation.jobs import ExecutorConfig, run_tasks
+
+    cfg = ExecutorConfig(cluster="local", poll_interval_s=0.1, array_parallelism=2)
+    script = "date +%s.%N; sleep 1; date +%s.%N"
+    out = run_tasks(cfg, tmp_path, "waves", subprocess.check_output, [(["sh", "-c", script],)] * 5, progress=False)
+    spans = [tuple(float(t) for t in o.split()) for o in out]
+    assert len(spans) == 5
+    for start, _ in spans:  # tasks running when each one started, itself included
+        assert sum(a <= start < b for a, b in spans) <= 2
