@@ -28,7 +28,7 @@ from curation import jobs, layout
 from curation.choices import Sharding
 from curation.dedup import DedupConfig
 from curation.dedup_sharded import run_dedup_sharded, task_baseline, task_gathered
-from curation.index_plan import IndexConfig
+from curation.index_plan import IndexConfig, plan_index
 from curation.sharding import ShardingConfig
 from curation.synth_vectors import make_shards
 from dinov2.utils.io import atomic_write_parquet
@@ -69,14 +69,16 @@ def main() -> None:
     ap.add_argument("--tmp", default=None, help="folder for the pools (default: the system temp folder)")
     ap.add_argument("--parallel", type=int, default=256,
                     help="executor.array_parallelism: tasks of an array running at once (default: all)")
-    ap.add_argument("--query-batch", type=int, default=IndexConfig.gemm_query_batch,
-                    help="index.gemm_query_batch: queries per pass over the lists (reads ~ N / batch × pieces)")
+    ap.add_argument("--query-batch", type=int, default=0,
+                    help="index.gemm_query_batch: queries per pass over the lists (reads ~ N / batch × pieces; "
+                         "default 0 = auto)")
     args = ap.parse_args()
     # the synthetic pool's planted pairs sit above 0.6
     cfg = DedupConfig(embedder=EMB, threshold=0.6, index=IndexConfig(gemm_query_batch=args.query_batch))
     ex = jobs.ExecutorConfig(cluster="local", poll_interval_s=2.0, array_parallelism=args.parallel)
+    batch = plan_index(args.n, args.dim, cfg.index).query_batch
     print(f"n {args.n:,} x {args.dim}, {args.blocks} blocks, {args.parallel} at once, query batch "
-          f"{args.query_batch:,}, {os.cpu_count()} CPUs, "
+          f"{batch:,}, {os.cpu_count()} CPUs, "
           f"load average at start {os.getloadavg()[0]:.2f}", flush=True)
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         root = Path(tmp)

@@ -6,7 +6,7 @@ Steps, each a submitit job or array on the configured executor (local processes 
    gathered index build (:func:`curation.gemm_ivf.train_centroids`).
 2. ``assign`` (array over blocks of whole embed shards): each row's probed lists; the block's rows
    written in list order (:mod:`curation.ivf_pieces`).
-3. ``search`` (array over ranges of the list-ordered pool that start at ``gemm_query_batch``
+3. ``search`` (array over ranges of the list-ordered pool that start at ``index.gemm_query_batch``
    boundaries): the gathered self-search's own batches, reading the lists they probe from the
    pieces; a task keeps its above-threshold edges, reduces them to a spanning forest, and writes
    that plus each queried row's nearest neighbour.  Flat pools (below ``index.flat_max``) search
@@ -63,7 +63,7 @@ def make_plan(vectors: ShardedVectors, cfg: DedupConfig, sharding: ShardingConfi
     if plan.kind == "flat":
         ranges = [(int(vectors.offsets[a]), int(vectors.offsets[b])) for a, b in blocks]
     else:
-        ranges = split_range(vectors.n, cfg.index.gemm_query_batch, n_blocks)
+        ranges = split_range(vectors.n, plan.query_batch, n_blocks)
     whitening = getattr(vectors.transform, "path", None)
     return {"n": vectors.n, "dim": vectors.dim, "raw_dim": vectors.raw_dim, "kind": plan.kind, "nlist": plan.nlist,
             "whitening": str(whitening) if whitening is not None else None,

@@ -181,8 +181,8 @@ class GemmIvfIndex:
         if self.ntotal == 0 or len(q) == 0:
             return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
         out_s, out_r = [], []
-        for s in range(0, len(q), self.cfg.gemm_query_batch):
-            qb = q[s : s + self.cfg.gemm_query_batch]
+        for s in range(0, len(q), self.plan.query_batch):
+            qb = q[s : s + self.plan.query_batch]
             _, iq = self.coarse.search(qb, self.plan.nprobe)
             a, b = self._search(qb, iq.astype(np.int32), k)
             out_s.append(a)
@@ -215,11 +215,11 @@ class GemmIvfIndex:
                       ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Self-search of the indexed rows at sorted (list-order) positions ``start:stop``.
 
-        Blocks start at multiples of ``gemm_query_batch`` counted from 0, so a range split
+        Blocks start at multiples of the plan's ``query_batch`` counted from 0, so a range split
         at batch boundaries (the sharded dedup's tasks) runs exactly the GEMMs of the
         whole self-search: same queries, same lists, bit-identical results.
         """
-        bs = self.cfg.gemm_query_batch
+        bs = self.plan.query_batch
         bar = tqdm(total=stop - start, desc=desc, leave=False, disable=stop - start < 200_000)
         for s in range(start, stop, bs):
             xq, probes, qrows = self.lists.queries(s, min(s + bs, stop))

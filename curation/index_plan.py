@@ -27,6 +27,9 @@ import numpy as np
 from curation.choices import IndexKind, Quantizer, UseGpu, coerce
 from curation.store import Vectors
 
+AUTO_QUERY_PASSES = 16  # gemm_query_batch auto: the self-search reads the lists this many times ...
+AUTO_QUERY_BATCH = (65_536, 2_097_152)  # ... with a pass of at least / at most this many queries
+
 
 @dataclass
 class IndexConfig:
@@ -50,9 +53,10 @@ class IndexConfig:
     # ivf_gemm (CPU default for N >= flat_max): clusters of ~gemm_list_size rows scanned with BLAS GEMMs
     gemm_list_size: int = 1000
     gemm_train_per_centroid: int = 64
-    # queries per self-search pass over the lists: each pass reads every list it probes once, so a
-    # whole self-search reads the lists ~N / gemm_query_batch times (memory per pass ~ batch × (4 D + 12 k) B)
-    gemm_query_batch: int = 65536
+    # queries per self-search pass over the lists: a pass reads every list its queries probe once, so
+    # a self-search reads them ~N / batch times; memory per pass ~ batch × (4 D + 40 k) B.
+    # 0 = auto: N / 16 within [65,536, 2,097,152] (docs/curation.md, cost model)
+    gemm_query_batch: int = 0
 
     def validate(self) -> None:
         from dinov2.utils.config import ConfigError
@@ -60,9 +64,10 @@ class IndexConfig:
         self.kind = coerce(IndexKind, self.kind, "index.kind")
         self.quantizer = coerce(Quantizer, self.quantizer, "index.quantizer")
         self.use_gpu = coerce(UseGpu, self.use_gpu, "index.use_gpu")
-        if self.gemm_list_size < 1 or self.gemm_train_per_centroid < 1 or self.gemm_query_batch < 1:
-            raise ConfigError("index.gemm_list_size, index.gemm_train_per_centroid and index.gemm_query_batch "
-                              "must be >= 1")
+        if self.gemm_list_size < 1 or self.gemm_train_per_centroid < 1:
+            raise ConfigError("index.gemm_list_size and index.gemm_train_per_centroid must be >= 1")
+        if self.gemm_query_batch < 0:
+            raise ConfigError("index.gemm_query_batch must be >= 0 (0 = auto)")
         if self.nprobe < 1 or self.search_batch < 1 or self.target_list_size < 1:
             raise ConfigError("index.nprobe, index.search_batch and index.target_list_size must be >= 1")
         if not 1 <= self.train_per_centroid <= 1024:
@@ -91,6 +96,7 @@ class IndexPlan:
     quantizer: str = "flat"
     pq_m: int = 0
     n_train: int = 0
+    query_batch: int = 0  # ivf_gemm: queries per pass over the lists
 
 
 def _pq_m(dim: int, requested: int) -> int:
@@ -120,7 +126,9 @@ def plan_index(n: int, dim: int, cfg: IndexConfig, gpu: bool = False) -> IndexPl
     if kind == "ivf_gemm":
         nlist = max(1, min(cfg.nlist or round(n / cfg.gemm_list_size), n))
         n_train = min(n, nlist * cfg.gemm_train_per_centroid)
-        return IndexPlan("ivf_gemm", nlist, min(cfg.nprobe, nlist), "flat", 0, n_train)
+        batch = cfg.gemm_query_batch or min(max(math.ceil(n / AUTO_QUERY_PASSES), AUTO_QUERY_BATCH[0]),
+                                            AUTO_QUERY_BATCH[1])
+        return IndexPlan("ivf_gemm", nlist, min(cfg.nprobe, nlist), "flat", 0, n_train, batch)
     root = math.sqrt(n)
     nlist = cfg.nlist or round(min(max(n / cfg.target_list_size, 4 * root), 16 * root))
     nlist = max(1, min(nlist, n))

@@ -19,6 +19,7 @@ from curation.store import (
     list_sources,
     resolve_embedder,
 )
+from dinov2.utils.config import ConfigError
 
 
 def clustered(n: int, d: int = 64, n_clusters: int = 40, seed: int = 0, spread=(0.5, 1.5)) -> np.ndarray:
@@ -49,6 +50,13 @@ def test_plan_index_sizes():
     assert 384 % pq.pq_m == 0 and pq.pq_m == 48
     assert plan_index(200_000, 384, IndexConfig(kind="flat")).kind == "flat"
     assert plan_index(1000, 384, IndexConfig(kind="ivf", nlist=10)).nlist == 10
+    # ivf_gemm queries per pass over the lists: auto reads the lists ~16 times, within memory bounds
+    gemm = IndexConfig(kind="ivf_gemm")
+    assert [plan_index(n, 256, gemm).query_batch for n in (200_000, 1_000_000, 10_000_000, 10**9)] == [
+        65_536, 65_536, 625_000, 2_097_152]
+    assert plan_index(10**9, 256, IndexConfig(kind="ivf_gemm", gemm_query_batch=1000)).query_batch == 1000
+    with pytest.raises(ConfigError, match="gemm_query_batch"):
+        IndexConfig(gemm_query_batch=-1).validate()
 
 
 def test_gpu_setting_on_cpu_machine():
