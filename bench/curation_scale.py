@@ -12,6 +12,7 @@ of a task; then the checks: decisions byte-identical, planted-pair recall, RSS a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import sys
@@ -76,7 +77,7 @@ def main() -> None:
     # the synthetic pool's planted pairs sit above 0.6
     cfg = DedupConfig(embedder=EMB, threshold=0.6, index=IndexConfig(gemm_query_batch=args.query_batch))
     ex = jobs.ExecutorConfig(cluster="local", poll_interval_s=2.0, array_parallelism=args.parallel)
-    batch = plan_index(args.n, args.dim, cfg.index).query_batch
+    batch = plan_index(args.n, args.dim, dataclasses.replace(cfg.index, kind="ivf_gemm")).query_batch
     print(f"n {args.n:,} x {args.dim}, {args.blocks} blocks, {args.parallel} at once, query batch "
           f"{batch:,}, {os.cpu_count()} CPUs, "
           f"load average at start {os.getloadavg()[0]:.2f}", flush=True)

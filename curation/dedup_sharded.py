@@ -45,15 +45,8 @@ log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------- plan
 def make_plan(vectors: ShardedVectors, cfg: DedupConfig, sharding: ShardingConfig, n_tasks: int = 0) -> dict:
-    """Index plan, assign blocks and search ranges of a pool (pure; JSON-serialisable).
-
-    ``auto`` never turns into IVF-PQ here: its float32 cap (``index.max_memory_gb``) is about one
-    process holding the whole pool, and a sharded task holds one block.  Without this the pools the
-    sharding exists for (a 1e7 × 256 pool is 10 GB of float32) were refused under the default config."""
-    index_cfg = cfg.index
-    if index_cfg.kind == IndexKind.auto:
-        index_cfg = dataclasses.replace(index_cfg, max_memory_gb=math.inf)
-    plan = plan_index(vectors.n, vectors.dim, index_cfg, gpu=False)
+    """Index plan, assign blocks and search ranges of a pool (pure; JSON-serialisable)."""
+    plan = _plan_index(vectors.n, vectors.dim, cfg)
     if plan.kind not in ("flat", "ivf_gemm"):
         raise ConfigError(
             f"key 'dedup.index.kind': the sharded dedup scans flat or ivf_gemm lists, but this pool plans "
@@ -83,8 +76,20 @@ def _vectors(plan: dict, shards: tuple[int, int] | None = None) -> ShardedVector
     return ShardedVectors(plan["paths"][a:b], plan["counts"][a:b], plan["raw_dim"], plan_whitener(plan))
 
 
+def _plan_index(n: int, dim: int, cfg: DedupConfig):
+    """The index every sharded step uses (plan, train, assign, search: one rule, or they disagree on
+    nlist and batches).  ``auto`` never turns into IVF-PQ here: its float32 cap
+    (``index.max_memory_gb``) is about one process holding the whole pool, and a sharded task holds
+    one block.  Without this the pools the sharding exists for (a 1e7 × 256 pool is 10 GB of
+    float32) were refused under the default config."""
+    index_cfg = cfg.index
+    if index_cfg.kind == IndexKind.auto:
+        index_cfg = dataclasses.replace(index_cfg, max_memory_gb=math.inf)
+    return plan_index(n, dim, index_cfg, gpu=False)
+
+
 def _index_plan(plan: dict, cfg: DedupConfig):
-    return plan_index(plan["n"], plan["dim"], cfg.index, gpu=False)
+    return _plan_index(plan["n"], plan["dim"], cfg)
 
 
 # ----------------------------------------------------------------------------- map tasks (pure cores)

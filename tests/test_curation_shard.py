@@ -132,6 +132,19 @@ def test_auto_index_of_a_pool_too_big_for_one_process_is_planned_as_ivf_gemm(tmp
                   ShardingConfig(mode="sharded"), n_tasks=3)
 
 
+def test_sharded_tasks_of_an_auto_pool_past_the_memory_cap_run_the_plans_ivf_gemm(tmp_path):
+    """Every step (train, assign, search) sizes the index as the plan did — not as IVF-PQ, which the
+    whole-pool cap would make of ``auto`` — so the run equals a gathered ivf_gemm run byte for byte."""
+    capped = dataclasses.replace(CONFIGS["ivf_gemm"].index, kind="auto", flat_max=100, max_memory_gb=1e-6)
+    gathered, sharded = tmp_path / "g", tmp_path / "s"
+    _pool(gathered)
+    shutil.copytree(gathered, sharded)
+    run_dedup(gathered, CONFIGS["ivf_gemm"])
+    run_dedup_sharded(sharded, dataclasses.replace(CONFIGS["ivf_gemm"], index=capped),
+                      ShardingConfig(mode=Sharding.sharded), ExecutorConfig(cluster="debug"), progress=False, n_tasks=4)
+    assert layout.dedup_decisions(gathered).read_bytes() == layout.dedup_decisions(sharded).read_bytes()
+
+
 @pytest.mark.parametrize("whiten", [False, True], ids=["raw", "whitened"])
 def test_sharded_decontamination_decisions_are_byte_identical(tmp_path, whiten):
     from curation.decontaminate import DecontamConfig, run_decontaminate
