@@ -104,7 +104,7 @@ def search_core(out_dir: str | Path, plan: dict, cfg: DedupConfig, task: int) ->
     the bytes it read from the pieces."""
     vectors = _vectors(plan)
     start, stop = plan["ranges"][task]
-    kw = dict(max_k=cfg.max_k, pq_rescore_margin=cfg.pq_rescore_margin, compact=True)
+    kw = {"max_k": cfg.max_k, "pq_rescore_margin": cfg.pq_rescore_margin, "compact": True}
     if plan["kind"] == "flat":
         from curation.index import build_index
 
@@ -204,7 +204,7 @@ def task_search(out_dir: str, plan: dict, cfg: DedupConfig, task: int, threads: 
         atomic_write_parquet(layout.dedup_edges(out_dir, task, "nn.parquet"), pa.table({
             "row": pa.array(g.query_rows, pa.int64()), "nn_row": pa.array(g.nn_row, pa.int64()),
             "nn_sim": pa.array(g.nn_sim, pa.float32())}))
-        info = {"edges": int(len(g.a)), "forest_edges": int(len(fa)), "requeried": g.requeried,
+        info = {"edges": len(g.a), "forest_edges": len(fa), "requeried": g.requeried,
                 "bytes_read": int(bytes_read)}
         atomic_write_json(done, info)
     info = json.loads(done.read_text())
@@ -253,6 +253,12 @@ def run_dedup_sharded(out_dir: str | Path, cfg: DedupConfig, sharding: ShardingC
     prepare_work(out_dir, plan)
     n_blocks, n_search = len(plan["blocks"]), len(plan["ranges"])
     threads = jobs.local_threads(executor, max(n_blocks, n_search))
+    if plan["kind"] == "ivf_gemm":  # the read volume to size a shared file system for (docs: cost model)
+        index_plan = _index_plan(plan, cfg)
+        passes = math.ceil(plan["n"] / index_plan.query_batch)
+        row_bytes = (4 if plan["whitening"] else 2) * plan["dim"] + 8 + 4 * index_plan.nprobe
+        log.info("sharded dedup: %d assign blocks, %d search tasks; %d passes of %d queries each read the "
+                 "pieces (%.1f GB)", n_blocks, n_search, passes, index_plan.query_batch, plan["n"] * row_bytes / 1e9)
 
     def step(name: str, fn: Any, calls: list[tuple], gather: bool = False) -> None:
         usage.extend(jobs.run_tasks(executor, logs / name, f"dedup-{name}", fn, calls,
