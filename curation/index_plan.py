@@ -54,8 +54,8 @@ class IndexConfig:
     gemm_list_size: int = 1000
     gemm_train_per_centroid: int = 64
     # queries per self-search pass over the lists: a pass reads every list its queries probe once, so
-    # a self-search reads them ~N / batch times; memory per pass ~ batch × (4 D + 40 k) B.
-    # 0 = auto: N / 16 within [65,536, 2,097,152] (docs/curation.md, cost model)
+    # a self-search reads them ~N / batch times; a pass holds the batch's vectors and top-k lists.
+    # 0 = auto: N / 16 within [65,536, 2,097,152] (docs/curation.md, cost model: reads and memory)
     gemm_query_batch: int = 0
 
     def validate(self) -> None:
