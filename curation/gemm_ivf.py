@@ -100,6 +100,8 @@ class GemmIvfIndex:
         self.coarse = CoarseQuantizer(centroids)
         self.lists = lists  # the rows in list order, in memory or in the assign pieces on disk
         self.bounds = bounds  # list c = sorted positions bounds[c]:bounds[c+1]
+        if plan.query_batch < 1:  # plan_index sets it for every ivf_gemm plan; a hand-made plan must too
+            raise ValueError(f"ivf_gemm plan without a query batch: {plan}")
         self.plan = plan
         self.cfg = cfg
         self._source = source

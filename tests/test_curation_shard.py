@@ -32,8 +32,8 @@ WHITEN = WhiteningConfig(kind="pca", dim=24, shrinkage=0.25, n_sample=1000)
 
 CONFIGS = {
     "ivf_gemm": DedupConfig(embedder=EMB, k=4, max_k=32, threshold=0.9,
-                            index=IndexConfig(kind="ivf_gemm", gemm_list_size=40, nprobe=3, search_batch=128, gemm_query_batch=128,
-                                              gemm_train_per_centroid=16)),
+                            index=IndexConfig(kind="ivf_gemm", gemm_list_size=40, nprobe=3, search_batch=128,
+                                              gemm_query_batch=128, gemm_train_per_centroid=16)),
     "flat": DedupConfig(embedder=EMB, k=4, max_k=32, threshold=0.9, index=IndexConfig(search_batch=128)),
 }
 
@@ -141,7 +141,8 @@ def test_sharded_tasks_of_an_auto_pool_past_the_memory_cap_run_the_plans_ivf_gem
     shutil.copytree(gathered, sharded)
     run_dedup(gathered, CONFIGS["ivf_gemm"])
     run_dedup_sharded(sharded, dataclasses.replace(CONFIGS["ivf_gemm"], index=capped),
-                      ShardingConfig(mode=Sharding.sharded), ExecutorConfig(cluster="debug"), progress=False, n_tasks=4)
+                      ShardingConfig(mode=Sharding.sharded), ExecutorConfig(cluster="debug"),
+                      progress=False, n_tasks=4)
     assert layout.dedup_decisions(gathered).read_bytes() == layout.dedup_decisions(sharded).read_bytes()
 
 

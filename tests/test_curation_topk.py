@@ -175,3 +175,12 @@ def test_sharded_search_tasks_never_import_torch(tmp_path):
                          text=True, timeout=600, cwd=REPO, check=False)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "torch imported: False" in res.stdout, res.stdout[-2000:]
+
+
+def test_gemm_ivf_refuses_a_plan_without_a_query_batch():
+    """A pass size of 0 would fail deep inside the first search (range step 0): refused when the index is made."""
+    from curation.index_plan import IndexPlan
+
+    plan = IndexPlan("ivf_gemm", nlist=2, nprobe=1)
+    with pytest.raises(ValueError, match="query batch"):
+        GemmIvfIndex(np.eye(2, 8, dtype=np.float32), None, np.array([0, 0, 0]), plan, IndexConfig(), None, None)

@@ -655,8 +655,8 @@ def test_sharded_dedup_on_slurm_is_an_array_matching_gathered(cluster, curation_
     Retrieval takes the sharded path too, but this embedder leaves no candidates after dedup, so
     only its reduce runs (the retrieval arrays are covered on the local executor)."""
     root, args = curation_world["root"], curation_world["args"]
-    ivf = ["dedup.index.kind=ivf_gemm", "dedup.index.gemm_list_size=8", "dedup.index.search_batch=8", "dedup.index.gemm_query_batch=8",
-           "dedup.index.gemm_train_per_centroid=4"]
+    ivf = ["dedup.index.kind=ivf_gemm", "dedup.index.gemm_list_size=8", "dedup.index.search_batch=8",
+           "dedup.index.gemm_query_batch=8", "dedup.index.gemm_train_per_centroid=4"]
     local = subprocess.Popen([PY, "-m", "curation.cli", "run", *args, *ivf, f"output_dir={root / 'gathered-ivf'}",
                               "executor.cluster=local", "sharding.mode=gathered"], cwd=REPO,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
