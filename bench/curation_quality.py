@@ -216,17 +216,19 @@ def score(out: Path, truth: dict, query_classes) -> dict:
     return res
 
 
-def run_one(root: Path, descriptor: str, seed: int, image_size: int, whitening: str = "none") -> dict:
+def run_one(root: Path, descriptor: str, seed: int, image_size: int, whitening: str = "none",
+            verify: bool = False) -> dict:
     import shutil
 
     from curation.config import load_curation_config
 
     first = root / f"out-{descriptor}"
-    out = first if whitening == "none" else root / f"out-{descriptor}-{whitening}"
+    out = first if whitening == "none" and not verify else root / f"out-{descriptor}-{whitening}{'-verify' * verify}"
     if out != first and not (out / "embed").exists() and (first / "embed" / "_stage.json").is_file():
         shutil.copytree(first / "embed", out / "embed")  # same embedder: reuse the embeddings
     overrides = [
         f"dedup.whitening.kind={whitening}", f"decontaminate.whitening.kind={whitening}",
+        f"dedup.verify.enabled={str(verify).lower()}", f"decontaminate.verify.enabled={str(verify).lower()}",
         f"output_dir={out}", f"inputs=[{root / 'crawl'}/*.tar]", f"eval_sets.bench=[{root / 'eval'}]",
         f"query_sets.q.inputs=[{root / 'query'}]",
         "embedders.lite0.kind=efficientnet_lite0", "embedders.lite0.device=cpu", "embedders.lite0.batch_size=64",
@@ -252,6 +254,8 @@ def main(argv=None) -> int:
     ap.add_argument("--descriptor", nargs="+", default=["global"])
     ap.add_argument("--whitening", nargs="+", default=["none"], choices=["none", "pca"],
                     help="copy-detection whitening of dedup / decontamination (curation/whiten.py)")
+    ap.add_argument("--verify", nargs="+", default=["off"], choices=["off", "on"],
+                    help="geometric verification of near misses in dedup / decontamination (curation/verify.py)")
     ap.add_argument("--photos", type=Path, default=None, help="class-subfolder photo folder (default: sign-digits)")
     ap.add_argument("--copies-per-family", type=int, default=20)
     ap.add_argument("--n-pool", type=int, default=800, help="distinct photos in the pool")
@@ -275,12 +279,12 @@ def main(argv=None) -> int:
     print(f"crawl: {len(truth)} items from {len(photos)} photos in {root}")
     rows = []
     for desc in a.descriptor:
-        for wh in a.whitening:
-            r = run_one(root, desc, a.seed, a.image_size, wh)
+        for wh, vf in [(w, v) for w in a.whitening for v in a.verify]:
+            r = run_one(root, desc, a.seed, a.image_size, wh, vf == "on")
             q = score(r["out"], truth, query_classes)
             cal = {st: json.loads((r["out"] / "calibrate" / f"{st}.json").read_text())
                    for st in ("dedup", "decontaminate")}  # with the timings summary.json leaves out
-            rows.append((desc if wh == "none" else f"{desc} + {wh}", q, r, cal))
+            rows.append((desc + (f" + {wh}" if wh != "none" else "") + (" + verify" if vf == "on" else ""), q, r, cal))
     print("\n| measure | " + " | ".join(f"`{d}`" for d, *_ in rows) + " |")
     print("|---|" + "---|" * len(rows))
 
@@ -289,8 +293,22 @@ def main(argv=None) -> int:
 
     line("dedup threshold (calibrated) / est. precision", lambda q, r, c: f"{c['dedup']['threshold']:.3f} / {c['dedup'].get('estimated_precision', float('nan')):.3f}")
     line("decontam threshold (calibrated) / est. precision", lambda q, r, c: f"{c['decontaminate']['threshold']:.3f} / {c['decontaminate'].get('estimated_precision', float('nan')):.3f}")
+    def verify_cell(rec):
+        v = rec.get("verify")
+        return "—" if not v else (f"{v['min_inliers']} ({v.get('estimated_precision', float('nan')):.3f} / "
+                                  f"{v.get('estimated_recall', float('nan')):.3f}; {v.get('seconds', 0):.0f} s)")
+
+    line("dedup verify.min_inliers, calibrated (est. precision / recall; time)", lambda q, r, c: verify_cell(c["dedup"]))
+    line("decontam verify.min_inliers, calibrated (est. precision / recall; time)",
+         lambda q, r, c: verify_cell(c["decontaminate"]))
     for fam in ("exact", *FAMILIES):
         line(f"recall: {fam}", lambda q, r, c, f=fam: f"{q['families'][f][0]:.3f} (n={q['families'][f][1]})")
+    def dedup_stats(r):
+        st = json.loads(layout.stats_path(layout.dedup_decisions(r["out"])).read_text())
+        return (f"{st.get('verify_pairs', 0)} / {st.get('verified_edges', 0)} / {st.get('verify_s', 0):.1f} s"
+                if "verify_pairs" in st else "—")
+
+    line("dedup verification: pairs / edges added / time", lambda q, r, c: dedup_stats(r))
     line("near-copy recall, overall", lambda q, r, c: f"{q['near_recall_overall']:.3f}")
     line("precision of dedup drops", lambda q, r, c: f"{q['dedup_precision']:.3f} ({q['dedup_dropped']} dropped)")
     line("eval-copy recall / precision", lambda q, r, c: f"{q['eval_recall']:.3f} / {q['eval_precision']:.3f} ({q['eval_dropped']} dropped)")

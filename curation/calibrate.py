@@ -40,11 +40,18 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 
 from curation import layout
+from curation.calibrate_verify import (
+    MIN_INLIERS_FLOOR,
+    NOT_A_CANDIDATE,
+    CopyInliers,
+    background_inliers,
+    fit_min_inliers,
+)
 from curation.plant import FAMILIES, plant_copy
-from dinov2.data.shards import read_range
+from curation.reread import ImageReader
+from curation.verify import FeatureCache
 from dinov2.utils.io import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -58,6 +65,7 @@ class CalibrateConfig:
     target_precision: float = 0.95  # estimated precision the chosen threshold must reach
     n_copies: int = 0  # synthetic copies planted per stage (spread over the families); 0 = 5 % of the pool, 108..900
     n_background: int = 20_000  # images whose best match is modelled (all when fewer)
+    n_verify_background: int = 300  # of those, images whose candidates are verified (<stage>.verify)
     min_copy_share: float = 0.005  # floor for the estimated share of copies (see module doc)
     seed: int = 0
 
@@ -66,15 +74,16 @@ class CalibrateConfig:
 
         if not 0.5 <= self.target_precision < 1.0:
             raise ConfigError(f"calibrate.target_precision must be in [0.5, 1), got {self.target_precision}")
-        if (self.n_copies and self.n_copies < len(FAMILIES)) or self.n_background < 10:
-            raise ConfigError(f"calibrate.n_copies must be 0 (auto) or >= {len(FAMILIES)}, n_background >= 10")
+        if (self.n_copies and self.n_copies < len(FAMILIES)) or self.n_background < 10 or self.n_verify_background < 10:
+            raise ConfigError(f"calibrate.n_copies must be 0 (auto) or >= {len(FAMILIES)}, "
+                              "n_background and n_verify_background >= 10")
         if not 0.0 < self.min_copy_share < 0.5:
             raise ConfigError("calibrate.min_copy_share must be in (0, 0.5)")
 
 
 # ----------------------------------------------------------------------------- statistics
 def fit_threshold(copy_sims: dict[str, np.ndarray], background: np.ndarray, target_precision: float,
-                  min_copy_share: float = 0.005, min_count: int = 5) -> dict:
+                  min_copy_share: float = 0.005, min_count: int = 5, weak_hint: str | None = None) -> dict:
     """Threshold + estimates from planted-copy similarities per family and the background maxima."""
     fams = [f for f, s in copy_sims.items() if len(s)]
     if not fams or len(background) < 10:
@@ -126,8 +135,9 @@ def fit_threshold(copy_sims: dict[str, np.ndarray], background: np.ndarray, targ
     per_family = {f: round(float(recall_at(grid[i : i + 1], f)[0]), 4) for f in fams}
     weak = [f for f, r in per_family.items() if r < 0.9]
     if weak:
-        warnings.append(f"estimated recall below 0.9 for {', '.join(weak)}: a crop/flip-robust descriptor "
-                        "(embedders.<name>.descriptor: flip | regions) or a copy-detection model may help")
+        warnings.append(f"estimated recall below 0.9 for {', '.join(weak)}: " + (weak_hint or (
+            "a crop/flip-robust descriptor (embedders.<name>.descriptor: flip | regions), geometric "
+            "verification (<stage>.verify.enabled) or a copy-detection model may help")))
     if np.isfinite(share) and share > 0.4:
         warnings.append(f"{100 * share:.0f} % of the sampled images look like copies: the estimate is less reliable")
     return {
@@ -144,77 +154,46 @@ def fit_threshold(copy_sims: dict[str, np.ndarray], background: np.ndarray, targ
     }
 
 
-# ----------------------------------------------------------------------------- images
-def _locations(out_dir: Path, source_prefix: str) -> pd.DataFrame:
-    cols = ["id", "status", "input_path", "byte_offset", "byte_size"]
-    parts = []
-    for source in layout.sources(out_dir, source_prefix):
-        for _, f in layout.embed_shards(out_dir, source):
-            try:
-                parts.append(pq.read_table(f, columns=cols).to_pandas())
-            except Exception:  # noqa: BLE001 - a bad shard is reported by the store already
-                continue
-    if not parts:
-        return pd.DataFrame(columns=cols)
-    df = pd.concat(parts, ignore_index=True)
-    return df[df["status"] == "ok"].set_index("id")
-
-
-def _load_images(locs: pd.DataFrame, ids: list[str], max_pixels: int):
-    from dinov2.data.decode import DecodeError, decode_image
-
-    out = []
-    for i in ids:
-        if i not in locs.index:
-            continue
-        row = locs.loc[i]
-        try:
-            off = row["byte_offset"]
-            size = row["byte_size"]
-            data = read_range(row["input_path"], int(off) if pd.notna(off) else -1,
-                              int(size) if pd.notna(size) else -1)
-            out.append((i, decode_image(data, max_pixels=max_pixels).image))
-        except (OSError, DecodeError, ValueError):  # moved input or odd member: skip the sample
-            continue
-    return out
-
-
+# ----------------------------------------------------------------------------- copies
 def planted_similarities(embedder, originals, original_vectors: np.ndarray, n_copies: int,
-                         rng: np.random.Generator, transform=None) -> dict[str, np.ndarray]:
+                         rng: np.random.Generator, transform=None, on_chunk=None) -> dict[str, np.ndarray]:
     """Plant ``n_copies`` copies (families round-robin over the originals) and return cosine per family.
 
     ``transform``: the stage's whitening, applied to the copies' embeddings (``original_vectors``
-    come from the store through it already)."""
+    come from the store through it already).  ``on_chunk(families, originals, copies, embeddings,
+    cosines)`` sees every batch of copies (geometric verification's calibration); copies are
+    planted one batch at a time, so memory holds one batch of images."""
     import torch
 
-    jobs = []
-    for c in range(n_copies):
-        o = c % len(originals)
-        fam = FAMILIES[c % len(FAMILIES)]
-        copy, _ = plant_copy(rng, originals[o], fam)
-        jobs.append((fam, o, embedder.preprocess(copy)))
     sims: dict[str, list[float]] = {f: [] for f in FAMILIES}
     bs = embedder.cfg.batch_size
-    for s in range(0, len(jobs), bs):
-        chunk = jobs[s : s + bs]
-        emb = embedder.embed(torch.stack([t for _, _, t in chunk]))
+    for s in range(0, n_copies, bs):
+        fams, origs, copies = [], [], []
+        for c in range(s, min(s + bs, n_copies)):
+            origs.append(c % len(originals))
+            fams.append(FAMILIES[c % len(FAMILIES)])
+            copies.append(plant_copy(rng, originals[origs[-1]], fams[-1])[0])
+        emb = embedder.embed(torch.stack([embedder.preprocess(c) for c in copies]))
         if transform is not None:
             emb = transform(emb)
-        ref = original_vectors[[o for _, o, _ in chunk]].astype(np.float32)
-        for (fam, _, _), v in zip(chunk, (emb * ref).sum(1)):
+        emb = np.asarray(emb, np.float32)
+        cos = (emb * original_vectors[origs].astype(np.float32)).sum(1)
+        for fam, v in zip(fams, cos):
             sims[fam].append(float(v))
+        if on_chunk is not None:
+            on_chunk(fams, origs, copies, emb, cos)
     return {f: np.asarray(v, np.float32) for f, v in sims.items() if v}
 
 
-def background_similarities(pool, ref, stage: str, cal: CalibrateConfig, stage_cfg, phash_max_distance: int,
-                            k: int = 8) -> np.ndarray:
-    """Best cosine of sampled pool images to ``ref`` (other pool images / eval images), known copies aside."""
+def background_neighbours(pool, ref, stage: str, cal: CalibrateConfig, index, phash_max_distance: int,
+                          k: int = 8) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Sampled pool rows, their ``k`` nearest ``ref`` rows (cosines, rows) and which are known copies.
+
+    Known copies: the row itself (dedup), same sha256 or perceptual hash within distance."""
     from curation.dedup import hamming64
-    from curation.index import build_index
 
     rng = np.random.default_rng([cal.seed, 7])
     rows = np.sort(rng.choice(pool.n, size=min(pool.n, cal.n_background), replace=False))
-    index = build_index(ref.vectors, stage_cfg.index)
     k = min(k + 1, ref.n)
     sims, nbrs = index.search(pool.vectors.gather(rows).astype(np.float32), k)
 
@@ -233,6 +212,11 @@ def background_similarities(pool, ref, stage: str, cal: CalibrateConfig, stage_c
     if phash_max_distance >= 0:
         close = hamming64(np.broadcast_to(q_ph[:, None], safe.shape).copy(), r_ph[safe]) <= phash_max_distance
         linked |= close & q_ok[:, None] & r_ok[safe]
+    return rows, sims, nbrs, linked
+
+
+def background_similarities(sims: np.ndarray, linked: np.ndarray) -> np.ndarray:
+    """Best cosine per sampled row over its neighbours that are not known copies."""
     best = np.where(linked, -np.inf, sims).max(1)
     return best[np.isfinite(best)].astype(np.float32)
 
@@ -244,14 +228,26 @@ def calibration_path(out_dir: str | Path, stage: str) -> Path:
 
 def calibrate_stage(cfg, stage: str) -> float:
     """The threshold ``stage`` (dedup | decontaminate) uses: explicit, else calibrated (cached)."""
+    return float(calibration_record(cfg, stage)["threshold"])
+
+
+def _verify_needed(stage_cfg) -> bool:
+    v = getattr(stage_cfg, "verify", None)
+    return bool(v is not None and v.enabled and v.min_inliers is None)
+
+
+def calibration_record(cfg, stage: str) -> dict:
+    """The record of what ``stage`` uses: cosine threshold (and ``verify.min_inliers``), explicit or calibrated."""
     stage_cfg = getattr(cfg, stage)
     out = calibration_path(cfg.output_dir, stage)
-    if stage_cfg.threshold is not None:
-        atomic_write_json(out, {"stage": stage, "threshold": float(stage_cfg.threshold), "source": "config"})
-        return float(stage_cfg.threshold)
+    if stage_cfg.threshold is not None and not _verify_needed(stage_cfg):
+        rec = {"stage": stage, "threshold": float(stage_cfg.threshold), "source": "config"}
+        atomic_write_json(out, rec)
+        return rec
     cal: CalibrateConfig = cfg.calibrate
     # reuse a record only when made with the same calibration, embedder and stage settings
     from curation.embedders import load_embedder
+    from curation.index import build_index
     from curation.store import EmbeddingStore, list_sources, resolve_embedder
 
     name = resolve_embedder(cfg.output_dir, "pool", stage_cfg.embedder)
@@ -260,41 +256,79 @@ def calibrate_stage(cfg, stage: str) -> float:
     if out.is_file():
         rec = json.loads(out.read_text())
         if rec.get("source") == "calibrated" and rec.get("key") == key:
-            return float(rec["threshold"])
+            return rec
     t0 = time.perf_counter()
     from curation.whiten import pool_whitener
 
     whitener = pool_whitener(cfg.output_dir, name, getattr(stage_cfg, "whitening", None))
     pool = EmbeddingStore(cfg.output_dir, "pool", name, whitener)
     ref_sources = ["pool"] if stage == "dedup" else list_sources(cfg.output_dir, "eval-")
+    verifying = _verify_needed(stage_cfg)
     if not ref_sources or pool.n < 2:
         log.info("calibration of %s skipped: nothing to compare", stage)
-        atomic_write_json(out, {"stage": stage, "threshold": 1.0, "source": "calibrated", "skipped": True,
-                                "key": key})
-        return 1.0
+        rec = {"stage": stage, "threshold": stage_cfg.threshold if stage_cfg.threshold is not None else 1.0,
+               "source": "calibrated", "skipped": True, "key": key}
+        if verifying:
+            rec["verify"] = {"min_inliers": MIN_INLIERS_FLOOR, "skipped": True}
+        atomic_write_json(out, rec)
+        return rec
     ref = pool if stage == "dedup" else EmbeddingStore(cfg.output_dir, ref_sources, name, whitener)
     rng = np.random.default_rng([cal.seed, len(stage)])
     n_copies = cal.n_copies or int(np.clip(round(0.05 * pool.n), 12 * len(FAMILIES), 100 * len(FAMILIES)))
     n_orig = min(ref.n, max(len(FAMILIES), n_copies // 3))
     pick = np.sort(rng.choice(ref.n, size=n_orig, replace=False))
     prefix = "pool" if stage == "dedup" else "eval-"
-    images = _load_images(_locations(Path(cfg.output_dir), prefix), [ref.ids[p] for p in pick],
-                          cfg.embed.max_pixels)
+    reader = ImageReader(cfg.output_dir, prefix, cfg.embed.max_pixels)
+    images = reader.load_many([ref.ids[p] for p in pick])
     if not images:
         raise RuntimeError(f"calibration of {stage}: none of the sampled images could be read again")
     kept = {i for i, _ in images}
     pick = np.array([p for p in pick if ref.ids[p] in kept])
     embedder = load_embedder(cfg.embedders[name])
+    index = build_index(ref.vectors, stage_cfg.index)
+    hook = CopyInliers([im for _, im in images], pick, index, stage_cfg.verify) if verifying else None
     t_embed = time.perf_counter()
     copies = planted_similarities(embedder, [im for _, im in images], ref.vectors.gather(pick),
-                                  n_copies, rng, whitener)
+                                  n_copies, rng, whitener, on_chunk=hook)
     t_embed = time.perf_counter() - t_embed
-    background = background_similarities(pool, ref, stage, cal, stage_cfg, getattr(cfg.dedup, "phash_max_distance", 4))
-    rec = fit_threshold(copies, background, cal.target_precision, cal.min_copy_share)
+    k = max(8, 2 * stage_cfg.verify.candidates) if verifying else 8
+    rows, sims, nbrs, linked = background_neighbours(pool, ref, stage, cal, index,
+                                                     getattr(cfg.dedup, "phash_max_distance", 4), k)
+    background = background_similarities(sims, linked)
+    if stage_cfg.threshold is None:
+        rec = fit_threshold(copies, background, cal.target_precision, cal.min_copy_share)
+    else:
+        rec = {"threshold": float(stage_cfg.threshold), "threshold_source": "config", "warnings": []}
+    if verifying:
+        t_verify = time.perf_counter()
+        reader_pool = reader if stage == "dedup" else ImageReader(cfg.output_dir, "pool", cfg.embed.max_pixels)
+        pool_cache = FeatureCache(lambda r: reader_pool(pool.ids[r]), stage_cfg.verify)
+        ref_cache = pool_cache if stage == "dedup" else FeatureCache(lambda r: reader(ref.ids[r]), stage_cfg.verify)
+        observed, chance, n_pairs = background_inliers(rows, sims, nbrs, linked, rec["threshold"], stage_cfg.verify,
+                                                       cal.n_verify_background, cal.seed, pool_cache, ref_cache)
+        chances = [(chance, True)]
+        if stage != "dedup":
+            # evaluation sets hold (almost) no copies of their own images: their images' nearest
+            # evaluation neighbours are chance pairs at the very ranks candidates come from
+            e_rows, e_sims, e_nbrs, e_linked = background_neighbours(ref, ref, "dedup", cal, index,
+                                                                     getattr(cfg.dedup, "phash_max_distance", 4), k)
+            eval_chance, _, n_more = background_inliers(e_rows, e_sims, e_nbrs, e_linked, rec["threshold"],
+                                                        stage_cfg.verify, cal.n_verify_background, cal.seed,
+                                                        ref_cache, ref_cache)
+            chances.append((eval_chance, False))
+            n_pairs += n_more
+        found, counts = hook.per_family(rec["threshold"])
+        rec["verify"] = dict(fit_min_inliers(found, counts, observed, chances, cal.target_precision),
+                             n_background=len(observed), pairs_verified=n_pairs,
+                             copies_not_candidates=int(sum(n == NOT_A_CANDIDATE for n in hook.inliers)),
+                             seconds=round(time.perf_counter() - t_verify, 2))
     import io
 
     buf = io.BytesIO()  # the fit's inputs, for diagnostics
-    np.savez(buf, background=background, **{f"copies_{f}": v for f, v in copies.items()})
+    extra = {} if not verifying else {
+        "verify_observed": observed, **{f"verify_chance_{i}": c for i, (c, _) in enumerate(chances)}, "verify_copy_inliers": np.asarray(hook.inliers),
+        "verify_copy_cosines": np.asarray(hook.cosines), "verify_copy_families": np.asarray(hook.families)}
+    np.savez(buf, background=background, **{f"copies_{f}": v for f, v in copies.items()}, **extra)
     atomic_write_bytes(out.with_suffix(".npz"), buf.getvalue())
     rec.update(stage=stage, source="calibrated", embedder=name, descriptor=cfg.embedders[name].descriptor,
                whitening=whitener.path.name if whitener is not None else None,
@@ -302,19 +336,25 @@ def calibrate_stage(cfg, stage: str) -> float:
                n_copies=int(sum(len(v) for v in copies.values())), n_background=len(background),
                seconds=round(time.perf_counter() - t0, 2), embed_seconds=round(t_embed, 2),
                config=asdict(cal), key=key)
-    for w in rec["warnings"]:
+    for w in rec["warnings"] + rec.get("verify", {}).get("warnings", []):
         log.warning("calibration of %s: %s", stage, w)
     atomic_write_json(out, rec)
-    log.info("calibrated %s threshold %.3f (estimated precision %.3f, recall %.3f)", stage, rec["threshold"],
-             rec["estimated_precision"], rec["estimated_recall"])
-    return float(rec["threshold"])
+    log.info("calibrated %s threshold %.3f (estimated precision %s, recall %s)%s", stage, rec["threshold"],
+             rec.get("estimated_precision"), rec.get("estimated_recall"),
+             f"; verify.min_inliers {rec['verify']['min_inliers']}" if verifying else "")
+    return rec
 
 
 def resolved(cfg, stage: str):
-    """``cfg.<stage>`` with its threshold filled in (explicit or calibrated)."""
+    """``cfg.<stage>`` with its threshold (and verify.min_inliers) filled in: explicit or calibrated."""
     import dataclasses
 
-    return dataclasses.replace(getattr(cfg, stage), threshold=calibrate_stage(cfg, stage))
+    stage_cfg = getattr(cfg, stage)
+    rec = calibration_record(cfg, stage)
+    changes = {"threshold": float(rec["threshold"])}
+    if _verify_needed(stage_cfg):
+        changes["verify"] = dataclasses.replace(stage_cfg.verify, min_inliers=int(rec["verify"]["min_inliers"]))
+    return dataclasses.replace(stage_cfg, **changes)
 
 
 def read_calibration(out_dir: str | Path) -> dict:
@@ -326,5 +366,7 @@ def read_calibration(out_dir: str | Path) -> dict:
             rec = json.loads(p.read_text())
             for k in ("config", "key", "seconds", "embed_seconds"):  # summary.json stays a function of the data
                 rec.pop(k, None)
+            if isinstance(rec.get("verify"), dict):
+                rec["verify"].pop("seconds", None)
             out[stage] = rec
     return out

@@ -110,6 +110,10 @@ class CurationConfig:
         for stage in ("dedup", "decontaminate", "calibrate", "write", "executor", "sharding"):
             _sub_validate(getattr(self, stage), stage)
         _sub_validate(self.retrieve_config(), "retrieve")
+        for stage in ("dedup", "decontaminate"):
+            if getattr(self, stage).verify.enabled and self.sharding.mode == "sharded":
+                raise ConfigError(f"key '{stage}.verify.enabled': geometric verification runs in the gathered "
+                                  f"{stage} only; set sharding.mode to gathered or auto, or {stage}.verify.enabled=false")
 
 
 def _sub_validate(obj, prefix: str) -> None:

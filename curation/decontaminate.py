@@ -4,7 +4,8 @@ Every ok pool image is compared with every image of the ``eval-<name>`` sources
 (the eval embeddings are indexed — exact Flat below 1e5 images — and the pool is
 streamed through it shard by shard, so memory stays bounded by the eval set).
 A pool image is contaminated when its best cosine to an eval image is ≥
-``threshold``; the WHOLE dedup component of a contaminated image is dropped
+``threshold`` — or, with ``verify.enabled``, when one of its nearest eval images under the
+threshold passes geometric verification (curation/verify.py); the WHOLE dedup component of a contaminated image is dropped
 (``via_component``), because its near-copies carry the same eval content.
 
 Output ``OUT/decontaminate/decisions.parquet`` (one row per ok pool image):
@@ -17,6 +18,7 @@ when clean.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +29,9 @@ import pyarrow.parquet as pq
 
 from curation import layout
 from curation.index import IndexConfig, build_index
+from curation.reread import ImageReader
 from curation.store import EmbeddingStore, Vectors, as_vectors, list_sources, resolve_embedder
+from curation.verify import FeatureCache, VerifyConfig, candidate_pairs, verify_pairs
 from curation.whiten import WhiteningConfig, pool_whitener
 from dinov2.utils.io import atomic_write_json, atomic_write_parquet
 
@@ -41,6 +45,7 @@ class DecontamConfig:
     k: int = 1  # eval neighbours looked up per pool image (only the best one decides)
     index: IndexConfig = field(default_factory=IndexConfig)
     whitening: WhiteningConfig = field(default_factory=WhiteningConfig)  # pca: fitted on the POOL, applied to both
+    verify: VerifyConfig = field(default_factory=VerifyConfig)  # geometric verification of near misses
 
     def validate(self) -> None:
         from dinov2.utils.config import ConfigError
@@ -51,6 +56,7 @@ class DecontamConfig:
             raise ConfigError("decontaminate.k must be >= 1")
         self.index.validate()
         self.whitening.validate("decontaminate.whitening")
+        self.verify.validate("decontaminate.verify")
 
 
 @dataclass
@@ -64,11 +70,12 @@ class DecontamResult:
 
 
 def best_matches(pool: Vectors | np.ndarray, evals: Vectors | np.ndarray, cfg: DecontamConfig,
-                 row0: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                 row0: int = 0, candidates: list | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(best eval row, its cosine) per pool row (-1 / NaN without eval images).
 
     ``pool`` may be one block of the pool's shards (the sharded stage's tasks): it is searched in
     the same per-shard batches as the whole pool, so each row's match is bit-identical.
+    ``candidates``: a list that receives (pool rows, eval rows) pairs to verify (``cfg.verify``).
     """
     pool, evals = as_vectors(pool), as_vectors(evals)
     n = pool.n
@@ -78,26 +85,49 @@ def best_matches(pool: Vectors | np.ndarray, evals: Vectors | np.ndarray, cfg: D
         if evals.dim != pool.dim:
             raise ValueError(f"pool ({pool.dim}-d) and eval ({evals.dim}-d) embeddings differ in dimension")
         index = build_index(evals, cfg.index)
-        for qrows, sims, nbrs in index.search_vectors(pool, max(1, cfg.k), desc="decontaminate"):
+        k = max(1, cfg.k, cfg.verify.candidates if candidates is not None else 1)
+        for qrows, sims, nbrs in index.search_vectors(pool, min(k, evals.n), desc="decontaminate"):
             best_row[qrows] = nbrs[:, 0]
             best_sim[qrows] = np.where(nbrs[:, 0] >= 0, sims[:, 0], np.nan)
+            if candidates is not None:
+                candidates.append(candidate_pairs(qrows, sims, nbrs, cfg.threshold, cfg.verify, self_search=False))
     return best_row, best_sim
 
 
 def decontaminate_core(pool: Vectors | np.ndarray, evals: Vectors | np.ndarray, cfg: DecontamConfig,
                        component: np.ndarray | None = None,
-                       matches: tuple[np.ndarray, np.ndarray] | None = None) -> DecontamResult:
+                       matches: tuple[np.ndarray, np.ndarray] | None = None, verify_fn=None) -> DecontamResult:
     """Match pool rows against eval rows; spread contamination over ``component`` labels.
 
     ``matches``: :func:`best_matches` already computed (the sharded stage's map tasks).
+    ``verify_fn(pool_rows, eval_rows) -> inliers``: geometric verification (``cfg.verify``).
     """
     pool, evals = as_vectors(pool), as_vectors(evals)
     n = pool.n
     if evals.n and n and cfg.threshold is None:
         raise ValueError("decontaminate.threshold is unset: give one, or let curation.calibrate choose it")
-    best_row, best_sim = matches if matches is not None else best_matches(pool, evals, cfg)
+    verifying = cfg.verify.enabled and evals.n > 0 and n > 0
+    if verifying and (matches is not None or verify_fn is None or cfg.verify.min_inliers is None):
+        raise ValueError("decontaminate.verify needs the gathered search, a verification function and min_inliers")
+    cands: list | None = [] if verifying else None
+    best_row, best_sim = matches if matches is not None else best_matches(pool, evals, cfg, candidates=cands)
     own = np.nan_to_num(best_sim, nan=-np.inf) >= (cfg.threshold if cfg.threshold is not None else np.inf)
     eval_row = np.where(own, best_row, -1)
+    stats: dict = {}
+    if verifying:
+        t0 = time.perf_counter()
+        qa = np.concatenate([c[0] for c in cands]) if cands else np.zeros(0, np.int64)
+        eb = np.concatenate([c[1] for c in cands]) if cands else np.zeros(0, np.int64)
+        open_ = ~own[qa]
+        qa, eb = qa[open_], eb[open_]
+        inliers = verify_fn(qa, eb) if len(qa) else np.zeros(0, np.int32)
+        ok = inliers >= cfg.verify.min_inliers
+        # per pool row, the verified eval image with the most inliers explains the drop
+        order = np.lexsort((eb[ok], -inliers[ok], qa[ok]))
+        rows, first = np.unique(qa[ok][order], return_index=True)
+        own[rows] = True
+        eval_row[rows] = eb[ok][order][first]
+        stats.update(verify_pairs=len(qa), verified=len(rows), verify_s=round(time.perf_counter() - t0, 3))
     contaminated = own.copy()
     if component is not None and own.any():
         component = np.asarray(component, np.int64)
@@ -112,8 +142,8 @@ def decontaminate_core(pool: Vectors | np.ndarray, evals: Vectors | np.ndarray, 
         via = in_bad & ~own
         eval_row[via] = by_comp.reindex(component[via]).to_numpy(dtype=np.int64)
     via_component = contaminated & ~own
-    stats = {"n": n, "n_eval": evals.n, "contaminated": int(contaminated.sum()),
-             "direct": int(own.sum()), "via_component": int(via_component.sum())}
+    stats.update(n=n, n_eval=evals.n, contaminated=int(contaminated.sum()), direct=int(own.sum()),
+                 via_component=int(via_component.sum()))
     return DecontamResult(contaminated, via_component, eval_row, best_row, best_sim, stats)
 
 
@@ -121,8 +151,25 @@ def decisions_path(out_dir: str | Path) -> Path:
     return layout.decontaminate_decisions(out_dir)
 
 
+def eval_verifier(out_dir: str | Path, pool_ids: np.ndarray, eval_ids: np.ndarray, cfg: VerifyConfig,
+                  max_pixels: int | None = None):
+    """``fn(pool_rows, eval_rows) -> inliers``, reading both images again by id."""
+    from dinov2.data.decode import DEFAULT_MAX_PIXELS
+
+    mp = max_pixels or DEFAULT_MAX_PIXELS
+    pool_reader, eval_reader = ImageReader(out_dir, layout.POOL, mp), ImageReader(out_dir, layout.EVAL_PREFIX, mp)
+    pool_cache = FeatureCache(lambda row: pool_reader(pool_ids[row]), cfg)
+    eval_cache = FeatureCache(lambda row: eval_reader(eval_ids[row]), cfg)
+
+    def fn(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return verify_pairs(a, b, pool_cache, eval_cache)
+
+    fn.caches = (pool_cache, eval_cache)
+    return fn
+
+
 def run_decontaminate(out_dir: str | Path, cfg: DecontamConfig | None = None, *, overwrite: bool = False,
-                      matches_fn=None) -> Path:
+                      matches_fn=None, max_pixels: int | None = None) -> Path:
     """Stage 3: pool vs ``eval-*`` embeddings + dedup components → decisions parquet.
 
     ``matches_fn(pool_store) -> (best eval row, cosine)``: matches computed elsewhere (the sharded
@@ -148,9 +195,11 @@ def run_decontaminate(out_dir: str | Path, cfg: DecontamConfig | None = None, *,
         component = np.where(mapped.isna(), -1 - np.arange(pool.n), mapped.fillna(0)).astype(np.int64)
     else:
         log.warning("no dedup decisions at %s: decontaminating images individually", dedup_file)
+    verify_fn = None
     if evals is not None:
         matches = matches_fn(pool) if matches_fn is not None else None
-        res = decontaminate_core(pool.vectors, evals.vectors, cfg, component, matches)
+        verify_fn = eval_verifier(out_dir, pool.ids, evals.ids, cfg.verify, max_pixels) if cfg.verify.enabled else None
+        res = decontaminate_core(pool.vectors, evals.vectors, cfg, component, matches, verify_fn)
         eval_ids = evals.ids
         eval_sets = evals.meta["source"].astype(str).str.removeprefix("eval-").to_numpy(dtype=object)
     else:
@@ -171,6 +220,10 @@ def run_decontaminate(out_dir: str | Path, cfg: DecontamConfig | None = None, *,
     stats = dict(res.stats, embedder=embedder, eval_sources=eval_sources, threshold=cfg.threshold,
                  whitening=whitener.path.name if whitener else None,
                  shard_problems=[vars(p) for p in pool.problems + (evals.problems if evals else [])])
+    if verify_fn is not None:
+        stats.update(verify_images_read=sum(c.extracted for c in verify_fn.caches),
+                     verify_unreadable=sum(c.unreadable for c in verify_fn.caches),
+                     verify_min_inliers=cfg.verify.min_inliers)
     atomic_write_json(layout.stats_path(out), stats)
     atomic_write_parquet(out, table)
     log.info("decontamination: %d of %d pool images contaminated", res.stats["contaminated"], pool.n)

@@ -8,7 +8,10 @@ Edges come from three sources and are merged into one graph:
 - near: k-NN graph through FAISS (k neighbours ≠ self, edges with cosine ≥ threshold).
   When all k neighbours of an item clear the threshold its true neighbourhood may
   be larger, so that item is re-queried with 4× k (up to ``max_k``) until the last
-  neighbour falls below the threshold.
+  neighbour falls below the threshold;
+- verified (``verify.enabled``): an item's nearest neighbours under the threshold that
+  are not already in its component, kept when the two images share enough local
+  features under one similarity transform (curation/verify.py).
 Connected components are found with an array union-find; each component keeps ONE
 representative: the largest image (width·height), ties → smallest global index
 (shard order, then row).  Both rules depend only on the data, never on search
@@ -34,10 +37,13 @@ import pandas as pd
 import pyarrow as pa
 
 from curation import layout
+from curation.components import connected_components
 from curation.hash_edges import exact_edges, hamming64, phash_edges
 from curation.index import IndexConfig, build_index
+from curation.reread import ImageReader
 from curation.semdedup import SemDedupConfig, semdedup
 from curation.store import EmbeddingStore, Vectors, as_vectors, resolve_embedder
+from curation.verify import FeatureCache, VerifyConfig, candidate_pairs, verify_pairs
 from curation.whiten import WhiteningConfig, pool_whitener
 from dinov2.utils.io import atomic_write_json, atomic_write_parquet
 
@@ -59,6 +65,7 @@ class DedupConfig:
     index: IndexConfig = field(default_factory=IndexConfig)
     semdedup: SemDedupConfig = field(default_factory=SemDedupConfig)
     whitening: WhiteningConfig = field(default_factory=WhiteningConfig)  # pca: pool-fitted (curation/whiten.py)
+    verify: VerifyConfig = field(default_factory=VerifyConfig)  # geometric verification of near misses
 
     def validate(self) -> None:
         from dinov2.utils.config import ConfigError
@@ -73,66 +80,9 @@ class DedupConfig:
             raise ConfigError("dedup.semdedup.eps must be in (0, 1)")
         self.index.validate()
         self.whitening.validate("dedup.whitening")
-
-
-# ----------------------------------------------------------------------------- union-find
-
-
-def connected_components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Component label per node = smallest node index in its component.
-
-    Array union-find: repeatedly hook the larger root under the smaller one
-    (``parent`` only ever decreases, so no cycles) and compress paths by pointer
-    jumping.  The result is a pure function of the edge *set*.
-    """
-    parent = np.arange(n, dtype=np.int64)
-    union_edges(parent, a, b)
-    return parent
-
-
-def union_edges(parent: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
-    """Merge the edges ``a[i]–b[i]`` into the union-find ``parent`` in place (then fully compressed).
-
-    Applying edge sets one after another gives the same labels as applying their union at once,
-    which is what lets the sharded dedup stream its edge shards.
-    """
-    n = len(parent)
-    a = np.asarray(a, dtype=np.int64)
-    b = np.asarray(b, dtype=np.int64)
-    if len(a) != len(b):
-        raise ValueError("edge arrays differ in length")
-    if len(a) and (min(a.min(), b.min()) < 0 or max(a.max(), b.max()) >= n):
-        raise ValueError("edge endpoint out of range")
-
-    def compress() -> None:
-        while True:
-            grand = parent[parent]
-            if np.array_equal(grand, parent):
-                return
-            parent[:] = grand
-
-    while len(a):
-        ra, rb = parent[a], parent[b]
-        live = ra != rb
-        if not live.any():
-            break
-        a, b, ra, rb = a[live], b[live], ra[live], rb[live]
-        np.minimum.at(parent, np.maximum(ra, rb), np.minimum(ra, rb))
-        compress()
-    compress()
-
-
-def spanning_forest(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Edges ``node → component label`` with the same connectivity as ``a–b`` (one per non-root node).
-
-    A map task reduces its up-to-k-per-row edges to at most one per endpoint before writing them.
-    """
-    a = np.asarray(a, dtype=np.int64)
-    b = np.asarray(b, dtype=np.int64)
-    nodes, inv = np.unique(np.concatenate([a, b]), return_inverse=True)
-    labels = connected_components(len(nodes), inv[: len(a)], inv[len(a):])
-    child = labels != np.arange(len(nodes))
-    return nodes[child], nodes[labels[child]]
+        self.verify.validate("dedup.verify")
+        if self.verify.enabled and self.verify.candidates > self.k:
+            raise ConfigError("dedup.verify.candidates must be <= dedup.k (they are taken from the k-NN graph)")
 
 
 # ----------------------------------------------------------------------------- edges
@@ -150,6 +100,7 @@ class KnnGraph:
     nlist: int = 0
     edges: int = -1  # above-threshold edges found (-1: len(a)); a sharded graph keeps only a forest of them
     query_rows: np.ndarray | None = None  # set: nn_row/nn_sim are for these rows only (one task's share)
+    candidates: tuple[np.ndarray, np.ndarray] | None = None  # under-threshold pairs to verify (a < b)
 
     @property
     def n_edges(self) -> int:
@@ -167,17 +118,21 @@ def _drop_self(qrows: np.ndarray, sims: np.ndarray, nbrs: np.ndarray, k: int):
 
 def knn_graph(vectors: Vectors | np.ndarray, k: int = 64, threshold: float = 0.6, *, max_k: int = 1024,
               index_cfg: IndexConfig | None = None, mask: np.ndarray | None = None,
-              pq_rescore_margin: float = 0.1) -> KnnGraph:
+              pq_rescore_margin: float = 0.1, verify: VerifyConfig | None = None) -> KnnGraph:
     """Thresholded k-NN self-graph of the (masked) rows, searched block by block."""
     vectors = as_vectors(vectors)
     index = build_index(vectors, index_cfg, mask)
     return graph_of_batches(index, index.search_vectors(vectors, k + 1, mask, desc="dedup k-NN"), vectors,
-                            k, threshold, max_k=max_k, pq_rescore_margin=pq_rescore_margin)
+                            k, threshold, max_k=max_k, pq_rescore_margin=pq_rescore_margin, verify=verify)
 
 
 def graph_of_batches(index, batches, vectors: Vectors, k: int, threshold: float, *, max_k: int,
-                     pq_rescore_margin: float, compact: bool = False) -> KnnGraph:
+                     pq_rescore_margin: float, compact: bool = False, verify: VerifyConfig | None = None
+                     ) -> KnnGraph:
     """Thresholded edges of self-search ``batches`` (query rows, sims, neighbour rows) of ``index``.
+
+    With an enabled ``verify``, each query's nearest neighbours under the threshold are kept
+    as ``candidates`` too.
 
     ``nn_row``/``nn_sim`` cover the whole pool (-1 / NaN for rows not in ``batches``), or with
     ``compact`` only the queried rows, in ``query_rows`` order (a sharded dedup task's share:
@@ -185,12 +140,17 @@ def graph_of_batches(index, batches, vectors: Vectors, k: int, threshold: float,
     """
     nn_parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     ea, eb, es = [], [], []
+    ca, cb = [], []
     requeried = 0
     pq = index.plan.kind == "ivfpq"
     cut = threshold - (pq_rescore_margin if pq else 0.0)
     for qrows, sims, nbrs in batches:
         sims, nbrs = _drop_self(qrows, sims, nbrs, k)
         nn_parts.append((qrows, nbrs[:, 0].copy(), np.where(nbrs[:, 0] >= 0, sims[:, 0], np.nan).astype(np.float32)))
+        if verify is not None and verify.enabled:
+            pa_, pb_ = candidate_pairs(qrows, sims, nbrs, threshold, verify, self_search=True)
+            ca.append(pa_)
+            cb.append(pb_)
         r, s, nb, kk = qrows, sims, nbrs, k
         while True:
             sat = s[:, -1] >= cut
@@ -226,8 +186,30 @@ def graph_of_batches(index, batches, vectors: Vectors, k: int, threshold: float,
         nn_row = np.full(vectors.n, -1, dtype=np.int64)
         nn_sim = np.full(vectors.n, np.nan, dtype=np.float32)
         nn_row[q_rows], nn_sim[q_rows] = q_nn, q_sim
+    candidates = None
+    if verify is not None and verify.enabled:
+        pairs = np.unique(np.stack([np.concatenate(ca), np.concatenate(cb)], 1), axis=0) if ca else np.zeros((0, 2))
+        candidates = (pairs[:, 0].astype(np.int64), pairs[:, 1].astype(np.int64))
     return KnnGraph(a[keep], b[keep], s[keep], nn_row, nn_sim, requeried, index.plan.kind, index.plan.nlist,
-                    query_rows=q_rows if compact else None)
+                    query_rows=q_rows if compact else None, candidates=candidates)
+
+
+def _verified_edges(n: int, edges_a: list, edges_b: list, g: KnnGraph, cfg: VerifyConfig, verify_fn,
+                    stats: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Candidate pairs not yet in one component whose geometric verification passes."""
+    if verify_fn is None or g.candidates is None:
+        raise ValueError("dedup.verify is enabled but no verification function / candidates were given")
+    if cfg.min_inliers is None:
+        raise ValueError("dedup.verify.min_inliers is unset: give one, or let curation.calibrate choose it")
+    t0 = time.perf_counter()
+    labels = connected_components(n, np.concatenate(edges_a), np.concatenate(edges_b))
+    a, b = g.candidates
+    open_ = labels[a] != labels[b]  # pairs already linked need no pixels
+    a, b = a[open_], b[open_]
+    inliers = verify_fn(a, b) if len(a) else np.zeros(0, np.int32)
+    ok = inliers >= cfg.min_inliers
+    stats.update(verify_pairs=len(a), verified_edges=int(ok.sum()), verify_s=round(time.perf_counter() - t0, 3))
+    return a[ok], b[ok]
 
 
 # ----------------------------------------------------------------------------- representatives
@@ -262,11 +244,12 @@ class DedupResult:
 
 def dedup_core(vectors: Vectors | np.ndarray, cfg: DedupConfig, *, sha256=None, phash: np.ndarray | None = None,
                phash_valid: np.ndarray | None = None, pixels: np.ndarray | None = None,
-               graph: KnnGraph | None = None) -> DedupResult:
+               graph: KnnGraph | None = None, verify_fn=None) -> DedupResult:
     """Deduplicate all rows of ``vectors`` (pure: arrays in, arrays out).
 
     ``graph``: the embedding k-NN graph when already computed (the sharded dedup's map tasks);
-    otherwise it is searched here.
+    otherwise it is searched here.  ``verify_fn(rows_a, rows_b) -> inliers``: geometric
+    verification of candidate pairs (needed when ``cfg.verify.enabled``).
     """
     vectors = as_vectors(vectors)
     n = vectors.n
@@ -287,12 +270,16 @@ def dedup_core(vectors: Vectors | np.ndarray, cfg: DedupConfig, *, sha256=None, 
         if cfg.threshold is None:
             raise ValueError("dedup.threshold is unset: give one, or let curation.calibrate choose it")
         g = graph or knn_graph(vectors, cfg.k, cfg.threshold, max_k=cfg.max_k, index_cfg=cfg.index,
-                               pq_rescore_margin=cfg.pq_rescore_margin)
+                               pq_rescore_margin=cfg.pq_rescore_margin, verify=cfg.verify)
         edges_a.append(g.a)
         edges_b.append(g.b)
         nn_row, nn_sim = g.nn_row, g.nn_sim
         graph = g
         stats.update(near_edges=g.n_edges, requeried=g.requeried, index_kind=g.index_kind, nlist=g.nlist)
+        if cfg.verify.enabled:
+            a, b = _verified_edges(n, edges_a, edges_b, g, cfg.verify, verify_fn, stats)
+            edges_a.append(a)
+            edges_b.append(b)
     else:
         nn_row, nn_sim = np.full(n, -1, np.int64), np.full(n, np.nan, np.float32)
         graph = None
@@ -333,8 +320,22 @@ def decisions_path(out_dir: str | Path) -> Path:
     return layout.dedup_decisions(out_dir)
 
 
+def pool_verifier(out_dir: str | Path, ids: np.ndarray, cfg: VerifyConfig, max_pixels: int | None = None):
+    """``fn(rows_a, rows_b) -> inliers`` over pool rows, reading the images again by id."""
+    from dinov2.data.decode import DEFAULT_MAX_PIXELS
+
+    reader = ImageReader(out_dir, layout.POOL, max_pixels or DEFAULT_MAX_PIXELS)
+    cache = FeatureCache(lambda row: reader(ids[row]), cfg)
+
+    def fn(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return verify_pairs(a, b, cache)
+
+    fn.cache = cache
+    return fn
+
+
 def run_dedup(out_dir: str | Path, cfg: DedupConfig | None = None, *, overwrite: bool = False,
-              graph_fn=None) -> Path:
+              graph_fn=None, max_pixels: int | None = None) -> Path:
     """Stage 2: read ``OUT/embed/pool``, write ``OUT/dedup/decisions.parquet`` (+ stats.json).
 
     ``graph_fn(store) -> KnnGraph``: where the embedding graph comes from when not searched here
@@ -351,10 +352,16 @@ def run_dedup(out_dir: str | Path, cfg: DedupConfig | None = None, *, overwrite:
     meta = store.meta
     phash = pd.to_numeric(meta["phash"], errors="coerce")
     pixels = (pd.to_numeric(meta["width"], errors="coerce") * pd.to_numeric(meta["height"], errors="coerce")).fillna(0)
+    verify_fn = None
+    if cfg.verify.enabled:
+        if graph_fn is not None:
+            raise ValueError("dedup.verify runs in the gathered dedup only")
+        verify_fn = pool_verifier(out_dir, store.ids, cfg.verify, max_pixels)
     res = dedup_core(
         store.vectors, cfg, sha256=meta["sha256"].to_numpy(dtype=object),
         phash=phash.fillna(0).astype(np.int64).to_numpy(), phash_valid=phash.notna().to_numpy(),
         pixels=pixels.to_numpy(), graph=graph_fn(store) if graph_fn is not None and store.n > 1 else None,
+        verify_fn=verify_fn,
     )
     ids = store.ids
     nn_id = np.where(res.nn_row >= 0, ids[np.maximum(res.nn_row, 0)] if len(ids) else res.nn_row, None)
@@ -370,6 +377,9 @@ def run_dedup(out_dir: str | Path, cfg: DedupConfig | None = None, *, overwrite:
     })
     stats = dict(res.stats, embedder=embedder, whitening=whitener.path.name if whitener else None,
                  shard_problems=[vars(p) for p in store.problems])
+    if verify_fn is not None:
+        stats.update(verify_images_read=verify_fn.cache.extracted, verify_unreadable=verify_fn.cache.unreadable,
+                     verify_min_inliers=cfg.verify.min_inliers)
     atomic_write_json(layout.stats_path(out), stats)
     atomic_write_parquet(out, table)  # written last: its presence marks the stage done
     log.info("dedup: kept %d of %d pool images", res.stats["kept"], store.n)

@@ -32,7 +32,8 @@ import pyarrow as pa
 
 from curation import jobs, layout
 from curation.choices import IndexKind
-from curation.dedup import DedupConfig, KnnGraph, graph_of_batches, run_dedup, spanning_forest, union_edges
+from curation.components import spanning_forest, union_edges
+from curation.dedup import DedupConfig, KnnGraph, graph_of_batches, run_dedup
 from curation.index_plan import plan_index
 from curation.sharding import ShardingConfig, split_range, split_shards
 from curation.store import EmbeddingStore, ShardedVectors, resolve_embedder

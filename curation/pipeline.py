@@ -202,7 +202,8 @@ def task_dedup(cfg: CurationConfig) -> str:
     from .calibrate import resolved
     from .dedup import run_dedup
 
-    return str(run_dedup(cfg.output_dir, resolved(cfg, "dedup")))  # threshold: explicit or calibrated
+    # threshold (and verify.min_inliers): explicit or calibrated
+    return str(run_dedup(cfg.output_dir, resolved(cfg, "dedup"), max_pixels=cfg.embed.max_pixels))
 
 
 def task_decontaminate(cfg: CurationConfig) -> str:
@@ -210,7 +211,7 @@ def task_decontaminate(cfg: CurationConfig) -> str:
     from .calibrate import resolved
     from .decontaminate import run_decontaminate
 
-    return str(run_decontaminate(cfg.output_dir, resolved(cfg, "decontaminate")))
+    return str(run_decontaminate(cfg.output_dir, resolved(cfg, "decontaminate"), max_pixels=cfg.embed.max_pixels))
 
 
 def task_resolve_threshold(cfg: CurationConfig, stage: str) -> Any:
@@ -314,6 +315,11 @@ def run_stage(cfg: CurationConfig, stage: str, progress: bool = True) -> Any:
         log.info("stage %s: already complete, skipped", stage)
         print(f"[curate] {stage}: already complete (skipped)", flush=True)
         return None
+    if stage in ("dedup", "decontaminate") and getattr(cfg, stage).verify.enabled and (
+            _sharded(cfg, cfg.dedup) if stage == "dedup" else _decontaminate_sharded(cfg)):
+        raise ConfigError(f"key '{stage}.verify.enabled': geometric verification runs in the gathered {stage} only, "
+                          f"and this pool is sharded (sharding.mode={cfg.sharding.mode}); set "
+                          f"sharding.mode=gathered or {stage}.verify.enabled=false")
     _mark_stage(cfg, stage, complete=False)
     _invalidate_later_stages(cfg, stage)
     print(f"[curate] {stage}: running on cluster={cfg.executor.cluster}", flush=True)

@@ -37,8 +37,17 @@ from curation import jobs, layout
 from curation.dedup_sharded import setup_task, task_usage
 from curation.hkmeans import first_centroids, hierarchical_kmeans, level_sizes, resampled_centroids
 from curation.kmeans import assign, kmeans
-from curation.retrieve import (Evidence, RetrieveConfig, candidate_mask, cluster_count, exact_search,
-                               load_query_sets, select, set_plans, write_selection)
+from curation.retrieve import (
+    Evidence,
+    RetrieveConfig,
+    candidate_mask,
+    cluster_count,
+    exact_search,
+    load_query_sets,
+    select,
+    set_plans,
+    write_selection,
+)
 from curation.sharding import ShardingConfig, split_shards
 from curation.store import EmbeddingStore, ShardedVectors, resolve_embedder
 from curation.topk import block_topk, keep_topk

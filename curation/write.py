@@ -56,6 +56,7 @@ from .write_plan import (  # noqa: F401 - MANIFEST_COLUMNS, WriteError: public n
     read_block_decisions,
 )
 
+
 @dataclass
 class WriteConfig:
     images_per_shard: int = 5000  # LVD-style fixed-size shards (the last one may be short)

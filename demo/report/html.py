@@ -144,6 +144,13 @@ def _calibration_rows(summary: dict) -> list[list]:
         est = (lambda k: f"{rec[k]:.3f}" if k in rec else "")
         rows.append([stage, f"{rec.get('threshold', float('nan')):.3f}", rec.get("source", ""),
                      est("estimated_precision"), est("estimated_recall"), fam, "; ".join(rec.get("warnings", []))])
+        v = rec.get("verify")
+        if v and "min_inliers" in v:  # geometric verification: the cosine's near misses (curation/verify.py)
+            fam = ", ".join(f"{k} {r:.2f}" for k, r in v.get("estimated_recall_per_family", {}).items())
+            rows.append([f"{stage} + verification", f"{v['min_inliers']} inliers", rec.get("source", ""),
+                         f"{v['estimated_precision']:.3f}" if "estimated_precision" in v else "",
+                         f"{v['estimated_recall']:.3f}" if "estimated_recall" in v else "", fam,
+                         "; ".join(v.get("warnings", []))])
     return rows
 
 

@@ -1,0 +1,238 @@
+"""Geometric verification of copy candidates (curation/verify.py) on real photos, and its stages."""
+from __future__ import annotations
+
+import dataclasses
+import io
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image, ImageFilter, ImageOps
+
+from curation.verify import (
+    FeatureCache,
+    VerifyConfig,
+    candidate_pairs,
+    count_inliers,
+    extract,
+    inliers_of,
+    score_of,
+    verify_pairs,
+)
+
+CFG = VerifyConfig(enabled=True)
+
+
+def _jpeg(img, quality=85):
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+
+
+def _crop(img, x0, y0, x1, y1):
+    w, h = img.size
+    return img.crop((round(x0 * w), round(y0 * h), round(x1 * w), round(y1 * h)))
+
+
+def _paste(img, seed=0):
+    rng = np.random.default_rng(seed)
+    canvas = Image.fromarray(rng.integers(0, 256, (round(img.height * 1.25), round(img.width * 1.25), 3),
+                                          dtype=np.uint8)).filter(ImageFilter.GaussianBlur(3))
+    canvas.paste(img, (img.width // 10, img.height // 7))
+    return canvas
+
+
+@pytest.fixture(scope="module")
+def photos(sign_digits):
+    """Distinct hand photos of one class (the hardest non-copies: same wall, same pose) + other classes."""
+    same = sorted((sign_digits / "3").glob("*.JPG"))[:12:3]
+    other = [sorted((sign_digits / c).glob("*.JPG"))[5] for c in ("0", "5", "8")]
+    return [Image.open(p).convert("RGB") for p in same + other]
+
+
+def test_copies_share_many_inliers_distinct_photos_few(photos):
+    original = photos[0]
+    copies = {
+        "crop 60 %": _crop(original, 0.1, 0.05, 0.85, 0.85),
+        "mirror + crop + resize + jpeg": _jpeg(ImageOps.mirror(_crop(original, 0.0, 0.1, 0.8, 0.95)).resize((140, 150)), 40),
+        "paste into a canvas": _paste(original),
+        "text-free colour change": ImageOps.autocontrast(original, cutoff=5),
+    }
+    base = extract(original, CFG)
+    copy_counts = {name: count_inliers(extract(c, CFG), base, CFG) for name, c in copies.items()}
+    distinct = [count_inliers(extract(p, CFG), base, CFG) for p in photos[1:]]
+    assert min(copy_counts.values()) >= 20, copy_counts
+    assert max(distinct) <= 12, distinct
+    assert min(copy_counts.values()) >= 2 * max(distinct)
+
+
+def test_counts_are_deterministic_and_cache_independent(photos):
+    loads = []
+    cache = FeatureCache(lambda i: loads.append(i) or photos[i], dataclasses.replace(CFG, cache_images=2))
+    a, b = np.array([0, 1, 2, 0, 3]), np.array([4, 0, 1, 2, 0])
+    first = verify_pairs(a, b, cache)
+    again = verify_pairs(a[::-1].copy(), b[::-1].copy(), FeatureCache(lambda i: photos[i], CFG))[::-1]
+    assert first.tolist() == again.tolist()
+    assert cache.extracted == len(loads) and cache.unreadable == 0
+    # an image that cannot be read again scores 0 and is counted
+    broken = FeatureCache(lambda i: None if i == 1 else photos[i], CFG)
+    out = verify_pairs(np.array([0, 1]), np.array([2, 0]), broken)
+    assert out[1] == 0 and broken.unreadable == 1
+
+
+def test_score_and_inlier_maps_invert():
+    for n in (0, 3, 8, 24, 150):
+        assert inliers_of(float(score_of(n))) == n
+
+
+def test_candidate_pairs_keep_only_undecided_neighbours():
+    sims = np.array([[0.99, 0.8, 0.5, 0.1], [0.9, 0.7, 0.6, 0.4]], np.float32)
+    nbrs = np.array([[1, 2, 3, -1], [0, 2, 3, 4]])
+    cfg = VerifyConfig(enabled=True, candidates=3, min_similarity=0.55)
+    a, b = candidate_pairs(np.array([0, 1]), sims, nbrs, threshold=0.95, cfg=cfg, self_search=True)
+    # 0→1 clears the threshold (linked already), 0→3 is under min_similarity; 1→0 (cosine 0.9) is
+    # the same unordered pair as 0→1 and is kept once
+    assert sorted(zip(a.tolist(), b.tolist())) == [(0, 1), (0, 2), (1, 2), (1, 3)]
+    a, b = candidate_pairs(np.array([5]), sims[:1], nbrs[:1], threshold=0.95, cfg=cfg, self_search=False)
+    assert list(zip(a.tolist(), b.tolist())) == [(5, 2)]
+
+
+def test_verify_config_errors_name_the_key():
+    from curation.dedup import DedupConfig
+    from dinov2.utils.config import ConfigError
+
+    with pytest.raises(ConfigError, match="dedup.verify.min_inliers"):
+        DedupConfig(threshold=0.9, verify=VerifyConfig(enabled=True, min_inliers=2)).validate()
+    with pytest.raises(ConfigError, match="dedup.verify.candidates"):
+        DedupConfig(threshold=0.9, k=4, verify=VerifyConfig(enabled=True, candidates=8)).validate()
+    with pytest.raises(ConfigError, match="ratio"):
+        VerifyConfig(ratio=0.2).validate("decontaminate.verify")
+
+
+def test_sharded_stage_refuses_verification():
+    from curation.config import CurationConfig
+    from curation.embedders import EmbedderConfig
+    from dinov2.utils.config import ConfigError
+
+    cfg = CurationConfig(output_dir="/nonexistent/out", inputs=["/nonexistent/x.tar"],
+                         embedders={"e": EmbedderConfig(kind="efficientnet_lite0")})
+    cfg.dedup.verify.enabled = True
+    cfg.sharding.mode = "sharded"
+    with pytest.raises(ConfigError, match=r"dedup.verify.enabled.*gathered"):
+        cfg.validate()
+
+
+def test_dedup_core_links_a_crop_the_cosine_missed(photos):
+    """Vectors put the crop at cosine 0.5 of its original (under the 0.9 threshold): only pixels link them."""
+    from curation.dedup import DedupConfig, dedup_core
+
+    images = [*photos, _crop(photos[0], 0.1, 0.05, 0.85, 0.85)]  # last row: a crop of row 0
+    rng = np.random.default_rng(0)
+    vecs = rng.normal(size=(len(images), 16)).astype(np.float32)
+    vecs[-1] = 0.5 * vecs[0] / np.linalg.norm(vecs[0]) + 0.5 * vecs[-1] / np.linalg.norm(vecs[-1])
+    vecs[1] = vecs[0] + 0.7 * rng.normal(size=16)  # a distinct photo as close as the crop
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    cache = FeatureCache(lambda r: images[r], CFG)
+    cfg = DedupConfig(threshold=0.9, k=4, exact=False, phash=False,
+                      verify=VerifyConfig(enabled=True, candidates=4, min_inliers=25))
+    res = dedup_core(vecs, cfg, verify_fn=lambda a, b: verify_pairs(a, b, cache),
+                     pixels=np.array([im.width * im.height for im in images]))
+    last = len(images) - 1
+    assert res.component[last] == res.component[0] and res.reason[last] == "near_duplicate"
+    assert res.kept[0] and not res.kept[last]  # the larger image represents the pair
+    assert res.component[1] != res.component[0], "a distinct photo of the same kind must stay apart"
+    assert res.stats["verified_edges"] == 1 and res.stats["verify_pairs"] >= 3
+    off = dedup_core(vecs, dataclasses.replace(cfg, verify=VerifyConfig()))
+    assert off.component[last] != off.component[0]
+    with pytest.raises(ValueError, match="min_inliers"):
+        dedup_core(vecs, dataclasses.replace(cfg, verify=VerifyConfig(enabled=True, candidates=4)),
+                   verify_fn=lambda a, b: verify_pairs(a, b, cache))
+
+
+def test_fit_min_inliers_sits_above_chance():
+    from curation.calibrate_verify import MIN_INLIERS_FLOOR, fit_min_inliers
+
+    rng = np.random.default_rng(0)
+    chance = rng.poisson(6, 300)  # chance matches of distinct photos
+    copies = 60 + rng.poisson(40, 200)
+    observed = np.concatenate([rng.poisson(7, 270), 30 + rng.poisson(50, 30)])  # 10 % copies in the crawl
+    fams = {"crop": np.zeros(100, bool), "flip": np.ones(100, bool)}
+    counts = {"crop": copies[:100], "flip": copies[100:]}
+    fit = fit_min_inliers(fams, counts, observed, [(chance, True)], 0.95)
+    assert chance.max() - 2 <= fit["min_inliers"] <= 30
+    assert fit["estimated_precision"] >= 0.95 and fit["estimated_recall_per_family"]["crop"] == 1.0
+    # nothing but chance: the count stays above every chance match
+    fit = fit_min_inliers(fams, counts, rng.poisson(6, 300), [(chance, True)], 0.95)
+    assert fit["min_inliers"] >= max(MIN_INLIERS_FLOOR, np.quantile(chance, 0.99))
+
+
+@pytest.mark.slow
+def test_stage_calibrates_min_inliers_and_finds_crops_and_eval_copies(tmp_path, sign_digits):
+    """Real photos end to end: embed, calibrate min_inliers, dedup and decontaminate."""
+    import json
+
+    from curation import layout
+    from curation.calibrate import CalibrateConfig, read_calibration, resolved
+    from curation.config import CurationConfig
+    from curation.decontaminate import run_decontaminate
+    from curation.dedup import run_dedup
+    from curation.embed import embed_stage
+    from curation.embedders import EmbedderConfig
+
+    # every 30th photo by file name: consecutive shots are one person doing the next digit (same
+    # arm, wall and light), which local features rightly see as largely the same pixels
+    files = sorted(sign_digits.rglob("*.JPG"), key=lambda p: p.name)[::30][:80]
+    pool, evals = tmp_path / "pool", tmp_path / "eval"
+    pool.mkdir()
+    evals.mkdir()
+    truth = {}
+    for n, f in enumerate(files):
+        img = Image.open(f).convert("RGB")
+        if n < 6:  # eval images; a crop of each of the first three is in the pool
+            img.save(evals / f"{f.stem}.jpg", quality=92)
+            if n < 3:
+                _crop(img, 0.05, 0.1, 0.8, 0.9).save(pool / f"evalcopy-{f.stem}.jpg", quality=90)
+            continue
+        img.save(pool / f"{f.stem}.jpg", quality=92)
+        truth[f.stem] = f.stem
+        if n % 8 == 0:  # crops and mirrored crops of pool photos
+            copy = _crop(img, 0.12, 0.0, 0.9, 0.82) if n % 16 == 0 else ImageOps.mirror(_crop(img, 0, 0.1, 0.85, 0.95))
+            copy.save(pool / f"{f.stem}-copy.jpg", quality=88)
+            truth[f"{f.stem}-copy"] = f.stem
+    cfg = CurationConfig(output_dir=str(tmp_path / "out"), inputs=[str(pool)], eval_sets={"e": [str(evals)]},
+                         embedders={"lite0": EmbedderConfig(kind="efficientnet_lite0", image_size=96, device="cpu",
+                                                            batch_size=32, descriptor="flip")})
+    cfg.calibrate = CalibrateConfig(n_copies=27, n_background=100, n_verify_background=60, seed=0)
+    # an explicit, strict cosine threshold (it wins) leaves the near misses to verification, whose
+    # min_inliers is still calibrated
+    cfg.dedup.threshold = cfg.decontaminate.threshold = 0.99
+    cfg.dedup.verify = VerifyConfig(enabled=True)
+    cfg.decontaminate.verify = VerifyConfig(enabled=True)
+    cfg.validate()
+    embed_stage("pool", cfg.inputs, cfg.embedders, cfg.output_dir, progress=False)
+    embed_stage("eval-e", cfg.eval_sets["e"], cfg.embedders, cfg.output_dir, progress=False)
+    dedup_cfg = resolved(cfg, "dedup")
+    full = read_calibration(cfg.output_dir)["dedup"]
+    assert full["threshold"] == 0.99 and full["threshold_source"] == "config"
+    rec = full["verify"]
+    assert dedup_cfg.verify.min_inliers == rec["min_inliers"] >= 8
+    assert {"estimated_precision", "estimated_recall_per_family", "chance_quantiles"} <= set(rec)
+    run_dedup(cfg.output_dir, dedup_cfg)
+    dd = pd.read_parquet(tmp_path / "out" / "dedup" / "decisions.parquet")
+    stem = dd["id"].map(lambda i: i.rsplit("/", 1)[-1])
+    group = stem.map(lambda s: truth.get(s, s))
+    rep_group = group.set_axis(dd["id"]).reindex(dd["representative_id"]).to_numpy()
+    dropped = ~dd["kept"].to_numpy()
+    right = rep_group[dropped] == group.to_numpy()[dropped]
+    assert right.mean() >= 0.9, dd[dropped][["id", "reason", "representative_id", "nn_sim"]].to_string()
+    stats = json.loads(layout.stats_path(layout.dedup_decisions(cfg.output_dir)).read_text())
+    assert stats["verified_edges"] >= 1 and stats["verify_min_inliers"] == dedup_cfg.verify.min_inliers
+    copies = stem.str.endswith("-copy")
+    found = [dd.loc[dd["component"] == c, "id"].size > 1 for c in dd.loc[copies, "component"]]
+    assert np.mean(found) >= 0.8, f"copies found: {found}"
+    decon_cfg = resolved(cfg, "decontaminate")
+    run_decontaminate(cfg.output_dir, decon_cfg)
+    dc = pd.read_parquet(tmp_path / "out" / "decontaminate" / "decisions.parquet")
+    is_copy = dc["id"].str.contains("evalcopy-")
+    assert dc.loc[is_copy, "contaminated"].all(), dc.loc[is_copy]
+    assert not dc.loc[~is_copy, "contaminated"].any(), dc.loc[dc["contaminated"] & ~is_copy]
