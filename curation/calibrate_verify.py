@@ -17,8 +17,9 @@ image's ``candidates`` nearest neighbours, cosine >= ``min_similarity``) by enou
   evaluation images with their own nearest evaluation images (an evaluation set holds almost no
   copies of itself, so these are chance pairs at the very ranks candidates come from; in a small
   evaluation set the next ranks are far less alike than the top ones) and takes the higher rate.  Their best inlier count gives the
-  chance rate F0(m) (outliers past the bulk set aside as possible copies, an exponential tail
-  past the bulk: :func:`chance_rate`), and precision(m) = 1 - N·F0(m) / O(m) with N the sampled images.
+  chance rate F0(m) (scaled by the ratio of the observed and chance medians, as the next ranks
+  are a little less alike than the candidates; outliers past the bulk set aside as possible
+  copies; an exponential tail past the bulk: :func:`chance_rate`), and precision(m) = 1 - N·F0(m) / O(m) with N the sampled images.
 
 Unlike the cosine, inlier counts of copies vary with texture far more than between families, so
 the cosine's copy-count estimator (real copies ≈ planted copies) does not transfer; chance
@@ -132,7 +133,13 @@ def fit_min_inliers(copy_found: dict[str, np.ndarray], copy_inliers: dict[str, n
     warnings: list[str] = []
     grid = np.arange(MIN_INLIERS_FLOOR, 1001)
     o = (observed[None, :] >= grid[:, None]).sum(1)
-    f0 = np.max([chance_rate(c, grid, aside) for c, aside in chances], axis=0) if chances else np.zeros(len(grid))
+    f0 = np.zeros(len(grid))
+    for c, aside in chances:
+        if aside and len(c) and len(observed):
+            # next ranks are a little less alike than the candidates themselves: scale their counts
+            # by the ratio of the medians (both medians are non-copies while copies are a minority)
+            c = c * max(1.0, float(np.median(observed)) / max(float(np.median(c)), 1.0))
+        f0 = np.maximum(f0, chance_rate(c, grid, aside))
     precision = np.where(o > 0, 1.0 - np.minimum(n * f0, o) / np.maximum(o, 1), 1.0)
     ok = precision >= target_precision
     tail = np.flip(np.cumsum(np.flip(ok)) / np.arange(1, len(ok) + 1)) >= 0.95  # larger counts meet it too
