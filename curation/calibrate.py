@@ -326,8 +326,9 @@ def calibration_record(cfg, stage: str) -> dict:
 
     buf = io.BytesIO()  # the fit's inputs, for diagnostics
     extra = {} if not verifying else {
-        "verify_observed": observed, **{f"verify_chance_{i}": c for i, (c, _) in enumerate(chances)}, "verify_copy_inliers": np.asarray(hook.inliers),
-        "verify_copy_cosines": np.asarray(hook.cosines), "verify_copy_families": np.asarray(hook.families)}
+        "verify_observed": observed, **{f"verify_chance_{i}": c for i, (c, _) in enumerate(chances)},
+        "verify_copy_inliers": np.asarray(hook.inliers), "verify_copy_cosines": np.asarray(hook.cosines),
+        "verify_copy_families": np.asarray(hook.families)}
     np.savez(buf, background=background, **{f"copies_{f}": v for f, v in copies.items()}, **extra)
     atomic_write_bytes(out.with_suffix(".npz"), buf.getvalue())
     rec.update(stage=stage, source="calibrated", embedder=name, descriptor=cfg.embedders[name].descriptor,
