@@ -152,6 +152,10 @@ def fit_min_inliers(copy_found: dict[str, np.ndarray], copy_inliers: dict[str, n
     if weak:
         warnings.append(f"estimated recall with verification below 0.9 for {', '.join(weak)} (the perceptual "
                         "hash, phash_max_distance, covers blur and heavy re-encodes)")
+    left = np.concatenate([copy_inliers[f][~copy_found[f]] for f in copy_found]) if copy_found else np.zeros(0)
+    if len(left) and np.mean(left >= m) < 0.5:  # of the copies the cosine misses, verification finds few
+        warnings.append(f"verification links little here (min_inliers {m}): images beyond the candidates share as "
+                        "many features as copies do (e.g. many overlapping crops of a few photos)")
     if min((len(c) for c, _ in chances), default=0) < 50:
         warnings.append("fewer than 50 chance pairs measured: the precision estimate is rough")
     return {

@@ -161,6 +161,9 @@ def test_fit_min_inliers_sits_above_chance():
     fit = fit_min_inliers(fams, counts, observed, [(chance, True)], 0.95)
     assert chance.max() - 2 <= fit["min_inliers"] <= 30
     assert fit["estimated_precision"] >= 0.95 and fit["estimated_recall_per_family"]["crop"] == 1.0
+    # chance pairs that share as many features as copies (crops of a few photos): said, not hidden
+    fit = fit_min_inliers(fams, {f: np.full(100, 30) for f in fams}, observed, [(chance + 40, True)], 0.95)
+    assert any("links little" in w for w in fit["warnings"]), fit
     # nothing but chance: the count stays above every chance match
     fit = fit_min_inliers(fams, counts, rng.poisson(6, 300), [(chance, True)], 0.95)
     assert fit["min_inliers"] >= max(MIN_INLIERS_FLOOR, np.quantile(chance, 0.99))
