@@ -51,7 +51,7 @@ from curation.calibrate_verify import (
 )
 from curation.plant import FAMILIES, plant_copy
 from curation.reread import ImageReader
-from curation.verify import FeatureCache
+from curation.verify import stored_pair_verifier
 from dinov2.utils.io import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -301,9 +301,9 @@ def calibration_record(cfg, stage: str) -> dict:
         rec = {"threshold": float(stage_cfg.threshold), "threshold_source": "config", "warnings": []}
     if verifying:
         t_verify = time.perf_counter()
-        reader_pool = reader if stage == "dedup" else ImageReader(cfg.output_dir, "pool", cfg.embed.max_pixels)
-        pool_cache = FeatureCache(lambda r: reader_pool(pool.ids[r]), stage_cfg.verify)
-        ref_cache = pool_cache if stage == "dedup" else FeatureCache(lambda r: reader(ref.ids[r]), stage_cfg.verify)
+        pairs = stored_pair_verifier(cfg.output_dir, layout.POOL, pool.ids, stage_cfg.verify, cfg.embed.max_pixels,
+                                     *((layout.EVAL_PREFIX, ref.ids) if stage != "dedup" else ()))
+        pool_cache, ref_cache = pairs.caches[0], pairs.caches[-1]
         observed, chance, n_pairs = background_inliers(rows, sims, nbrs, linked, rec["threshold"], stage_cfg.verify,
                                                        cal.n_verify_background, cal.seed, pool_cache, ref_cache)
         chances = [(chance, True)]

@@ -29,9 +29,8 @@ import pyarrow.parquet as pq
 
 from curation import layout
 from curation.index import IndexConfig, build_index
-from curation.reread import ImageReader
 from curation.store import EmbeddingStore, Vectors, as_vectors, list_sources, resolve_embedder
-from curation.verify import FeatureCache, VerifyConfig, candidate_pairs, verify_pairs
+from curation.verify import VerifyConfig, candidate_pairs, stored_pair_verifier
 from curation.whiten import WhiteningConfig, pool_whitener
 from dinov2.utils.io import atomic_write_json, atomic_write_parquet
 
@@ -151,23 +150,6 @@ def decisions_path(out_dir: str | Path) -> Path:
     return layout.decontaminate_decisions(out_dir)
 
 
-def eval_verifier(out_dir: str | Path, pool_ids: np.ndarray, eval_ids: np.ndarray, cfg: VerifyConfig,
-                  max_pixels: int | None = None):
-    """``fn(pool_rows, eval_rows) -> inliers``, reading both images again by id."""
-    from dinov2.data.decode import DEFAULT_MAX_PIXELS
-
-    mp = max_pixels or DEFAULT_MAX_PIXELS
-    pool_reader, eval_reader = ImageReader(out_dir, layout.POOL, mp), ImageReader(out_dir, layout.EVAL_PREFIX, mp)
-    pool_cache = FeatureCache(lambda row: pool_reader(pool_ids[row]), cfg)
-    eval_cache = FeatureCache(lambda row: eval_reader(eval_ids[row]), cfg)
-
-    def fn(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        return verify_pairs(a, b, pool_cache, eval_cache)
-
-    fn.caches = (pool_cache, eval_cache)
-    return fn
-
-
 def run_decontaminate(out_dir: str | Path, cfg: DecontamConfig | None = None, *, overwrite: bool = False,
                       matches_fn=None, max_pixels: int | None = None) -> Path:
     """Stage 3: pool vs ``eval-*`` embeddings + dedup components → decisions parquet.
@@ -198,7 +180,8 @@ def run_decontaminate(out_dir: str | Path, cfg: DecontamConfig | None = None, *,
     verify_fn = None
     if evals is not None:
         matches = matches_fn(pool) if matches_fn is not None else None
-        verify_fn = eval_verifier(out_dir, pool.ids, evals.ids, cfg.verify, max_pixels) if cfg.verify.enabled else None
+        verify_fn = stored_pair_verifier(out_dir, layout.POOL, pool.ids, cfg.verify, max_pixels,
+                                         layout.EVAL_PREFIX, evals.ids) if cfg.verify.enabled else None
         res = decontaminate_core(pool.vectors, evals.vectors, cfg, component, matches, verify_fn)
         eval_ids = evals.ids
         eval_sets = evals.meta["source"].astype(str).str.removeprefix("eval-").to_numpy(dtype=object)

@@ -40,10 +40,9 @@ from curation import layout
 from curation.components import connected_components
 from curation.hash_edges import exact_edges, hamming64, phash_edges
 from curation.index import IndexConfig, build_index
-from curation.reread import ImageReader
 from curation.semdedup import SemDedupConfig, semdedup
 from curation.store import EmbeddingStore, Vectors, as_vectors, resolve_embedder
-from curation.verify import FeatureCache, VerifyConfig, candidate_pairs, verify_pairs
+from curation.verify import VerifyConfig, candidate_pairs, stored_pair_verifier
 from curation.whiten import WhiteningConfig, pool_whitener
 from dinov2.utils.io import atomic_write_json, atomic_write_parquet
 
@@ -320,20 +319,6 @@ def decisions_path(out_dir: str | Path) -> Path:
     return layout.dedup_decisions(out_dir)
 
 
-def pool_verifier(out_dir: str | Path, ids: np.ndarray, cfg: VerifyConfig, max_pixels: int | None = None):
-    """``fn(rows_a, rows_b) -> inliers`` over pool rows, reading the images again by id."""
-    from dinov2.data.decode import DEFAULT_MAX_PIXELS
-
-    reader = ImageReader(out_dir, layout.POOL, max_pixels or DEFAULT_MAX_PIXELS)
-    cache = FeatureCache(lambda row: reader(ids[row]), cfg)
-
-    def fn(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        return verify_pairs(a, b, cache)
-
-    fn.cache = cache
-    return fn
-
-
 def run_dedup(out_dir: str | Path, cfg: DedupConfig | None = None, *, overwrite: bool = False,
               graph_fn=None, max_pixels: int | None = None) -> Path:
     """Stage 2: read ``OUT/embed/pool``, write ``OUT/dedup/decisions.parquet`` (+ stats.json).
@@ -356,7 +341,7 @@ def run_dedup(out_dir: str | Path, cfg: DedupConfig | None = None, *, overwrite:
     if cfg.verify.enabled:
         if graph_fn is not None:
             raise ValueError("dedup.verify runs in the gathered dedup only")
-        verify_fn = pool_verifier(out_dir, store.ids, cfg.verify, max_pixels)
+        verify_fn = stored_pair_verifier(out_dir, layout.POOL, store.ids, cfg.verify, max_pixels)
     res = dedup_core(
         store.vectors, cfg, sha256=meta["sha256"].to_numpy(dtype=object),
         phash=phash.fillna(0).astype(np.int64).to_numpy(), phash_valid=phash.notna().to_numpy(),
@@ -378,7 +363,8 @@ def run_dedup(out_dir: str | Path, cfg: DedupConfig | None = None, *, overwrite:
     stats = dict(res.stats, embedder=embedder, whitening=whitener.path.name if whitener else None,
                  shard_problems=[vars(p) for p in store.problems])
     if verify_fn is not None:
-        stats.update(verify_images_read=verify_fn.cache.extracted, verify_unreadable=verify_fn.cache.unreadable,
+        stats.update(verify_images_read=sum(c.extracted for c in verify_fn.caches),
+                     verify_unreadable=sum(c.unreadable for c in verify_fn.caches),
                      verify_min_inliers=cfg.verify.min_inliers)
     atomic_write_json(layout.stats_path(out), stats)
     atomic_write_parquet(out, table)  # written last: its presence marks the stage done

@@ -15,7 +15,7 @@ already link), this module counts such features:
    "as is" and "mirrored".
 
 The pair is a copy when the inliers reach ``min_inliers`` (explicit, or calibrated on planted
-copies like the cosine threshold: curation/calibrate.py).  Every step is deterministic: the same
+copies with the cosine threshold: curation/calibrate_verify.py).  Every step is deterministic: the same
 pair gives the same count whatever the order, thread count or cache state.
 
 Cost: one feature extraction per image taking part in a candidate pair (~10–30 ms on one core)
@@ -29,10 +29,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-
-# score = inliers / (inliers + SCORE_HALF): a monotone map of counts into [0, 1) so the
-# calibration's cosine machinery (a grid on [0, 1)) fits the verification threshold too.
-SCORE_HALF = 16.0
 
 
 @dataclass
@@ -62,18 +58,6 @@ class VerifyConfig:
             raise ConfigError(f"{name}.max_side must be in 64..2048 and {name}.max_keypoints in 16..10000")
         if not 0.5 <= self.ratio <= 1.0 or not 0.001 <= self.ransac_tolerance <= 0.1:
             raise ConfigError(f"{name}.ratio must be in [0.5, 1] and {name}.ransac_tolerance in [0.001, 0.1]")
-
-
-def score_of(inliers: np.ndarray | int) -> np.ndarray:
-    n = np.asarray(inliers, np.float64)
-    return n / (n + SCORE_HALF)
-
-
-def inliers_of(score: float) -> int:
-    """Smallest inlier count whose score reaches ``score``."""
-    if score <= 0:
-        return 0
-    return int(np.ceil(SCORE_HALF * score / (1.0 - score) - 1e-9))
 
 
 @dataclass
@@ -182,6 +166,29 @@ def verify_pairs(a: np.ndarray, b: np.ndarray, cache_a: FeatureCache, cache_b: F
         if fa is not None and fb is not None:
             out[i] = count_inliers(fa, fb, cache_a.cfg)
     return out
+
+
+def stored_pair_verifier(out_dir, source_a: str, ids_a: np.ndarray, cfg: VerifyConfig, max_pixels: int | None = None,
+                         source_b: str | None = None, ids_b: np.ndarray | None = None):
+    """``fn(rows_a, rows_b) -> inliers`` over rows of embedded sources, images read again by id.
+
+    ``source_*``: the source name or prefix (``pool``, ``eval-``); without ``ids_b`` both rows index
+    ``ids_a``.  ``fn.caches``: the feature caches (one, or one per side), for their counts."""
+    from curation.reread import ImageReader
+    from dinov2.data.decode import DEFAULT_MAX_PIXELS
+
+    def cache(source: str, ids: np.ndarray) -> FeatureCache:
+        reader = ImageReader(out_dir, source, max_pixels or DEFAULT_MAX_PIXELS)
+        return FeatureCache(lambda row: reader(ids[row]), cfg)
+
+    cache_a = cache(source_a, ids_a)
+    cache_b = cache_a if ids_b is None else cache(source_b or source_a, ids_b)
+
+    def fn(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return verify_pairs(a, b, cache_a, cache_b)
+
+    fn.caches = (cache_a,) if cache_b is cache_a else (cache_a, cache_b)
+    return fn
 
 
 def candidate_pairs(query_rows: np.ndarray, sims: np.ndarray, nbrs: np.ndarray, threshold: float,

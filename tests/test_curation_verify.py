@@ -15,8 +15,6 @@ from curation.verify import (
     candidate_pairs,
     count_inliers,
     extract,
-    inliers_of,
-    score_of,
     verify_pairs,
 )
 
@@ -78,11 +76,6 @@ def test_counts_are_deterministic_and_cache_independent(photos):
     broken = FeatureCache(lambda i: None if i == 1 else photos[i], CFG)
     out = verify_pairs(np.array([0, 1]), np.array([2, 0]), broken)
     assert out[1] == 0 and broken.unreadable == 1
-
-
-def test_score_and_inlier_maps_invert():
-    for n in (0, 3, 8, 24, 150):
-        assert inliers_of(float(score_of(n))) == n
 
 
 def test_candidate_pairs_keep_only_undecided_neighbours():
