@@ -51,7 +51,7 @@ from curation.calibrate_verify import (
 )
 from curation.plant import FAMILIES, plant_copy
 from curation.reread import ImageReader
-from curation.verify import stored_pair_verifier
+from curation.verify import StoredPairVerifier, image_features
 from dinov2.utils.io import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -286,7 +286,11 @@ def calibration_record(cfg, stage: str) -> dict:
     pick = np.array([p for p in pick if ref.ids[p] in kept])
     embedder = load_embedder(cfg.embedders[name])
     index = build_index(ref.vectors, stage_cfg.index)
-    hook = CopyInliers([im for _, im in images], pick, index, stage_cfg.verify) if verifying else None
+    hook = None
+    if verifying:  # the originals' features go into the cache the stage's verification reads
+        originals = image_features(cfg.output_dir, prefix, stage_cfg.verify, cfg.embed.max_pixels)
+        hook = CopyInliers([im for _, im in images], pick, index, stage_cfg.verify,
+                           features_of=lambda i, image: originals.of_image(images[i][0], image))
     t_embed = time.perf_counter()
     copies = planted_similarities(embedder, [im for _, im in images], ref.vectors.gather(pick),
                                   n_copies, rng, whitener, on_chunk=hook)
@@ -301,20 +305,21 @@ def calibration_record(cfg, stage: str) -> dict:
         rec = {"threshold": float(stage_cfg.threshold), "threshold_source": "config", "warnings": []}
     if verifying:
         t_verify = time.perf_counter()
-        pairs = stored_pair_verifier(cfg.output_dir, layout.POOL, pool.ids, stage_cfg.verify, cfg.embed.max_pixels,
-                                     *((layout.EVAL_PREFIX, ref.ids) if stage != "dedup" else ()))
-        pool_cache, ref_cache = pairs.caches[0], pairs.caches[-1]
+        pairs = StoredPairVerifier(cfg.output_dir, layout.POOL, pool.ids, stage_cfg.verify, cfg.embed.max_pixels,
+                                   *((layout.EVAL_PREFIX, ref.ids) if stage != "dedup" else ()))
         observed, chance, n_pairs = background_inliers(rows, sims, nbrs, linked, rec["threshold"], stage_cfg.verify,
-                                                       cal.n_verify_background, cal.seed, pool_cache, ref_cache)
+                                                       cal.n_verify_background, cal.seed, pairs, stage == "dedup")
         chances = [(chance, True)]
         if stage != "dedup":
             # evaluation sets hold (almost) no copies of their own images: their images' nearest
             # evaluation neighbours are chance pairs at the very ranks candidates come from
             e_rows, e_sims, e_nbrs, e_linked = background_neighbours(ref, ref, "dedup", cal, index,
                                                                      getattr(cfg.dedup, "phash_max_distance", 4), k)
+            evals = StoredPairVerifier(cfg.output_dir, layout.EVAL_PREFIX, ref.ids, stage_cfg.verify,
+                                       cfg.embed.max_pixels)
             eval_chance, _, n_more = background_inliers(e_rows, e_sims, e_nbrs, e_linked, rec["threshold"],
                                                         stage_cfg.verify, cal.n_verify_background, cal.seed,
-                                                        ref_cache, ref_cache)
+                                                        evals, True)
             chances.append((eval_chance, False))
             n_pairs += n_more
         found, counts = hook.per_family(rec["threshold"])

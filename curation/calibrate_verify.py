@@ -32,13 +32,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from curation.verify import (
-    FeatureCache,
-    VerifyConfig,
-    count_inliers,
-    extract,
-    verify_pairs,
-)
+from curation.verify import VerifyConfig, count_inliers, extract
 
 MIN_INLIERS_FLOOR = 8
 NOT_A_CANDIDATE = -1
@@ -50,9 +44,11 @@ class CopyInliers:
     ``NOT_A_CANDIDATE`` where the stage would never verify the pair (original not among the
     copy's nearest ``candidates`` in ``index``, or cosine under ``min_similarity``)."""
 
-    def __init__(self, originals: list, original_rows: np.ndarray, index, cfg: VerifyConfig):
+    def __init__(self, originals: list, original_rows: np.ndarray, index, cfg: VerifyConfig, features_of=None):
+        """``features_of(i, image)``: features of original ``i`` (default: extracted here, once)."""
         self.originals, self.rows, self.index, self.cfg = originals, np.asarray(original_rows), index, cfg
         self._features: dict[int, object] = {}
+        self.features_of = features_of or (lambda i, image: extract(image, cfg))
         self.families: list[str] = []
         self.cosines: list[float] = []
         self.inliers: list[int] = []
@@ -64,7 +60,7 @@ class CopyInliers:
             n = NOT_A_CANDIDATE
             if seen:
                 if o not in self._features:
-                    self._features[o] = extract(self.originals[o], self.cfg)
+                    self._features[o] = self.features_of(o, self.originals[o])
                 n = count_inliers(extract(copy, self.cfg), self._features[o], self.cfg)
             self.families.append(fam)
             self.cosines.append(float(cosines[j]))
@@ -78,16 +74,17 @@ class CopyInliers:
 
 
 def background_inliers(rows: np.ndarray, sims: np.ndarray, nbrs: np.ndarray, linked: np.ndarray, threshold: float,
-                       cfg: VerifyConfig, n_sample: int, seed: int, pool_cache: FeatureCache,
-                       ref_cache: FeatureCache) -> tuple[np.ndarray, np.ndarray, int]:
+                       cfg: VerifyConfig, n_sample: int, seed: int, verify_fn, same_source: bool
+                       ) -> tuple[np.ndarray, np.ndarray, int]:
     """(best inliers over each sampled row's candidates, best over its next ranks, pairs verified).
 
     ``rows``/``sims``/``nbrs``/``linked``: calibrate.background_neighbours with at least
-    2·candidates neighbours (self and known copies are ``linked``).  Rows linked by cosine or
-    without any candidate are left out; -1 where a row has no pair in a tier."""
+    2·candidates neighbours (self and known copies are ``linked``); ``verify_fn(rows, neighbours)``
+    counts inliers, ``same_source`` when rows and neighbours index one source.  Rows linked by
+    cosine or without any candidate are left out; -1 where a row has no pair in a tier."""
     pick = np.sort(np.random.default_rng([seed, 11]).choice(len(rows), size=min(n_sample, len(rows)), replace=False))
     sims, nbrs, linked, rows = sims[pick], nbrs[pick], linked[pick], rows[pick]
-    not_self = nbrs != rows[:, None] if pool_cache is ref_cache else np.ones(nbrs.shape, bool)
+    not_self = nbrs != rows[:, None] if same_source else np.ones(nbrs.shape, bool)
     rank = np.cumsum(not_self, axis=1)  # position among the neighbours that are not the image itself
     usable = not_self & ~linked
     tier1 = usable & (rank <= cfg.candidates)
@@ -95,7 +92,7 @@ def background_inliers(rows: np.ndarray, sims: np.ndarray, nbrs: np.ndarray, lin
     keep = tier1.any(1) & ~(tier1 & (sims >= threshold)).any(1)
     eligible = (sims >= cfg.min_similarity) & (sims < threshold) & keep[:, None]
     qi, ci = np.nonzero((tier1 | tier2) & eligible)
-    inliers = verify_pairs(rows[qi], nbrs[qi, ci], pool_cache, ref_cache) if len(qi) else np.zeros(0, np.int32)
+    inliers = verify_fn(rows[qi], nbrs[qi, ci]) if len(qi) else np.zeros(0, np.int32)
     best = np.full((2, len(rows)), -1)
     np.maximum.at(best, (tier2[qi, ci].astype(np.int64), qi), inliers)
     return best[0][keep], best[1][keep], len(qi)

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from curation import layout
 from curation.index import IndexConfig, build_index
 from curation.store import EmbeddingStore, Vectors, as_vectors, list_sources, resolve_embedder
-from curation.verify import VerifyConfig, candidate_pairs, stored_pair_verifier
+from curation.verify import StoredPairVerifier, VerifyConfig, candidate_pairs
 from curation.whiten import WhiteningConfig, pool_whitener
 from dinov2.utils.io import atomic_write_json, atomic_write_parquet
 
@@ -180,7 +180,7 @@ def run_decontaminate(out_dir: str | Path, cfg: DecontamConfig | None = None, *,
     verify_fn = None
     if evals is not None:
         matches = matches_fn(pool) if matches_fn is not None else None
-        verify_fn = stored_pair_verifier(out_dir, layout.POOL, pool.ids, cfg.verify, max_pixels,
+        verify_fn = StoredPairVerifier(out_dir, layout.POOL, pool.ids, cfg.verify, max_pixels,
                                          layout.EVAL_PREFIX, evals.ids) if cfg.verify.enabled else None
         res = decontaminate_core(pool.vectors, evals.vectors, cfg, component, matches, verify_fn)
         eval_ids = evals.ids
@@ -204,8 +204,7 @@ def run_decontaminate(out_dir: str | Path, cfg: DecontamConfig | None = None, *,
                  whitening=whitener.path.name if whitener else None,
                  shard_problems=[vars(p) for p in pool.problems + (evals.problems if evals else [])])
     if verify_fn is not None:
-        stats.update(verify_images_read=sum(c.extracted for c in verify_fn.caches),
-                     verify_unreadable=sum(c.unreadable for c in verify_fn.caches),
+        stats.update(verify_images_read=verify_fn.images_read, verify_unreadable=len(verify_fn.unreadable),
                      verify_min_inliers=cfg.verify.min_inliers)
     atomic_write_json(layout.stats_path(out), stats)
     atomic_write_parquet(out, table)

@@ -42,7 +42,7 @@ from curation.hash_edges import exact_edges, hamming64, phash_edges
 from curation.index import IndexConfig, build_index
 from curation.semdedup import SemDedupConfig, semdedup
 from curation.store import EmbeddingStore, Vectors, as_vectors, resolve_embedder
-from curation.verify import VerifyConfig, candidate_pairs, stored_pair_verifier
+from curation.verify import StoredPairVerifier, VerifyConfig, candidate_pairs
 from curation.whiten import WhiteningConfig, pool_whitener
 from dinov2.utils.io import atomic_write_json, atomic_write_parquet
 
@@ -341,7 +341,7 @@ def run_dedup(out_dir: str | Path, cfg: DedupConfig | None = None, *, overwrite:
     if cfg.verify.enabled:
         if graph_fn is not None:
             raise ValueError("dedup.verify runs in the gathered dedup only")
-        verify_fn = stored_pair_verifier(out_dir, layout.POOL, store.ids, cfg.verify, max_pixels)
+        verify_fn = StoredPairVerifier(out_dir, layout.POOL, store.ids, cfg.verify, max_pixels)
     res = dedup_core(
         store.vectors, cfg, sha256=meta["sha256"].to_numpy(dtype=object),
         phash=phash.fillna(0).astype(np.int64).to_numpy(), phash_valid=phash.notna().to_numpy(),
@@ -363,8 +363,7 @@ def run_dedup(out_dir: str | Path, cfg: DedupConfig | None = None, *, overwrite:
     stats = dict(res.stats, embedder=embedder, whitening=whitener.path.name if whitener else None,
                  shard_problems=[vars(p) for p in store.problems])
     if verify_fn is not None:
-        stats.update(verify_images_read=sum(c.extracted for c in verify_fn.caches),
-                     verify_unreadable=sum(c.unreadable for c in verify_fn.caches),
+        stats.update(verify_images_read=verify_fn.images_read, verify_unreadable=len(verify_fn.unreadable),
                      verify_min_inliers=cfg.verify.min_inliers)
     atomic_write_json(layout.stats_path(out), stats)
     atomic_write_parquet(out, table)  # written last: its presence marks the stage done

@@ -8,7 +8,8 @@ pair (an image and one of its nearest neighbours by embedding that the cosine th
 already link), this module counts such features:
 
 1. SIFT keypoints on the grey image scaled so its longer side is ``max_side`` (up to
-   ``max_keypoints``, strongest first), for the image and its mirror image;
+   ``max_keypoints``, strongest first); the mirror image's features are derived from them
+   (:meth:`LocalFeatures.mirrored`), not extracted again;
 2. RootSIFT descriptors, mutual nearest neighbours that also pass Lowe's ratio test;
 3. RANSAC of a 4-degree-of-freedom similarity transform (OpenCV, fixed seed); a model with an
    implausible scale or rotation is rejected; the score is its inlier count, the best over
@@ -18,8 +19,9 @@ The pair is a copy when the inliers reach ``min_inliers`` (explicit, or calibrat
 copies with the cosine threshold: curation/calibrate_verify.py).  Every step is deterministic: the same
 pair gives the same count whatever the order, thread count or cache state.
 
-Cost: one feature extraction per image taking part in a candidate pair (~10–30 ms on one core)
-and ~1 ms per pair; features stay in a bounded cache (``cache_images``).  It is meant for the
+Cost: one feature extraction per image taking part in a candidate pair and well under 1 ms per
+pair (bench/RESULTS.md); features stay in a bounded cache (``cache_images``) that the stage and its
+calibration share when they run in one process (:func:`image_features`).  It is meant for the
 candidates a global descriptor cannot decide, so ``candidates`` bounds the pairs per image.
 """
 from __future__ import annotations
@@ -27,6 +29,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -43,7 +46,7 @@ class VerifyConfig:
     max_keypoints: int = 500
     ratio: float = 0.8  # Lowe's ratio test on descriptor distances
     ransac_tolerance: float = 0.012  # reprojection error allowed, as a share of max_side
-    cache_images: int = 4096  # feature sets kept in memory (~130 KB each at 500 keypoints)
+    cache_images: int = 8192  # feature sets kept in memory (~70 KB each at 500 keypoints)
 
     def validate(self, name: str) -> None:
         from dinov2.utils.config import ConfigError
@@ -60,18 +63,30 @@ class VerifyConfig:
             raise ConfigError(f"{name}.ratio must be in [0.5, 1] and {name}.ransac_tolerance in [0.001, 0.1]")
 
 
+# A horizontal mirror turns a keypoint's orientation θ into 180° − θ; in the keypoint's own frame
+# that reverses the rows of SIFT's 4 × 4 cell grid and negates every gradient angle (orientation
+# bin o → −o mod 8).  So the mirror image's descriptors are a fixed permutation of the image's:
+# one extraction serves both (mean |difference| ~6 % of the mean bin against extracting the
+# mirror image again, from resampling; tests/test_curation_verify.py).
+_MIRROR_BINS = np.arange(128).reshape(4, 4, 8)[::-1][:, :, (8 - np.arange(8)) % 8].reshape(-1)
+
+
 @dataclass
 class LocalFeatures:
-    points: tuple[np.ndarray, np.ndarray]  # float32 [n, 2] keypoint positions: image, mirror image
-    descriptors: tuple[np.ndarray, np.ndarray]  # uint8 [n, 128] SIFT descriptors: image, mirror image
+    points: np.ndarray  # float32 [n, 2] keypoint positions (x, y) in the scaled image
+    descriptors: np.ndarray  # uint8 [n, 128] SIFT descriptors
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.points + self.descriptors)
+        return self.points.nbytes + self.descriptors.nbytes
+
+    def mirrored(self) -> "LocalFeatures":
+        """The features of the left-right mirror image (x negated: a similarity fit does not care where)."""
+        return LocalFeatures(self.points * np.float32([-1.0, 1.0]), self.descriptors[:, _MIRROR_BINS])
 
 
 def extract(image, cfg: VerifyConfig) -> LocalFeatures:
-    """SIFT keypoints of ``image`` (PIL or HxW[x3] uint8 array) and of its mirror image."""
+    """SIFT keypoints of ``image`` (PIL or HxW[x3] uint8 array)."""
     import cv2
 
     grey = np.asarray(image.convert("L") if hasattr(image, "convert") else image)
@@ -81,17 +96,10 @@ def extract(image, cfg: VerifyConfig) -> LocalFeatures:
     s = cfg.max_side / max(h, w, 1)
     size = (max(8, round(w * s)), max(8, round(h * s)))
     grey = cv2.resize(np.ascontiguousarray(grey), size, interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_CUBIC)
-    sift = cv2.SIFT_create(nfeatures=cfg.max_keypoints)
-    pts, descs = [], []
-    for img in (grey, np.ascontiguousarray(grey[:, ::-1])):
-        kps, d = sift.detectAndCompute(img, None)
-        if d is None or not kps:
-            pts.append(np.zeros((0, 2), np.float32))
-            descs.append(np.zeros((0, 128), np.uint8))
-            continue
-        pts.append(np.asarray([k.pt for k in kps], np.float32))
-        descs.append(np.clip(np.rint(d), 0, 255).astype(np.uint8))
-    return LocalFeatures((pts[0], pts[1]), (descs[0], descs[1]))
+    kps, d = cv2.SIFT_create(nfeatures=cfg.max_keypoints).detectAndCompute(grey, None)
+    if d is None or not kps:
+        return LocalFeatures(np.zeros((0, 2), np.float32), np.zeros((0, 128), np.uint8))
+    return LocalFeatures(np.asarray([k.pt for k in kps], np.float32), np.clip(np.rint(d), 0, 255).astype(np.uint8))
 
 
 def _root_sift(d: np.ndarray) -> np.ndarray:
@@ -128,7 +136,7 @@ def _inliers_one(pa: np.ndarray, da: np.ndarray, pb: np.ndarray, db: np.ndarray,
 
 def count_inliers(a: LocalFeatures, b: LocalFeatures, cfg: VerifyConfig) -> int:
     """Inliers of the best similarity transform from ``a`` (as is, or mirrored) onto ``b``."""
-    return max(_inliers_one(a.points[m], a.descriptors[m], b.points[0], b.descriptors[0], cfg) for m in (0, 1))
+    return max(_inliers_one(f.points, f.descriptors, b.points, b.descriptors, cfg) for f in (a, a.mirrored()))
 
 
 class FeatureCache:
@@ -144,7 +152,16 @@ class FeatureCache:
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
-        image = self.load(key)
+        return self._put(key, self.load(key))
+
+    def of_image(self, key, image) -> LocalFeatures:
+        """Features of ``image``, already in hand, under ``key`` (cached ones when present)."""
+        if key in self._cache and self._cache[key] is not None:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        return self._put(key, image)
+
+    def _put(self, key, image) -> LocalFeatures | None:
         feats = extract(image, self.cfg) if image is not None else None
         self.extracted += 1
         self.unreadable += image is None
@@ -154,41 +171,95 @@ class FeatureCache:
         return feats
 
 
-def verify_pairs(a: np.ndarray, b: np.ndarray, cache_a: FeatureCache, cache_b: FeatureCache | None = None
-                 ) -> np.ndarray:
+def verify_pairs(a: np.ndarray, b: np.ndarray, cache_a: FeatureCache, cache_b: FeatureCache | None = None,
+                 keys_a=None, keys_b=None, unreadable: set | None = None) -> np.ndarray:
     """Inlier count per pair ``(a[i], b[i])`` (0 where either image cannot be read again).
 
-    Pairs are visited grouped by ``a`` so each ``a`` is extracted once per run of pairs."""
+    ``keys_*``: cache key of each row (default: the row itself); ``unreadable`` receives the keys
+    that could not be read.  Pairs are visited grouped by ``a`` so each ``a`` is looked up once per
+    run of pairs."""
     cache_b = cache_b or cache_a
+    keys_b = keys_a if keys_b is None and cache_b is cache_a else keys_b
     out = np.zeros(len(a), np.int32)
     for i in np.lexsort((np.asarray(b), np.asarray(a))):
-        fa, fb = cache_a.get(a[i]), cache_b.get(b[i])
+        ka = a[i] if keys_a is None else keys_a[a[i]]
+        kb = b[i] if keys_b is None else keys_b[b[i]]
+        fa, fb = cache_a.get(ka), cache_b.get(kb)
         if fa is not None and fb is not None:
             out[i] = count_inliers(fa, fb, cache_a.cfg)
+        elif unreadable is not None:
+            unreadable.update(k for k, f in ((ka, fa), (kb, fb)) if f is None)
     return out
 
 
-def stored_pair_verifier(out_dir, source_a: str, ids_a: np.ndarray, cfg: VerifyConfig, max_pixels: int | None = None,
-                         source_b: str | None = None, ids_b: np.ndarray | None = None):
-    """``fn(rows_a, rows_b) -> inliers`` over rows of embedded sources, images read again by id.
+_SHARED: OrderedDict = OrderedDict()  # process-wide feature caches (image_features)
+_SHARED_CACHES = 4
 
-    ``source_*``: the source name or prefix (``pool``, ``eval-``); without ``ids_b`` both rows index
-    ``ids_a``.  ``fn.caches``: the feature caches (one, or one per side), for their counts."""
-    from curation.reread import ImageReader
+
+def image_features(out_dir, source: str, cfg: VerifyConfig, max_pixels: int | None = None) -> FeatureCache:
+    """The feature cache of the embedded images of ``source`` (a name or prefix), keyed by image id.
+
+    Process-wide: a stage and its calibration run in one job and verify many of the same images,
+    so they share it.  Keyed by the output folder, the source, the feature settings and the embed
+    shards' sizes and times, so a re-embedded source never sees another's features."""
+    from curation import layout
     from dinov2.data.decode import DEFAULT_MAX_PIXELS
 
-    def cache(source: str, ids: np.ndarray) -> FeatureCache:
-        reader = ImageReader(out_dir, source, max_pixels or DEFAULT_MAX_PIXELS)
-        return FeatureCache(lambda row: reader(ids[row]), cfg)
+    out = Path(out_dir).resolve()
+    max_pixels = max_pixels or DEFAULT_MAX_PIXELS
+    shards = tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size)
+                   for src in layout.sources(out, source) for _, f in layout.embed_shards(out, src) if f.is_file())
+    key = (str(out), source, max_pixels, cfg.max_side, cfg.max_keypoints, cfg.cache_images, shards)
+    if key in _SHARED:
+        _SHARED.move_to_end(key)
+        return _SHARED[key]
+    reader = None
 
-    cache_a = cache(source_a, ids_a)
-    cache_b = cache_a if ids_b is None else cache(source_b or source_a, ids_b)
+    def load(image_id):
+        nonlocal reader
+        if reader is None:  # reading the locations costs a pass over the embed shards: only when needed
+            from curation.reread import ImageReader
 
-    def fn(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        return verify_pairs(a, b, cache_a, cache_b)
+            reader = ImageReader(out, source, max_pixels)
+        return reader(image_id)
 
-    fn.caches = (cache_a,) if cache_b is cache_a else (cache_a, cache_b)
-    return fn
+    cache = _SHARED[key] = FeatureCache(load, cfg)
+    while len(_SHARED) > _SHARED_CACHES:
+        _SHARED.popitem(last=False)
+    return cache
+
+
+class StoredPairVerifier:
+    """``verifier(rows_a, rows_b) -> inliers`` over rows of embedded sources, images read again by id.
+
+    ``source_*``: the source name or prefix (``pool``, ``eval-``); without ``ids_b`` both rows index
+    ``ids_a``.  ``images_read`` / ``unreadable``: what this verifier read (shared caches aside)."""
+
+    def __init__(self, out_dir, source_a: str, ids_a: np.ndarray, cfg: VerifyConfig, max_pixels: int | None = None,
+                 source_b: str | None = None, ids_b: np.ndarray | None = None):
+        self.cfg = cfg
+        self.ids_a = np.asarray(ids_a, dtype=object)
+        self.cache_a = image_features(out_dir, source_a, cfg, max_pixels)
+        if ids_b is None:
+            self.ids_b, self.cache_b = self.ids_a, self.cache_a
+        else:
+            self.ids_b = np.asarray(ids_b, dtype=object)
+            self.cache_b = image_features(out_dir, source_b or source_a, cfg, max_pixels)
+        self._caches = list({id(c): c for c in (self.cache_a, self.cache_b)}.values())
+        self._extracted_before = sum(c.extracted for c in self._caches)
+        self.unreadable: set = set()
+
+    @property
+    def images_read(self) -> int:
+        return sum(c.extracted for c in self._caches) - self._extracted_before
+
+    def features_a(self, row: int, image=None) -> LocalFeatures | None:
+        """Features of ``ids_a[row]`` (from ``image`` when the caller already holds it)."""
+        key = self.ids_a[row]
+        return self.cache_a.get(key) if image is None else self.cache_a.of_image(key, image)
+
+    def __call__(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return verify_pairs(a, b, self.cache_a, self.cache_b, self.ids_a, self.ids_b, self.unreadable)
 
 
 def candidate_pairs(query_rows: np.ndarray, sims: np.ndarray, nbrs: np.ndarray, threshold: float,

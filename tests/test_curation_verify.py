@@ -11,6 +11,7 @@ from PIL import Image, ImageFilter, ImageOps
 
 from curation.verify import (
     FeatureCache,
+    StoredPairVerifier,
     VerifyConfig,
     candidate_pairs,
     count_inliers,
@@ -62,6 +63,28 @@ def test_copies_share_many_inliers_distinct_photos_few(photos):
     assert min(copy_counts.values()) >= 20, copy_counts
     assert max(distinct) <= 12, distinct
     assert min(copy_counts.values()) >= 2 * max(distinct)
+
+
+def test_mirror_features_are_the_mirror_images_own(photos):
+    """The descriptor permutation equals SIFT run on the mirror image at the mirrored keypoints."""
+    import cv2
+
+    from curation.verify import _MIRROR_BINS
+
+    grey = cv2.resize(np.asarray(photos[0].convert("L")), (300, 300), interpolation=cv2.INTER_CUBIC)
+    sift = cv2.SIFT_create(nfeatures=300)
+    kps, desc = sift.detectAndCompute(grey, None)
+    width = grey.shape[1]
+    mirrored_kps = [cv2.KeyPoint(width - 1 - k.pt[0], k.pt[1], k.size, (180.0 - k.angle) % 360, k.response, k.octave)
+                    for k in kps]
+    _, on_mirror = sift.compute(np.ascontiguousarray(grey[:, ::-1]), mirrored_kps)
+    err = np.abs(desc[:, _MIRROR_BINS] - on_mirror).mean() / desc.mean()
+    unpermuted = np.abs(desc - on_mirror).mean() / desc.mean()
+    assert err < 0.15 and unpermuted > 0.5, (err, unpermuted)
+    # and as the verifier uses it: a mirror copy matches as well as the photo itself
+    base = extract(photos[0], CFG)
+    flipped = extract(ImageOps.mirror(photos[0]), CFG)
+    assert count_inliers(flipped, base, CFG) >= 0.5 * count_inliers(extract(photos[0], CFG), base, CFG)
 
 
 def test_counts_are_deterministic_and_cache_independent(photos):
@@ -223,6 +246,11 @@ def test_stage_calibrates_min_inliers_and_finds_crops_and_eval_copies(tmp_path, 
     assert right.mean() >= 0.9, dd[dropped][["id", "reason", "representative_id", "nn_sim"]].to_string()
     stats = json.loads(layout.stats_path(layout.dedup_decisions(cfg.output_dir)).read_text())
     assert stats["verified_edges"] >= 1 and stats["verify_min_inliers"] == dedup_cfg.verify.min_inliers
+    # calibration and stage ran in this process: the stage re-used the features calibration extracted
+    n_pool = len(dd)
+    assert stats["verify_images_read"] < 0.5 * n_pool, stats
+    again = StoredPairVerifier(cfg.output_dir, layout.POOL, dd["id"].to_numpy(), dedup_cfg.verify)
+    assert again(np.array([0, 1]), np.array([1, 2])).shape == (2,) and again.images_read == 0
     copies = stem.str.endswith("-copy")
     found = [dd.loc[dd["component"] == c, "id"].size > 1 for c in dd.loc[copies, "component"]]
     assert np.mean(found) >= 0.8, f"copies found: {found}"
