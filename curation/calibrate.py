@@ -42,16 +42,10 @@ import numpy as np
 import pandas as pd
 
 from curation import layout
-from curation.calibrate_verify import (
-    MIN_INLIERS_FLOOR,
-    NOT_A_CANDIDATE,
-    CopyInliers,
-    background_inliers,
-    fit_min_inliers,
-)
+from curation.calibrate_verify import MIN_INLIERS_FLOOR, CopyInliers, calibrate_verification
 from curation.plant import FAMILIES, plant_copy
 from curation.reread import ImageReader
-from curation.verify import StoredPairVerifier, image_features
+from curation.verify import image_features
 from dinov2.utils.io import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -233,7 +227,7 @@ def calibrate_stage(cfg, stage: str) -> float:
 
 def _verify_needed(stage_cfg) -> bool:
     v = getattr(stage_cfg, "verify", None)
-    return bool(v is not None and v.enabled and v.min_inliers is None)
+    return bool(v is not None and v.enabled and (v.min_inliers is None or v.min_correlation is None))
 
 
 def calibration_record(cfg, stage: str) -> dict:
@@ -269,7 +263,8 @@ def calibration_record(cfg, stage: str) -> dict:
         rec = {"stage": stage, "threshold": stage_cfg.threshold if stage_cfg.threshold is not None else 1.0,
                "source": "calibrated", "skipped": True, "key": key}
         if verifying:
-            rec["verify"] = {"min_inliers": MIN_INLIERS_FLOOR, "skipped": True}
+            rec["verify"] = {"min_inliers": stage_cfg.verify.min_inliers or MIN_INLIERS_FLOOR, "skipped": True,
+                             "min_correlation": stage_cfg.verify.min_correlation or 0.0}
         atomic_write_json(out, rec)
         return rec
     ref = pool if stage == "dedup" else EmbeddingStore(cfg.output_dir, ref_sources, name, whitener)
@@ -303,37 +298,17 @@ def calibration_record(cfg, stage: str) -> dict:
         rec = fit_threshold(copies, background, cal.target_precision, cal.min_copy_share)
     else:
         rec = {"threshold": float(stage_cfg.threshold), "threshold_source": "config", "warnings": []}
+    extra: dict = {}
     if verifying:
-        t_verify = time.perf_counter()
-        pairs = StoredPairVerifier(cfg.output_dir, layout.POOL, pool.ids, stage_cfg.verify, cfg.embed.max_pixels,
-                                   *((layout.EVAL_PREFIX, ref.ids) if stage != "dedup" else ()))
-        observed, chance, n_pairs = background_inliers(rows, sims, nbrs, linked, rec["threshold"], stage_cfg.verify,
-                                                       cal.n_verify_background, cal.seed, pairs, stage == "dedup")
-        chances = [(chance, True)]
-        if stage != "dedup":
-            # evaluation sets hold (almost) no copies of their own images: their images' nearest
-            # evaluation neighbours are chance pairs at the very ranks candidates come from
-            e_rows, e_sims, e_nbrs, e_linked = background_neighbours(ref, ref, "dedup", cal, index,
-                                                                     getattr(cfg.dedup, "phash_max_distance", 4), k)
-            evals = StoredPairVerifier(cfg.output_dir, layout.EVAL_PREFIX, ref.ids, stage_cfg.verify,
-                                       cfg.embed.max_pixels)
-            eval_chance, _, n_more = background_inliers(e_rows, e_sims, e_nbrs, e_linked, rec["threshold"],
-                                                        stage_cfg.verify, cal.n_verify_background, cal.seed,
-                                                        evals, True)
-            chances.append((eval_chance, False))
-            n_pairs += n_more
-        found, counts = hook.per_family(rec["threshold"])
-        rec["verify"] = dict(fit_min_inliers(found, counts, observed, chances, cal.target_precision),
-                             n_background=len(observed), pairs_verified=n_pairs,
-                             copies_not_candidates=int(sum(n == NOT_A_CANDIDATE for n in hook.inliers)),
-                             seconds=round(time.perf_counter() - t_verify, 2))
+        phash = getattr(cfg.dedup, "phash_max_distance", 4)
+        eval_neighbours = None if stage == "dedup" else (
+            lambda: background_neighbours(ref, ref, "dedup", cal, index, phash, k))
+        rec["verify"], extra = calibrate_verification(cfg.output_dir, stage, stage_cfg.verify, cal, pool, ref, hook,
+                                                      (rows, sims, nbrs, linked), eval_neighbours, rec["threshold"],
+                                                      cfg.embed.max_pixels)
     import io
 
     buf = io.BytesIO()  # the fit's inputs, for diagnostics
-    extra = {} if not verifying else {
-        "verify_observed": observed, **{f"verify_chance_{i}": c for i, (c, _) in enumerate(chances)},
-        "verify_copy_inliers": np.asarray(hook.inliers), "verify_copy_cosines": np.asarray(hook.cosines),
-        "verify_copy_families": np.asarray(hook.families)}
     np.savez(buf, background=background, **{f"copies_{f}": v for f, v in copies.items()}, **extra)
     atomic_write_bytes(out.with_suffix(".npz"), buf.getvalue())
     rec.update(stage=stage, source="calibrated", embedder=name, descriptor=cfg.embedders[name].descriptor,
@@ -347,19 +322,22 @@ def calibration_record(cfg, stage: str) -> dict:
     atomic_write_json(out, rec)
     log.info("calibrated %s threshold %.3f (estimated precision %s, recall %s)%s", stage, rec["threshold"],
              rec.get("estimated_precision"), rec.get("estimated_recall"),
-             f"; verify.min_inliers {rec['verify']['min_inliers']}" if verifying else "")
+             f"; verify.min_inliers {rec['verify']['min_inliers']}, min_correlation "
+             f"{rec['verify']['min_correlation']}" if verifying else "")
     return rec
 
 
 def resolved(cfg, stage: str):
-    """``cfg.<stage>`` with its threshold (and verify.min_inliers) filled in: explicit or calibrated."""
+    """``cfg.<stage>`` with its threshold (and verify.min_inliers / min_correlation) filled in: explicit or
+    calibrated."""
     import dataclasses
 
     stage_cfg = getattr(cfg, stage)
     rec = calibration_record(cfg, stage)
     changes = {"threshold": float(rec["threshold"])}
     if _verify_needed(stage_cfg):
-        changes["verify"] = dataclasses.replace(stage_cfg.verify, min_inliers=int(rec["verify"]["min_inliers"]))
+        changes["verify"] = dataclasses.replace(stage_cfg.verify, min_inliers=int(rec["verify"]["min_inliers"]),
+                                                min_correlation=float(rec["verify"]["min_correlation"]))
     return dataclasses.replace(stage_cfg, **changes)
 
 

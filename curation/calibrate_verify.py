@@ -1,9 +1,12 @@
-"""Calibrating geometric verification's ``min_inliers`` with the same planted copies as the cosine.
+"""Calibrating geometric verification's ``min_correlation`` and ``min_inliers`` with the same planted
+copies as the cosine.
 
 A stage with ``verify.enabled`` links a pair by cosine >= threshold, or else (partner among the
 image's ``candidates`` nearest neighbours, cosine >= ``min_similarity``) by enough RANSAC inliers
-(curation/verify.py).  ``min_inliers`` is the smallest count whose estimated precision meets
-``calibrate.target_precision``:
+whose aligned pixels agree (curation/verify.py).  For each ``min_correlation`` on a grid (a pair
+under it counts 0 inliers), ``min_inliers`` is the smallest count whose estimated precision meets
+``calibrate.target_precision``; the pair of values with the highest estimated recall wins
+(:func:`fit_verification`).  For one correlation:
 
 - **Recall** per family: planted copies (calibrate.planted_similarities) against their originals,
   with the candidate test run on the stage's index exactly as the stage runs it; a copy counts
@@ -19,20 +22,27 @@ image's ``candidates`` nearest neighbours, cosine >= ``min_similarity``) by enou
   evaluation set the next ranks are far less alike than the top ones) and takes the higher rate.  Their best inlier count gives the
   chance rate F0(m) (scaled by the ratio of the observed and chance medians, as the next ranks
   are a little less alike than the candidates; outliers past the bulk set aside as possible
-  copies; an exponential tail past the bulk: :func:`chance_rate`), and precision(m) = 1 - N·F0(m) / O(m) with N the sampled images.
+  copies; an exponential tail past the bulk: :func:`chance_rate`), times the share of chance
+  pairs with many inliers whose correlation reaches the one tried (:func:`correlation_tail`);
+  precision(m) = 1 - N·F0(m) / O(m) with N the sampled images.
 
 Unlike the cosine, inlier counts of copies vary with texture far more than between families, so
 the cosine's copy-count estimator (real copies ≈ planted copies) does not transfer; chance
 matches, on the other hand, stay few for every photo, which is what this estimate leans on.
 What it can get wrong: the nearest non-copies (bursts of one scene) share more features than the
-next ranks, so the chance rate is a little low near the top; the count is never below
-``MIN_INLIERS_FLOOR``.
+next ranks, so the chance rate is a little low near the top (for the correlation too: other
+shots of one scene among the candidates agree more than those at the next ranks); the count is
+never below ``MIN_INLIERS_FLOOR``.
 """
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+
 import numpy as np
 
-from curation.verify import VerifyConfig, count_inliers, extract
+from curation import layout
+from curation.verify import PairScores, StoredPairVerifier, VerifyConfig, extract, match
 
 MIN_INLIERS_FLOOR = 8
 NOT_A_CANDIDATE = -1
@@ -52,36 +62,61 @@ class CopyInliers:
         self.families: list[str] = []
         self.cosines: list[float] = []
         self.inliers: list[int] = []
+        self.correlations: list[float] = []
 
     def __call__(self, families, origs, copies, embeddings: np.ndarray, cosines: np.ndarray) -> None:
         _, nbrs = self.index.search(np.ascontiguousarray(embeddings, np.float32), self.cfg.candidates)
         for j, (fam, o, copy) in enumerate(zip(families, origs, copies)):
             seen = self.rows[o] in nbrs[j] and cosines[j] >= self.cfg.min_similarity
-            n = NOT_A_CANDIDATE
+            n, corr = NOT_A_CANDIDATE, 0.0
             if seen:
                 if o not in self._features:
                     self._features[o] = self.features_of(o, self.originals[o])
-                n = count_inliers(extract(copy, self.cfg), self._features[o], self.cfg)
+                n, corr = match(extract(copy, self.cfg), self._features[o], self.cfg)
             self.families.append(fam)
             self.cosines.append(float(cosines[j]))
             self.inliers.append(n)
+            self.correlations.append(corr)
 
-    def per_family(self, threshold: float) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """(linked by the cosine threshold, inlier counts) per family."""
+    def per_family(self, threshold: float) -> tuple[dict[str, np.ndarray], ...]:
+        """(linked by the cosine threshold, inlier counts, aligned correlations) per family."""
         cos, inl, fams = np.asarray(self.cosines), np.asarray(self.inliers), np.asarray(self.families)
+        corr = np.asarray(self.correlations, np.float32)
         names = dict.fromkeys(self.families)
-        return {f: cos[fams == f] >= threshold for f in names}, {f: inl[fams == f] for f in names}
+        return ({f: cos[fams == f] >= threshold for f in names}, {f: inl[fams == f] for f in names},
+                {f: corr[fams == f] for f in names})
 
 
-def background_inliers(rows: np.ndarray, sims: np.ndarray, nbrs: np.ndarray, linked: np.ndarray, threshold: float,
-                       cfg: VerifyConfig, n_sample: int, seed: int, verify_fn, same_source: bool
-                       ) -> tuple[np.ndarray, np.ndarray, int]:
-    """(best inliers over each sampled row's candidates, best over its next ranks, pairs verified).
+@dataclass
+class BackgroundPairs:
+    """Verified pairs of sampled rows with their candidates (tier 0) and next ranks (tier 1)."""
+
+    row: np.ndarray  # index into the kept sampled rows
+    tier: np.ndarray
+    scores: PairScores
+    n_rows: int
+
+    def best(self, min_correlation: float) -> tuple[np.ndarray, np.ndarray]:
+        """Best inliers per row over its candidates, over its next ranks (-1: no pair), a pair whose
+        aligned correlation is under ``min_correlation`` counting 0 (the stage would not link it)."""
+        counts = np.where(self.scores.correlation >= min_correlation, self.scores.inliers, 0)
+        best = np.full((2, self.n_rows), -1)
+        np.maximum.at(best, (self.tier, self.row), counts)
+        return best[0], best[1]
+
+    def correlations(self, tier: int, min_inliers: int = 0) -> np.ndarray:
+        """Aligned correlations of the pairs of ``tier`` with at least ``min_inliers`` inliers."""
+        return self.scores.correlation[(self.tier == tier) & (self.scores.inliers >= min_inliers)]
+
+
+def background_pairs(rows: np.ndarray, sims: np.ndarray, nbrs: np.ndarray, linked: np.ndarray, threshold: float,
+                     cfg: VerifyConfig, n_sample: int, seed: int, verify_fn, same_source: bool) -> BackgroundPairs:
+    """Pairs of ``n_sample`` sampled rows with their candidates and next ranks, verified.
 
     ``rows``/``sims``/``nbrs``/``linked``: calibrate.background_neighbours with at least
     2·candidates neighbours (self and known copies are ``linked``); ``verify_fn(rows, neighbours)``
-    counts inliers, ``same_source`` when rows and neighbours index one source.  Rows linked by
-    cosine or without any candidate are left out; -1 where a row has no pair in a tier."""
+    scores pairs, ``same_source`` when rows and neighbours index one source.  Rows linked by
+    cosine or without any candidate are left out."""
     pick = np.sort(np.random.default_rng([seed, 11]).choice(len(rows), size=min(n_sample, len(rows)), replace=False))
     sims, nbrs, linked, rows = sims[pick], nbrs[pick], linked[pick], rows[pick]
     not_self = nbrs != rows[:, None] if same_source else np.ones(nbrs.shape, bool)
@@ -92,10 +127,10 @@ def background_inliers(rows: np.ndarray, sims: np.ndarray, nbrs: np.ndarray, lin
     keep = tier1.any(1) & ~(tier1 & (sims >= threshold)).any(1)
     eligible = (sims >= cfg.min_similarity) & (sims < threshold) & keep[:, None]
     qi, ci = np.nonzero((tier1 | tier2) & eligible)
-    inliers = verify_fn(rows[qi], nbrs[qi, ci]) if len(qi) else np.zeros(0, np.int32)
-    best = np.full((2, len(rows)), -1)
-    np.maximum.at(best, (tier2[qi, ci].astype(np.int64), qi), inliers)
-    return best[0][keep], best[1][keep], len(qi)
+    scores = verify_fn(rows[qi], nbrs[qi, ci]) if len(qi) else PairScores(np.zeros(0, np.int32),
+                                                                         np.zeros(0, np.float32))
+    kept_index = np.cumsum(keep) - 1  # rows left out have no eligible pair
+    return BackgroundPairs(kept_index[qi], tier2[qi, ci].astype(np.int64), scores, int(keep.sum()))
 
 
 def chance_rate(chance: np.ndarray, grid: np.ndarray, set_aside: bool = True) -> np.ndarray:
@@ -116,13 +151,16 @@ def chance_rate(chance: np.ndarray, grid: np.ndarray, set_aside: bool = True) ->
 
 
 def fit_min_inliers(copy_found: dict[str, np.ndarray], copy_inliers: dict[str, np.ndarray], observed: np.ndarray,
-                    chances: list[tuple[np.ndarray, bool]], target_precision: float) -> dict:
+                    chances: list[tuple[np.ndarray, bool]], target_precision: float, fixed: int | None = None,
+                    chance_scale: float = 1.0) -> dict:
     """``min_inliers`` and its estimates (see the module doc).
 
     ``copy_found``: per family, copies already linked by cosine; ``copy_inliers``: their counts
     (-1 where verification would not see the pair); ``chances``: (best chance counts, whether
     outliers are set aside as possible copies) per source — pool next ranks (yes), and for
-    decontamination eval → eval top ranks (no); the higher rate counts."""
+    decontamination eval → eval top ranks (no); the higher rate counts.  ``fixed``: an explicit
+    count, whose estimates are reported instead.  ``chance_scale``: the share of chance pairs
+    that would pass the correlation check as well (:func:`correlation_tail`)."""
     observed = np.asarray(observed)
     chances = [(np.asarray(c)[np.asarray(c) >= 0], aside) for c, aside in chances]
     chance = np.concatenate([c for c, _ in chances]) if chances else np.zeros(0)
@@ -137,13 +175,16 @@ def fit_min_inliers(copy_found: dict[str, np.ndarray], copy_inliers: dict[str, n
             # by the ratio of the medians (both medians are non-copies while copies are a minority)
             c = c * max(1.0, float(np.median(observed)) / max(float(np.median(c)), 1.0))
         f0 = np.maximum(f0, chance_rate(c, grid, aside))
+    f0 = f0 * chance_scale
     precision = np.where(o > 0, 1.0 - np.minimum(n * f0, o) / np.maximum(o, 1), 1.0)
     ok = precision >= target_precision
     tail = np.flip(np.cumsum(np.flip(ok)) / np.arange(1, len(ok) + 1)) >= 0.95  # larger counts meet it too
     i = int(np.argmax(ok & tail)) if (ok & tail).any() else len(grid) - 1
-    if not (ok & tail).any():
+    if fixed is not None:
+        i = int(np.clip(fixed - grid[0], 0, len(grid) - 1))
+    elif not (ok & tail).any():
         warnings.append("no inlier count reaches the target precision: verification links nothing here")
-    m = int(grid[i])
+    m = int(grid[i]) if fixed is None else int(fixed)
     per_family = {f: round(float(np.mean(copy_found[f] | (copy_inliers[f] >= m))), 4) for f in copy_found}
     weak = [f for f, r in per_family.items() if r < 0.9]
     if weak:
@@ -165,3 +206,106 @@ def fit_min_inliers(copy_found: dict[str, np.ndarray], copy_inliers: dict[str, n
                              if len(chance) else {}),
         "warnings": warnings,
     }
+
+
+def correlation_tail(chance_correlation: np.ndarray, candidate_correlation: np.ndarray | None = None):
+    """``tail(c)``: the share of chance pairs (with many inliers) whose aligned correlation reaches ``c``.
+
+    Fisher's z = atanh(r) of the chance correlations is taken as normal, located and scaled by
+    its median and interquartile range (robust to the few real copies among chance pairs), so
+    the tail beyond the largest value seen is still estimated.  Candidates agree a little more
+    than the next ranks even when they are not copies: with ``candidate_correlation`` (the
+    candidates' own pairs, copies among them) the location moves up by how much their lower
+    quartile exceeds the chance pairs' (copies sit above it).  None with fewer than 10 values."""
+    from math import erfc, sqrt
+
+    def z_of(r):
+        return np.arctanh(np.clip(np.asarray(r, np.float64), -0.999, 0.999))
+
+    if len(chance_correlation) < 10:
+        return None
+    z = z_of(chance_correlation)
+    q25, mu, q75 = np.quantile(z, [0.25, 0.5, 0.75])
+    sigma = max((q75 - q25) / 1.349, 0.02)
+    if candidate_correlation is not None and len(candidate_correlation) >= 10:
+        mu += max(0.0, float(np.quantile(z_of(candidate_correlation), 0.25)) - q25)
+    return lambda c: 0.5 * erfc((float(z_of(c)) - mu) / (sigma * sqrt(2.0)))
+
+
+def fit_verification(found: dict[str, np.ndarray], counts: dict[str, np.ndarray], corrs: dict[str, np.ndarray],
+                     pool_bg: BackgroundPairs, eval_bg: BackgroundPairs | None, target_precision: float,
+                     min_inliers: int | None = None, min_correlation: float | None = None) -> dict:
+    """``min_correlation`` and ``min_inliers`` together: the pair with the highest estimated recall
+    whose estimated precision meets the target (explicit values are kept, the other one fitted).
+
+    For each correlation ``c`` on a grid: copies and observed best counts count only pairs whose
+    pixels agree (correlation >= c); the chance rate of a count is the rate without the check
+    times the share of chance pairs that pass it (:func:`correlation_tail`, as if the two were
+    independent: the count says how much of the scene is shared, the correlation whether the
+    rest of it matches too)."""
+    chance_corr = [pool_bg.correlations(1, MIN_INLIERS_FLOOR)]
+    if eval_bg is not None:  # every eval → eval pair is a chance pair
+        chance_corr.append(eval_bg.scores.correlation[eval_bg.scores.inliers >= MIN_INLIERS_FLOOR])
+    chance_corr = np.concatenate(chance_corr)
+    tail = correlation_tail(chance_corr, pool_bg.correlations(0, MIN_INLIERS_FLOOR))
+    chances = [(pool_bg.best(-1.0)[1], True)]
+    if eval_bg is not None:
+        chances.append((eval_bg.best(-1.0)[0], False))
+    grid = [float(min_correlation)] if min_correlation is not None else np.round(np.arange(0.5, 0.991, 0.01), 2)
+    fits = []
+    for c in grid:
+        gated = {f: np.where(corrs[f] >= c, counts[f], np.minimum(counts[f], 0)) for f in counts}
+        fit = fit_min_inliers(found, gated, pool_bg.best(c)[0], chances, target_precision, fixed=min_inliers,
+                              chance_scale=tail(c) if tail is not None else 1.0)
+        fits.append(((fit["estimated_precision"] >= target_precision, fit["estimated_recall"]),
+                     dict(fit, min_correlation=float(c))))
+    # meets the target, then recall; of equal ones the middle correlation (a margin on both sides)
+    top = max(key for key, _ in fits)
+    tied = [fit for key, fit in fits if key == top]
+    best = tied[len(tied) // 2]
+    if tail is None:
+        best["warnings"].append("fewer than 10 chance pairs with many inliers: the correlation check's effect on "
+                                "precision is not estimated")
+    best["chance_correlation_quantiles"] = ({q: round(float(np.quantile(chance_corr, float(q))), 4)
+                                             for q in ("0.5", "0.9", "1.0")} if len(chance_corr) else {})
+    best["chance_pairs_with_many_inliers"] = len(chance_corr)
+    return best
+
+
+def calibrate_verification(out_dir, stage: str, vcfg: VerifyConfig, cal, pool, ref, hook: CopyInliers,
+                           neighbours: tuple, eval_neighbours, threshold: float, max_pixels: int | None
+                           ) -> tuple[dict, dict]:
+    """``(record, fit inputs)`` of a stage's geometric verification: ``min_correlation`` and
+    ``min_inliers`` from copies, observed and chance pairs (module doc, :func:`fit_verification`).
+
+    ``neighbours``: calibrate.background_neighbours of the pool against ``ref``;
+    ``eval_neighbours()``: those of the evaluation images among themselves (decontamination), or
+    None.  Explicit ``min_inliers`` / ``min_correlation`` win; their estimates are reported."""
+    t0 = time.perf_counter()
+    found, counts, corrs = hook.per_family(threshold)
+    pairs = StoredPairVerifier(out_dir, layout.POOL, pool.ids, vcfg, max_pixels,
+                               *((layout.EVAL_PREFIX, ref.ids) if stage != "dedup" else ()))
+    pool_bg = background_pairs(*neighbours, threshold, vcfg, cal.n_verify_background, cal.seed, pairs,
+                               stage == "dedup")
+    eval_bg = None
+    if eval_neighbours is not None:
+        # evaluation sets hold (almost) no copies of their own images: their images' nearest
+        # evaluation neighbours are chance pairs at the very ranks candidates come from
+        evals = StoredPairVerifier(out_dir, layout.EVAL_PREFIX, ref.ids, vcfg, max_pixels)
+        eval_bg = background_pairs(*eval_neighbours(), threshold, vcfg, cal.n_verify_background, cal.seed, evals, True)
+    fit = fit_verification(found, counts, corrs, pool_bg, eval_bg, cal.target_precision, vcfg.min_inliers,
+                           vcfg.min_correlation)
+    copy_corr = np.asarray(hook.correlations)[np.asarray(hook.inliers) >= MIN_INLIERS_FLOOR]
+    rec = dict(fit, min_inliers_source="config" if vcfg.min_inliers is not None else "calibrated",
+               min_correlation_source="config" if vcfg.min_correlation is not None else "calibrated",
+               copy_correlation_quantiles=({q: round(float(np.quantile(copy_corr, float(q))), 4)
+                                            for q in ("0.01", "0.05", "0.5")} if len(copy_corr) else {}),
+               n_background=pool_bg.n_rows,
+               pairs_verified=len(pool_bg.row) + (len(eval_bg.row) if eval_bg is not None else 0),
+               copies_not_candidates=int(sum(n == NOT_A_CANDIDATE for n in hook.inliers)),
+               seconds=round(time.perf_counter() - t0, 2))
+    inputs = {"verify_pairs_row": pool_bg.row, "verify_pairs_tier": pool_bg.tier,
+              "verify_pairs_inliers": pool_bg.scores.inliers, "verify_pairs_correlation": pool_bg.scores.correlation,
+              "verify_copy_inliers": np.asarray(hook.inliers), "verify_copy_correlations": np.asarray(hook.correlations),
+              "verify_copy_cosines": np.asarray(hook.cosines), "verify_copy_families": np.asarray(hook.families)}
+    return rec, inputs

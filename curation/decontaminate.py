@@ -106,8 +106,10 @@ def decontaminate_core(pool: Vectors | np.ndarray, evals: Vectors | np.ndarray, 
     if evals.n and n and cfg.threshold is None:
         raise ValueError("decontaminate.threshold is unset: give one, or let curation.calibrate choose it")
     verifying = cfg.verify.enabled and evals.n > 0 and n > 0
-    if verifying and (matches is not None or verify_fn is None or cfg.verify.min_inliers is None):
-        raise ValueError("decontaminate.verify needs the gathered search, a verification function and min_inliers")
+    if verifying and (matches is not None or verify_fn is None or cfg.verify.min_inliers is None
+                      or cfg.verify.min_correlation is None):
+        raise ValueError("decontaminate.verify needs the gathered search, a verification function, min_inliers and "
+                         "min_correlation")
     cands: list | None = [] if verifying else None
     best_row, best_sim = matches if matches is not None else best_matches(pool, evals, cfg, candidates=cands)
     own = np.nan_to_num(best_sim, nan=-np.inf) >= (cfg.threshold if cfg.threshold is not None else np.inf)
@@ -119,8 +121,9 @@ def decontaminate_core(pool: Vectors | np.ndarray, evals: Vectors | np.ndarray, 
         eb = np.concatenate([c[1] for c in cands]) if cands else np.zeros(0, np.int64)
         open_ = ~own[qa]
         qa, eb = qa[open_], eb[open_]
-        inliers = verify_fn(qa, eb) if len(qa) else np.zeros(0, np.int32)
-        ok = inliers >= cfg.verify.min_inliers
+        scores = verify_fn(qa, eb) if len(qa) else None
+        inliers = scores.inliers if scores is not None else np.zeros(0, np.int32)
+        ok = scores.linked(cfg.verify) if scores is not None else np.zeros(0, bool)
         # per pool row, the verified eval image with the most inliers explains the drop
         order = np.lexsort((eb[ok], -inliers[ok], qa[ok]))
         rows, first = np.unique(qa[ok][order], return_index=True)
@@ -205,7 +208,7 @@ def run_decontaminate(out_dir: str | Path, cfg: DecontamConfig | None = None, *,
                  shard_problems=[vars(p) for p in pool.problems + (evals.problems if evals else [])])
     if verify_fn is not None:
         stats.update(verify_images_read=verify_fn.images_read, verify_unreadable=len(verify_fn.unreadable),
-                     verify_min_inliers=cfg.verify.min_inliers)
+                     verify_min_inliers=cfg.verify.min_inliers, verify_min_correlation=cfg.verify.min_correlation)
     atomic_write_json(layout.stats_path(out), stats)
     atomic_write_parquet(out, table)
     log.info("decontamination: %d of %d pool images contaminated", res.stats["contaminated"], pool.n)

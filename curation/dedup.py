@@ -198,15 +198,15 @@ def _verified_edges(n: int, edges_a: list, edges_b: list, g: KnnGraph, cfg: Veri
     """Candidate pairs not yet in one component whose geometric verification passes."""
     if verify_fn is None or g.candidates is None:
         raise ValueError("dedup.verify is enabled but no verification function / candidates were given")
-    if cfg.min_inliers is None:
-        raise ValueError("dedup.verify.min_inliers is unset: give one, or let curation.calibrate choose it")
+    if cfg.min_inliers is None or cfg.min_correlation is None:
+        raise ValueError("dedup.verify.min_inliers / min_correlation are unset: give them, or let curation.calibrate "
+                         "choose them")
     t0 = time.perf_counter()
     labels = connected_components(n, np.concatenate(edges_a), np.concatenate(edges_b))
     a, b = g.candidates
     open_ = labels[a] != labels[b]  # pairs already linked need no pixels
     a, b = a[open_], b[open_]
-    inliers = verify_fn(a, b) if len(a) else np.zeros(0, np.int32)
-    ok = inliers >= cfg.min_inliers
+    ok = verify_fn(a, b).linked(cfg) if len(a) else np.zeros(0, bool)
     stats.update(verify_pairs=len(a), verified_edges=int(ok.sum()), verify_s=round(time.perf_counter() - t0, 3))
     return a[ok], b[ok]
 
@@ -364,7 +364,7 @@ def run_dedup(out_dir: str | Path, cfg: DedupConfig | None = None, *, overwrite:
                  shard_problems=[vars(p) for p in store.problems])
     if verify_fn is not None:
         stats.update(verify_images_read=verify_fn.images_read, verify_unreadable=len(verify_fn.unreadable),
-                     verify_min_inliers=cfg.verify.min_inliers)
+                     verify_min_inliers=cfg.verify.min_inliers, verify_min_correlation=cfg.verify.min_correlation)
     atomic_write_json(layout.stats_path(out), stats)
     atomic_write_parquet(out, table)  # written last: its presence marks the stage done
     log.info("dedup: kept %d of %d pool images", res.stats["kept"], store.n)

@@ -30,6 +30,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -42,11 +43,12 @@ class VerifyConfig:
     candidates: int = 16  # nearest neighbours per image verified (those under the cosine threshold)
     min_similarity: float = -1.0  # candidates need at least this cosine (in the stage's space)
     min_inliers: int | None = None  # null = calibrated with the cosine threshold
+    min_correlation: float | None = None  # aligned pixels must agree this much; null = calibrated
     max_side: int = 384  # longer image side for the keypoints (small photos are upscaled)
     max_keypoints: int = 500
     ratio: float = 0.8  # Lowe's ratio test on descriptor distances
     ransac_tolerance: float = 0.012  # reprojection error allowed, as a share of max_side
-    cache_images: int = 8192  # feature sets kept in memory (~70 KB each at 500 keypoints)
+    cache_images: int = 8192  # feature sets kept in memory (~80 KB each at 500 keypoints)
 
     def validate(self, name: str) -> None:
         from dinov2.utils.config import ConfigError
@@ -55,6 +57,8 @@ class VerifyConfig:
             raise ConfigError(f"{name}.candidates must be >= 1 and {name}.cache_images >= 2")
         if not -1.0 <= self.min_similarity <= 1.0:
             raise ConfigError(f"{name}.min_similarity must be a cosine in [-1, 1]")
+        if self.min_correlation is not None and not -1.0 <= self.min_correlation <= 1.0:
+            raise ConfigError(f"{name}.min_correlation must be a correlation in [-1, 1] or null")
         if self.min_inliers is not None and self.min_inliers < 3:
             raise ConfigError(f"{name}.min_inliers must be >= 3 (a similarity transform needs 2 points) or null")
         if not 64 <= self.max_side <= 2048 or not 16 <= self.max_keypoints <= 10_000:
@@ -71,22 +75,29 @@ class VerifyConfig:
 _MIRROR_BINS = np.arange(128).reshape(4, 4, 8)[::-1][:, :, (8 - np.arange(8)) % 8].reshape(-1)
 
 
+THUMB_SHRINK = 4  # the pixel check compares the keypoint images shrunk this much (96 px at max_side 384)
+
+
 @dataclass
 class LocalFeatures:
     points: np.ndarray  # float32 [n, 2] keypoint positions (x, y) in the scaled image
     descriptors: np.ndarray  # uint8 [n, 128] SIFT descriptors
+    thumb: np.ndarray  # uint8 grey thumbnail of the scaled image (THUMB_SHRINK× smaller, smoothed)
+    size: tuple[int, int]  # (width, height) of the scaled image the points live in
+    mirror: bool = False  # points and descriptors are those of the mirror image (thumb is not)
 
     @property
     def nbytes(self) -> int:
-        return self.points.nbytes + self.descriptors.nbytes
+        return self.points.nbytes + self.descriptors.nbytes + self.thumb.nbytes
 
-    def mirrored(self) -> "LocalFeatures":
+    def mirrored(self) -> LocalFeatures:
         """The features of the left-right mirror image (x negated: a similarity fit does not care where)."""
-        return LocalFeatures(self.points * np.float32([-1.0, 1.0]), self.descriptors[:, _MIRROR_BINS])
+        return LocalFeatures(self.points * np.float32([-1.0, 1.0]), self.descriptors[:, _MIRROR_BINS], self.thumb,
+                             self.size, not self.mirror)
 
 
 def extract(image, cfg: VerifyConfig) -> LocalFeatures:
-    """SIFT keypoints of ``image`` (PIL or HxW[x3] uint8 array)."""
+    """SIFT keypoints of ``image`` (PIL or HxW[x3] uint8 array) and its grey thumbnail."""
     import cv2
 
     grey = np.asarray(image.convert("L") if hasattr(image, "convert") else image)
@@ -96,10 +107,14 @@ def extract(image, cfg: VerifyConfig) -> LocalFeatures:
     s = cfg.max_side / max(h, w, 1)
     size = (max(8, round(w * s)), max(8, round(h * s)))
     grey = cv2.resize(np.ascontiguousarray(grey), size, interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_CUBIC)
+    thumb = cv2.resize(grey, (max(4, round(size[0] / THUMB_SHRINK)), max(4, round(size[1] / THUMB_SHRINK))),
+                       interpolation=cv2.INTER_AREA)
+    thumb = cv2.GaussianBlur(thumb, (0, 0), 0.7)  # tolerance for re-encoding and a pixel of misalignment
     kps, d = cv2.SIFT_create(nfeatures=cfg.max_keypoints).detectAndCompute(grey, None)
     if d is None or not kps:
-        return LocalFeatures(np.zeros((0, 2), np.float32), np.zeros((0, 128), np.uint8))
-    return LocalFeatures(np.asarray([k.pt for k in kps], np.float32), np.clip(np.rint(d), 0, 255).astype(np.uint8))
+        return LocalFeatures(np.zeros((0, 2), np.float32), np.zeros((0, 128), np.uint8), thumb, size)
+    return LocalFeatures(np.asarray([k.pt for k in kps], np.float32), np.clip(np.rint(d), 0, 255).astype(np.uint8),
+                         thumb, size)
 
 
 def _root_sift(d: np.ndarray) -> np.ndarray:
@@ -107,36 +122,96 @@ def _root_sift(d: np.ndarray) -> np.ndarray:
     return np.sqrt(d / (d.sum(1, keepdims=True) + 1e-7))
 
 
-def _inliers_one(pa: np.ndarray, da: np.ndarray, pb: np.ndarray, db: np.ndarray, cfg: VerifyConfig) -> int:
+def _fit(a: LocalFeatures, b: LocalFeatures, cfg: VerifyConfig) -> tuple[int, np.ndarray | None]:
+    """(inliers, 2×3 model from ``a``'s points to ``b``'s) of a RANSAC similarity fit."""
     import cv2
 
-    if len(da) < 3 or len(db) < 3:
-        return 0
-    sim = _root_sift(da) @ _root_sift(db).T  # RootSIFT rows have unit norm: cosine
+    if len(a.descriptors) < 3 or len(b.descriptors) < 3:
+        return 0, None
+    sim = _root_sift(a.descriptors) @ _root_sift(b.descriptors).T  # RootSIFT rows have unit norm: cosine
     best = sim.argmax(1)
-    mutual = sim.argmax(0)[best] == np.arange(len(da))
+    mutual = sim.argmax(0)[best] == np.arange(len(a.descriptors))
     top2 = -np.partition(-sim, 1, axis=1)[:, :2]  # best, second best
     dist = np.sqrt(np.maximum(2.0 - 2.0 * top2, 0.0))
     keep = mutual & (dist[:, 0] < cfg.ratio * dist[:, 1])
-    src, dst = pa[keep], pb[best[keep]]
+    src, dst = a.points[keep], b.points[best[keep]]
     if len(src) < 3:
-        return 0
+        return 0, None
     cv2.setRNGSeed(0)
     model, inl = cv2.estimateAffinePartial2D(src, dst, method=cv2.RANSAC,
                                              ransacReprojThreshold=cfg.max_side * cfg.ransac_tolerance,
                                              maxIters=1000, confidence=0.995, refineIters=0)
     if model is None or inl is None:
-        return 0
+        return 0, None
     scale = float(np.hypot(model[0, 0], model[1, 0]))
     angle = float(np.degrees(np.arctan2(model[1, 0], model[0, 0])))
     if not 0.2 < scale < 5.0 or abs(angle) > 30.0:  # copies are not tiny, huge or turned
-        return 0
-    return int(inl.sum())
+        return 0, None
+    return int(inl.sum()), model
+
+
+def _to_thumb(f: LocalFeatures) -> np.ndarray:
+    """3×3 map from the scaled image's pixel coordinates to its thumbnail's (pixel centres kept)."""
+    sx, sy = f.thumb.shape[1] / f.size[0], f.thumb.shape[0] / f.size[1]
+    return np.array([[sx, 0, 0.5 * sx - 0.5], [0, sy, 0.5 * sy - 0.5], [0, 0, 1]])
+
+
+def _correlation_onto(src: LocalFeatures, dst: LocalFeatures, warp: np.ndarray) -> float:
+    import cv2
+
+    h, w = dst.thumb.shape
+    img = src.thumb.astype(np.float32)
+    moved = cv2.warpAffine(img, warp, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+    inside = cv2.warpAffine(np.ones_like(img), warp, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+    mask = inside > 0.999  # fully inside: no border blended in
+    if mask.sum() < 64:
+        return 0.0
+    x, y = moved[mask], dst.thumb.astype(np.float32)[mask]
+    x, y = x - x.mean(), y - y.mean()
+    denom = float(np.sqrt((x * x).sum() * (y * y).sum()))
+    return float((x * y).sum() / denom) if denom > 1e-3 * mask.sum() else 0.0
+
+
+def aligned_correlation(a: LocalFeatures, b: LocalFeatures, model: np.ndarray) -> float:
+    """Pearson correlation of the two thumbnails over their overlap, aligned by ``model`` (a → b).
+
+    A copy shows the same pixels where it overlaps its original (up to contrast and a little blur),
+    so this is near 1; two shots of one scene that share a wall or a background, enough for many
+    inliers, differ where the subject moved or changed.  Each image is mapped onto the other and
+    the better view counts (the sharper thumbnail as target suits a crop either way); 0 when the
+    overlap is too small to say."""
+    m = np.vstack([model, [0, 0, 1]])
+    if a.mirror:  # the model maps mirrored points (x → −x); the thumbnail is the image as is
+        m = m @ np.diag([-1.0, 1.0, 1.0])
+    a_to_b = _to_thumb(b) @ m @ np.linalg.inv(_to_thumb(a))
+    return max(_correlation_onto(a, b, a_to_b[:2]), _correlation_onto(b, a, np.linalg.inv(a_to_b)[:2]))
+
+
+def match(a: LocalFeatures, b: LocalFeatures, cfg: VerifyConfig) -> tuple[int, float]:
+    """(inliers, aligned correlation) of the best similarity transform from ``a`` (as is or mirrored) onto ``b``."""
+    best, model, side = 0, None, a
+    for f in (a, a.mirrored()):
+        n, m = _fit(f, b, cfg)
+        if n > best:
+            best, model, side = n, m, f
+    return best, (aligned_correlation(side, b, model) if model is not None else 0.0)
 
 
 def count_inliers(a: LocalFeatures, b: LocalFeatures, cfg: VerifyConfig) -> int:
     """Inliers of the best similarity transform from ``a`` (as is, or mirrored) onto ``b``."""
-    return max(_inliers_one(f.points, f.descriptors, b.points, b.descriptors, cfg) for f in (a, a.mirrored()))
+    return match(a, b, cfg)[0]
+
+
+class PairScores(NamedTuple):
+    inliers: np.ndarray  # int32 per pair
+    correlation: np.ndarray  # float32 per pair (aligned_correlation; 0 without a model)
+
+    def linked(self, cfg: VerifyConfig) -> np.ndarray:
+        """Pairs verified as copies: enough inliers and pixels that agree once aligned."""
+        if cfg.min_inliers is None or cfg.min_correlation is None:
+            raise ValueError("verify.min_inliers / min_correlation are unset: give them, or let curation.calibrate "
+                             "choose them")
+        return (self.inliers >= cfg.min_inliers) & (self.correlation >= cfg.min_correlation)
 
 
 class FeatureCache:
@@ -172,21 +247,21 @@ class FeatureCache:
 
 
 def verify_pairs(a: np.ndarray, b: np.ndarray, cache_a: FeatureCache, cache_b: FeatureCache | None = None,
-                 keys_a=None, keys_b=None, unreadable: set | None = None) -> np.ndarray:
-    """Inlier count per pair ``(a[i], b[i])`` (0 where either image cannot be read again).
+                 keys_a=None, keys_b=None, unreadable: set | None = None) -> PairScores:
+    """Inliers and aligned correlation per pair ``(a[i], b[i])`` (0 where either image cannot be read again).
 
     ``keys_*``: cache key of each row (default: the row itself); ``unreadable`` receives the keys
     that could not be read.  Pairs are visited grouped by ``a`` so each ``a`` is looked up once per
     run of pairs."""
     cache_b = cache_b or cache_a
     keys_b = keys_a if keys_b is None and cache_b is cache_a else keys_b
-    out = np.zeros(len(a), np.int32)
+    out = PairScores(np.zeros(len(a), np.int32), np.zeros(len(a), np.float32))
     for i in np.lexsort((np.asarray(b), np.asarray(a))):
         ka = a[i] if keys_a is None else keys_a[a[i]]
         kb = b[i] if keys_b is None else keys_b[b[i]]
         fa, fb = cache_a.get(ka), cache_b.get(kb)
         if fa is not None and fb is not None:
-            out[i] = count_inliers(fa, fb, cache_a.cfg)
+            out.inliers[i], out.correlation[i] = match(fa, fb, cache_a.cfg)
         elif unreadable is not None:
             unreadable.update(k for k, f in ((ka, fa), (kb, fb)) if f is None)
     return out
@@ -230,7 +305,7 @@ def image_features(out_dir, source: str, cfg: VerifyConfig, max_pixels: int | No
 
 
 class StoredPairVerifier:
-    """``verifier(rows_a, rows_b) -> inliers`` over rows of embedded sources, images read again by id.
+    """``verifier(rows_a, rows_b) -> PairScores`` over rows of embedded sources, images read again by id.
 
     ``source_*``: the source name or prefix (``pool``, ``eval-``); without ``ids_b`` both rows index
     ``ids_a``.  ``images_read`` / ``unreadable``: what this verifier read (shared caches aside)."""
@@ -258,7 +333,7 @@ class StoredPairVerifier:
         key = self.ids_a[row]
         return self.cache_a.get(key) if image is None else self.cache_a.of_image(key, image)
 
-    def __call__(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    def __call__(self, a: np.ndarray, b: np.ndarray) -> PairScores:
         return verify_pairs(a, b, self.cache_a, self.cache_b, self.ids_a, self.ids_b, self.unreadable)
 
 

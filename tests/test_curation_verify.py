@@ -16,6 +16,7 @@ from curation.verify import (
     candidate_pairs,
     count_inliers,
     extract,
+    match,
     verify_pairs,
 )
 
@@ -65,6 +66,64 @@ def test_copies_share_many_inliers_distinct_photos_few(photos):
     assert min(copy_counts.values()) >= 2 * max(distinct)
 
 
+def test_aligned_pixels_tell_a_copy_from_another_shot_of_one_scene(sign_digits):
+    """Consecutive shots (same wall, same arm, the next digit) share many keypoints; only copies share pixels."""
+    shot = Image.open(sign_digits / "4" / "IMG_4083.JPG").convert("RGB")
+    next_shot = Image.open(sign_digits / "5" / "IMG_4084.JPG").convert("RGB")
+    base = extract(shot, CFG)
+    n_shot, corr_shot = match(extract(next_shot, CFG), base, CFG)
+    assert n_shot >= 15, n_shot  # as many inliers as a copy: the count alone cannot tell
+    copies = [_crop(shot, 0.1, 0.05, 0.85, 0.85), _paste(shot), ImageOps.autocontrast(shot, cutoff=5),
+              _jpeg(ImageOps.mirror(_crop(shot, 0.0, 0.1, 0.8, 0.95)).resize((140, 150)), 40)]
+    scores = [match(extract(c, CFG), base, CFG) for c in copies]
+    assert all(n >= 15 and corr >= 0.93 for n, corr in scores), scores
+    assert corr_shot <= 0.9, corr_shot
+
+
+def test_correlation_tail_extends_past_the_chance_pairs_seen():
+    from curation.calibrate_verify import correlation_tail
+
+    rng = np.random.default_rng(0)
+    chance = np.tanh(rng.normal(0.8, 0.2, 400))  # Fisher z normal: r around 0.66
+    tail = correlation_tail(np.r_[chance, np.full(20, 0.99)])  # + a few real copies among them
+    assert abs(tail(0.66) - 0.5) < 0.08 and abs(tail(float(np.tanh(1.2))) - 0.023) < 0.015
+    assert 0 < tail(0.95) < tail(0.9) < 1e-3  # beyond every value seen, still not zero
+    assert correlation_tail(chance[:5]) is None
+    # candidates that agree a little more than the next ranks (and hold copies): the tail moves up
+    candidates = np.r_[np.tanh(rng.normal(0.9, 0.2, 300)), np.full(100, 0.99)]
+    shifted = correlation_tail(chance, candidates)
+    assert shifted(0.9) > 2 * correlation_tail(chance)(0.9) and shifted(0.9) < 0.05
+
+
+def test_fit_verification_trades_inliers_for_agreeing_pixels():
+    """Chance pairs with many inliers but pixels that disagree: the correlation check lets the count drop."""
+    from curation.calibrate_verify import BackgroundPairs, fit_verification
+    from curation.verify import PairScores
+
+    rng = np.random.default_rng(0)
+    n = 300
+    # per sampled row: 16 candidates (tier 0) and 16 next ranks (tier 1); rows 0..29 hold a copy
+    row = np.repeat(np.arange(n), 32)
+    tier = np.tile(np.r_[np.zeros(16, int), np.ones(16, int)], n)
+    inliers = rng.poisson(6, len(row)).astype(np.int32)
+    corr = np.tanh(rng.normal(0.8, 0.25, len(row))).astype(np.float32)
+    scene = rng.random(len(row)) < 0.05  # other shots of one scene: as many inliers as a copy
+    inliers[scene] += 20
+    copy = (row < 30) & (np.arange(len(row)) % 32 == 0)
+    inliers[copy], corr[copy] = 40 + rng.poisson(20, copy.sum()), 0.99
+    bg = BackgroundPairs(row, tier, PairScores(inliers, corr), n)
+    fams = ("crop", "flip")
+    found = {f: np.zeros(60, bool) for f in fams}
+    counts = {f: 10 + rng.poisson(20, 60) for f in fams}
+    corrs = {f: np.clip(rng.normal(0.985, 0.01, 60), 0, 1) for f in fams}
+    fit = fit_verification(found, counts, corrs, bg, None, 0.95)
+    assert fit["estimated_precision"] >= 0.95 and 0.85 <= fit["min_correlation"] <= 0.98, fit
+    blind = fit_verification(found, counts, corrs, bg, None, 0.95, min_correlation=-1.0)  # no pixel check
+    assert blind["min_inliers"] > fit["min_inliers"] and blind["estimated_recall"] < fit["estimated_recall"]
+    explicit = fit_verification(found, counts, corrs, bg, None, 0.95, min_inliers=12, min_correlation=0.9)
+    assert explicit["min_inliers"] == 12 and explicit["min_correlation"] == 0.9
+
+
 def test_mirror_features_are_the_mirror_images_own(photos):
     """The descriptor permutation equals SIFT run on the mirror image at the mirrored keypoints."""
     import cv2
@@ -92,13 +151,14 @@ def test_counts_are_deterministic_and_cache_independent(photos):
     cache = FeatureCache(lambda i: loads.append(i) or photos[i], dataclasses.replace(CFG, cache_images=2))
     a, b = np.array([0, 1, 2, 0, 3]), np.array([4, 0, 1, 2, 0])
     first = verify_pairs(a, b, cache)
-    again = verify_pairs(a[::-1].copy(), b[::-1].copy(), FeatureCache(lambda i: photos[i], CFG))[::-1]
-    assert first.tolist() == again.tolist()
+    again = verify_pairs(a[::-1].copy(), b[::-1].copy(), FeatureCache(lambda i: photos[i], CFG))
+    assert first.inliers.tolist() == again.inliers[::-1].tolist()
+    assert first.correlation.tolist() == again.correlation[::-1].tolist()
     assert cache.extracted == len(loads) and cache.unreadable == 0
     # an image that cannot be read again scores 0 and is counted
     broken = FeatureCache(lambda i: None if i == 1 else photos[i], CFG)
     out = verify_pairs(np.array([0, 1]), np.array([2, 0]), broken)
-    assert out[1] == 0 and broken.unreadable == 1
+    assert out.inliers[1] == 0 and out.correlation[1] == 0 and broken.unreadable == 1
 
 
 def test_candidate_pairs_keep_only_undecided_neighbours():
@@ -150,7 +210,7 @@ def test_dedup_core_links_a_crop_the_cosine_missed(photos):
     vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
     cache = FeatureCache(lambda r: images[r], CFG)
     cfg = DedupConfig(threshold=0.9, k=4, exact=False, phash=False,
-                      verify=VerifyConfig(enabled=True, candidates=4, min_inliers=25))
+                      verify=VerifyConfig(enabled=True, candidates=4, min_inliers=25, min_correlation=0.9))
     res = dedup_core(vecs, cfg, verify_fn=lambda a, b: verify_pairs(a, b, cache),
                      pixels=np.array([im.width * im.height for im in images]))
     last = len(images) - 1
@@ -246,11 +306,12 @@ def test_stage_calibrates_min_inliers_and_finds_crops_and_eval_copies(tmp_path, 
     assert right.mean() >= 0.9, dd[dropped][["id", "reason", "representative_id", "nn_sim"]].to_string()
     stats = json.loads(layout.stats_path(layout.dedup_decisions(cfg.output_dir)).read_text())
     assert stats["verified_edges"] >= 1 and stats["verify_min_inliers"] == dedup_cfg.verify.min_inliers
+    assert stats["verify_min_correlation"] == dedup_cfg.verify.min_correlation == rec["min_correlation"] > 0.5
     # calibration and stage ran in this process: the stage re-used the features calibration extracted
     n_pool = len(dd)
     assert stats["verify_images_read"] < 0.5 * n_pool, stats
     again = StoredPairVerifier(cfg.output_dir, layout.POOL, dd["id"].to_numpy(), dedup_cfg.verify)
-    assert again(np.array([0, 1]), np.array([1, 2])).shape == (2,) and again.images_read == 0
+    assert again(np.array([0, 1]), np.array([1, 2])).inliers.shape == (2,) and again.images_read == 0
     copies = stem.str.endswith("-copy")
     found = [dd.loc[dd["component"] == c, "id"].size > 1 for c in dd.loc[copies, "component"]]
     assert np.mean(found) >= 0.8, f"copies found: {found}"

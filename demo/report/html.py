@@ -147,7 +147,8 @@ def _calibration_rows(summary: dict) -> list[list]:
         v = rec.get("verify")
         if v and "min_inliers" in v:  # geometric verification: the cosine's near misses (curation/verify.py)
             fam = ", ".join(f"{k} {r:.2f}" for k, r in v.get("estimated_recall_per_family", {}).items())
-            rows.append([f"{stage} + verification", f"{v['min_inliers']} inliers", rec.get("source", ""),
+            corr = f", correlation {v['min_correlation']:.2f}" if "min_correlation" in v else ""
+            rows.append([f"{stage} + verification", f"{v['min_inliers']} inliers{corr}", rec.get("source", ""),
                          f"{v['estimated_precision']:.3f}" if "estimated_precision" in v else "",
                          f"{v['estimated_recall']:.3f}" if "estimated_recall" in v else "", fam,
                          "; ".join(v.get("warnings", []))])
