@@ -220,7 +220,7 @@ def score(out: Path, truth: dict, query_classes) -> dict:
 
 
 def run_one(root: Path, descriptor: str, seed: int, image_size: int, whitening: str = "none",
-            verify: bool = False, explicit: dict | None = None) -> dict:
+            verify: bool = False, explicit: dict | None = None, extra: tuple[str, ...] = ()) -> dict:
     import shutil
 
     from curation.config import load_curation_config
@@ -239,6 +239,7 @@ def run_one(root: Path, descriptor: str, seed: int, image_size: int, whitening: 
         "embedders.lite0.kind=efficientnet_lite0", "embedders.lite0.device=cpu", "embedders.lite0.batch_size=64",
         f"embedders.lite0.descriptor={descriptor}", f"embedders.lite0.image_size={image_size}", "executor.cluster=debug", f"seed={seed}",
     ]
+    overrides += list(extra)
     for stage, rec in (explicit or {}).items():
         overrides.append(f"{stage}.threshold={rec['threshold']}")
         if verify and "verify" in rec:
@@ -271,6 +272,8 @@ def main(argv=None) -> int:
     ap.add_argument("--n-pool", type=int, default=800, help="distinct photos in the pool")
     ap.add_argument("--image-size", type=int, default=128, help="Lite0 input side (sign-digits photos are 100 px)")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="more config overrides for every run, e.g. dedup.verify.candidates=32")
     ap.add_argument("--explicit-rerun", action="store_true",
                     help="run each column again with its calibrated values given (calibration's added time)")
     ap.add_argument("--workdir", type=Path, default=None)
@@ -292,12 +295,12 @@ def main(argv=None) -> int:
     rows = []
     for desc in a.descriptor:
         for wh, vf in [(w, v) for w in a.whitening for v in a.verify]:
-            r = run_one(root, desc, a.seed, a.image_size, wh, vf == "on")
+            r = run_one(root, desc, a.seed, a.image_size, wh, vf == "on", extra=tuple(a.set))
             q = score(r["out"], truth, query_classes)
             cal = {st: json.loads((r["out"] / "calibrate" / f"{st}.json").read_text())
                    for st in ("dedup", "decontaminate")}  # with the timings summary.json leaves out
             if a.explicit_rerun:
-                r["explicit"] = run_one(root, desc, a.seed, a.image_size, wh, vf == "on", explicit=cal)
+                r["explicit"] = run_one(root, desc, a.seed, a.image_size, wh, vf == "on", explicit=cal, extra=tuple(a.set))
             rows.append((desc + (f" + {wh}" if wh != "none" else "") + (" + verify" if vf == "on" else ""), q, r, cal))
     embeds = [r["timings"]["embed"] for *_, r, _ in rows if r["timings"]["embed"] > 1.0] or [float("nan")]
     print("\n| measure | " + " | ".join(f"`{d}`" for d, *_ in rows) + " |")

@@ -26,6 +26,7 @@ candidates a global descriptor cannot decide, so ``candidates`` bounds the pairs
 """
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -214,6 +215,9 @@ class PairScores(NamedTuple):
         return (self.inliers >= cfg.min_inliers) & (self.correlation >= cfg.min_correlation)
 
 
+_SERIALS = itertools.count()
+
+
 class FeatureCache:
     """Features by key, extracted on demand from ``load(key) -> image | None`` (LRU-bounded)."""
 
@@ -222,6 +226,8 @@ class FeatureCache:
         self._cache: OrderedDict = OrderedDict()
         self.extracted = 0
         self.unreadable = 0
+        self.pair_scores: dict = {}  # (other cache's serial, own key, other key) -> (inliers, correlation)
+        self.serial = next(_SERIALS)  # unlike id(), never reused by a later cache
 
     def get(self, key) -> LocalFeatures | None:
         if key in self._cache:
@@ -252,16 +258,26 @@ def verify_pairs(a: np.ndarray, b: np.ndarray, cache_a: FeatureCache, cache_b: F
 
     ``keys_*``: cache key of each row (default: the row itself); ``unreadable`` receives the keys
     that could not be read.  Pairs are visited grouped by ``a`` so each ``a`` is looked up once per
-    run of pairs."""
+    run of pairs.  Within one source a pair is scored in one direction (smaller key first) and
+    every score is kept with the ``a`` cache, so a stage re-uses what its calibration scored."""
     cache_b = cache_b or cache_a
     keys_b = keys_a if keys_b is None and cache_b is cache_a else keys_b
     out = PairScores(np.zeros(len(a), np.int32), np.zeros(len(a), np.float32))
+    memo = cache_a.pair_scores
+    if len(memo) > 64 * cache_a.cfg.cache_images:  # bounded like the features: start over
+        memo.clear()
     for i in np.lexsort((np.asarray(b), np.asarray(a))):
         ka = a[i] if keys_a is None else keys_a[a[i]]
         kb = b[i] if keys_b is None else keys_b[b[i]]
+        if cache_b is cache_a and kb < ka:
+            ka, kb = kb, ka
+        pair = (cache_b.serial, ka, kb)
+        if pair in memo:
+            out.inliers[i], out.correlation[i] = memo[pair]
+            continue
         fa, fb = cache_a.get(ka), cache_b.get(kb)
         if fa is not None and fb is not None:
-            out.inliers[i], out.correlation[i] = match(fa, fb, cache_a.cfg)
+            out.inliers[i], out.correlation[i] = memo[pair] = match(fa, fb, cache_a.cfg)
         elif unreadable is not None:
             unreadable.update(k for k, f in ((ka, fa), (kb, fb)) if f is None)
     return out

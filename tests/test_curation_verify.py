@@ -154,6 +154,13 @@ def test_counts_are_deterministic_and_cache_independent(photos):
     again = verify_pairs(a[::-1].copy(), b[::-1].copy(), FeatureCache(lambda i: photos[i], CFG))
     assert first.inliers.tolist() == again.inliers[::-1].tolist()
     assert first.correlation.tolist() == again.correlation[::-1].tolist()
+    # within one source a pair is one pair whichever side it comes from, and is scored once
+    fresh = FeatureCache(lambda i: photos[i], CFG)
+    forward = verify_pairs(np.array([3]), np.array([0]), fresh)
+    n_scored = len(fresh.pair_scores)
+    backward = verify_pairs(np.array([0]), np.array([3]), fresh)
+    assert forward.inliers.tolist() == backward.inliers.tolist()
+    assert forward.correlation.tolist() == backward.correlation.tolist() and len(fresh.pair_scores) == n_scored == 1
     assert cache.extracted == len(loads) and cache.unreadable == 0
     # an image that cannot be read again scores 0 and is counted
     broken = FeatureCache(lambda i: None if i == 1 else photos[i], CFG)
@@ -312,6 +319,9 @@ def test_stage_calibrates_min_inliers_and_finds_crops_and_eval_copies(tmp_path, 
     assert stats["verify_images_read"] < 0.5 * n_pool, stats
     again = StoredPairVerifier(cfg.output_dir, layout.POOL, dd["id"].to_numpy(), dedup_cfg.verify)
     assert again(np.array([0, 1]), np.array([1, 2])).inliers.shape == (2,) and again.images_read == 0
+    n_scored = len(again.cache_a.pair_scores)
+    again(np.array([1, 0]), np.array([2, 1]))
+    assert len(again.cache_a.pair_scores) == n_scored  # scores are kept with the shared cache
     copies = stem.str.endswith("-copy")
     found = [dd.loc[dd["component"] == c, "id"].size > 1 for c in dd.loc[copies, "component"]]
     assert np.mean(found) >= 0.8, f"copies found: {found}"
