@@ -198,11 +198,6 @@ def match(a: LocalFeatures, b: LocalFeatures, cfg: VerifyConfig) -> tuple[int, f
     return best, (aligned_correlation(side, b, model) if model is not None else 0.0)
 
 
-def count_inliers(a: LocalFeatures, b: LocalFeatures, cfg: VerifyConfig) -> int:
-    """Inliers of the best similarity transform from ``a`` (as is, or mirrored) onto ``b``."""
-    return match(a, b, cfg)[0]
-
-
 class PairScores(NamedTuple):
     inliers: np.ndarray  # int32 per pair
     correlation: np.ndarray  # float32 per pair (aligned_correlation; 0 without a model)
@@ -343,11 +338,6 @@ class StoredPairVerifier:
     @property
     def images_read(self) -> int:
         return sum(c.extracted for c in self._caches) - self._extracted_before
-
-    def features_a(self, row: int, image=None) -> LocalFeatures | None:
-        """Features of ``ids_a[row]`` (from ``image`` when the caller already holds it)."""
-        key = self.ids_a[row]
-        return self.cache_a.get(key) if image is None else self.cache_a.of_image(key, image)
 
     def __call__(self, a: np.ndarray, b: np.ndarray) -> PairScores:
         return verify_pairs(a, b, self.cache_a, self.cache_b, self.ids_a, self.ids_b, self.unreadable)

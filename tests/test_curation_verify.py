@@ -14,7 +14,6 @@ from curation.verify import (
     StoredPairVerifier,
     VerifyConfig,
     candidate_pairs,
-    count_inliers,
     extract,
     match,
     verify_pairs,
@@ -59,8 +58,8 @@ def test_copies_share_many_inliers_distinct_photos_few(photos):
         "text-free colour change": ImageOps.autocontrast(original, cutoff=5),
     }
     base = extract(original, CFG)
-    copy_counts = {name: count_inliers(extract(c, CFG), base, CFG) for name, c in copies.items()}
-    distinct = [count_inliers(extract(p, CFG), base, CFG) for p in photos[1:]]
+    copy_counts = {name: match(extract(c, CFG), base, CFG)[0] for name, c in copies.items()}
+    distinct = [match(extract(p, CFG), base, CFG)[0] for p in photos[1:]]
     assert min(copy_counts.values()) >= 20, copy_counts
     assert max(distinct) <= 12, distinct
     assert min(copy_counts.values()) >= 2 * max(distinct)
@@ -143,7 +142,7 @@ def test_mirror_features_are_the_mirror_images_own(photos):
     # and as the verifier uses it: a mirror copy matches as well as the photo itself
     base = extract(photos[0], CFG)
     flipped = extract(ImageOps.mirror(photos[0]), CFG)
-    assert count_inliers(flipped, base, CFG) >= 0.5 * count_inliers(extract(photos[0], CFG), base, CFG)
+    assert match(flipped, base, CFG)[0] >= 0.5 * match(extract(photos[0], CFG), base, CFG)[0]
 
 
 def test_counts_are_deterministic_and_cache_independent(photos):
