@@ -313,11 +313,13 @@ def main(argv=None) -> int:
     line("decontam threshold (calibrated) / est. precision", lambda q, r, c: f"{c['decontaminate']['threshold']:.3f} / {c['decontaminate'].get('estimated_precision', float('nan')):.3f}")
     def verify_cell(rec):
         v = rec.get("verify")
-        return "—" if not v else (f"{v['min_inliers']} ({v.get('estimated_precision', float('nan')):.3f} / "
+        return "—" if not v else (f"{v['min_inliers']}, r ≥ {v.get('min_correlation', float('nan')):.2f} "
+                                  f"({v.get('estimated_precision', float('nan')):.3f} / "
                                   f"{v.get('estimated_recall', float('nan')):.3f}; {v.get('seconds', 0):.0f} s)")
 
-    line("dedup verify.min_inliers, calibrated (est. precision / recall; time)", lambda q, r, c: verify_cell(c["dedup"]))
-    line("decontam verify.min_inliers, calibrated (est. precision / recall; time)",
+    line("dedup verify.min_inliers, min_correlation, calibrated (est. precision / recall; time)",
+         lambda q, r, c: verify_cell(c["dedup"]))
+    line("decontam verify.min_inliers, min_correlation, calibrated (est. precision / recall; time)",
          lambda q, r, c: verify_cell(c["decontaminate"]))
     for fam in ("exact", *FAMILIES):
         line(f"recall: {fam}", lambda q, r, c, f=fam: f"{q['families'][f][0]:.3f} (n={q['families'][f][1]})")
