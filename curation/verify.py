@@ -286,8 +286,8 @@ def image_features(out_dir, source: str, cfg: VerifyConfig, max_pixels: int | No
     """The feature cache of the embedded images of ``source`` (a name or prefix), keyed by image id.
 
     Process-wide: a stage and its calibration run in one job and verify many of the same images,
-    so they share it.  Keyed by the output folder, the source, the feature settings and the embed
-    shards' sizes and times, so a re-embedded source never sees another's features."""
+    so they share it.  Keyed by the output folder, the source, the feature and matching settings
+    and the embed shards' sizes and times, so a re-embedded source never sees another's features."""
     from curation import layout
     from dinov2.data.decode import DEFAULT_MAX_PIXELS
 
@@ -295,7 +295,9 @@ def image_features(out_dir, source: str, cfg: VerifyConfig, max_pixels: int | No
     max_pixels = max_pixels or DEFAULT_MAX_PIXELS
     shards = tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size)
                    for src in layout.sources(out, source) for _, f in layout.embed_shards(out, src) if f.is_file())
-    key = (str(out), source, max_pixels, cfg.max_side, cfg.max_keypoints, cfg.cache_images, shards)
+    # the matching settings too: the cache also keeps pair scores
+    key = (str(out), source, max_pixels, cfg.max_side, cfg.max_keypoints, cfg.cache_images, cfg.ratio,
+           cfg.ransac_tolerance, shards)
     if key in _SHARED:
         _SHARED.move_to_end(key)
         return _SHARED[key]

@@ -321,6 +321,9 @@ def test_stage_calibrates_min_inliers_and_finds_crops_and_eval_copies(tmp_path, 
     n_scored = len(again.cache_a.pair_scores)
     again(np.array([1, 0]), np.array([2, 1]))
     assert len(again.cache_a.pair_scores) == n_scored  # scores are kept with the shared cache
+    stricter = StoredPairVerifier(cfg.output_dir, layout.POOL, dd["id"].to_numpy(),
+                                  dataclasses.replace(dedup_cfg.verify, ratio=0.7))
+    assert stricter.cache_a is not again.cache_a  # other matching settings: other scores
     copies = stem.str.endswith("-copy")
     found = [dd.loc[dd["component"] == c, "id"].size > 1 for c in dd.loc[copies, "component"]]
     assert np.mean(found) >= 0.8, f"copies found: {found}"
