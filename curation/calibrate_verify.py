@@ -127,8 +127,7 @@ def background_pairs(rows: np.ndarray, sims: np.ndarray, nbrs: np.ndarray, linke
     keep = tier1.any(1) & ~(tier1 & (sims >= threshold)).any(1)
     eligible = (sims >= cfg.min_similarity) & (sims < threshold) & keep[:, None]
     qi, ci = np.nonzero((tier1 | tier2) & eligible)
-    scores = verify_fn(rows[qi], nbrs[qi, ci]) if len(qi) else PairScores(np.zeros(0, np.int32),
-                                                                         np.zeros(0, np.float32))
+    scores = verify_fn(rows[qi], nbrs[qi, ci])
     kept_index = np.cumsum(keep) - 1  # rows left out have no eligible pair
     return BackgroundPairs(kept_index[qi], tier2[qi, ci].astype(np.int64), scores, int(keep.sum()))
 

@@ -121,9 +121,8 @@ def decontaminate_core(pool: Vectors | np.ndarray, evals: Vectors | np.ndarray, 
         eb = np.concatenate([c[1] for c in cands]) if cands else np.zeros(0, np.int64)
         open_ = ~own[qa]
         qa, eb = qa[open_], eb[open_]
-        scores = verify_fn(qa, eb) if len(qa) else None
-        inliers = scores.inliers if scores is not None else np.zeros(0, np.int32)
-        ok = scores.linked(cfg.verify) if scores is not None else np.zeros(0, bool)
+        scores = verify_fn(qa, eb)
+        inliers, ok = scores.inliers, scores.linked(cfg.verify)
         # per pool row, the verified eval image with the most inliers explains the drop
         order = np.lexsort((eb[ok], -inliers[ok], qa[ok]))
         rows, first = np.unique(qa[ok][order], return_index=True)

@@ -206,7 +206,7 @@ def _verified_edges(n: int, edges_a: list, edges_b: list, g: KnnGraph, cfg: Veri
     a, b = g.candidates
     open_ = labels[a] != labels[b]  # pairs already linked need no pixels
     a, b = a[open_], b[open_]
-    ok = verify_fn(a, b).linked(cfg) if len(a) else np.zeros(0, bool)
+    ok = verify_fn(a, b).linked(cfg)
     stats.update(verify_pairs=len(a), verified_edges=int(ok.sum()), verify_s=round(time.perf_counter() - t0, 3))
     return a[ok], b[ok]
 

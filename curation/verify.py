@@ -203,10 +203,8 @@ class PairScores(NamedTuple):
     correlation: np.ndarray  # float32 per pair (aligned_correlation; 0 without a model)
 
     def linked(self, cfg: VerifyConfig) -> np.ndarray:
-        """Pairs verified as copies: enough inliers and pixels that agree once aligned."""
-        if cfg.min_inliers is None or cfg.min_correlation is None:
-            raise ValueError("verify.min_inliers / min_correlation are unset: give them, or let curation.calibrate "
-                             "choose them")
+        """Pairs verified as copies: enough inliers and pixels that agree once aligned (both set: the
+        stages check before they verify anything)."""
         return (self.inliers >= cfg.min_inliers) & (self.correlation >= cfg.min_correlation)
 
 
