@@ -10,7 +10,8 @@ under it counts 0 inliers), ``min_inliers`` is the smallest count whose estimate
 
 - **Recall** per family: planted copies (calibrate.planted_similarities) against their originals,
   with the candidate test run on the stage's index exactly as the stage runs it; a copy counts
-  as found when its cosine clears the threshold or its inliers reach the count.
+  as found when its cosine clears the threshold (and verification does not refute the pair:
+  ``refute_keypoints``) or its inliers reach the count.
 - **Observed**: for a sample of ``calibrate.n_verify_background`` pool images, the best inlier
   count over their candidates (known copies — sha256, perceptual hash — and cosine-linked pairs
   aside): O(m) images reach m.
@@ -46,6 +47,7 @@ from curation.verify import PairScores, StoredPairVerifier, VerifyConfig, extrac
 
 MIN_INLIERS_FLOOR = 8
 NOT_A_CANDIDATE = -1
+NEVER_REFUTED = 1 << 30  # inlier count standing for "verification cannot refute this cosine link"
 
 
 class CopyInliers:
@@ -63,28 +65,35 @@ class CopyInliers:
         self.cosines: list[float] = []
         self.inliers: list[int] = []
         self.correlations: list[float] = []
+        self.keypoints: list[int] = []  # the fewer of copy's and original's (0: not verified)
 
     def __call__(self, families, origs, copies, embeddings: np.ndarray, cosines: np.ndarray) -> None:
         _, nbrs = self.index.search(np.ascontiguousarray(embeddings, np.float32), self.cfg.candidates)
         for j, (fam, o, copy) in enumerate(zip(families, origs, copies)):
             seen = self.rows[o] in nbrs[j] and cosines[j] >= self.cfg.min_similarity
-            n, corr = NOT_A_CANDIDATE, 0.0
+            n, corr, kp = NOT_A_CANDIDATE, 0.0, 0
             if seen:
                 if o not in self._features:
                     self._features[o] = self.features_of(o, self.originals[o])
-                n, corr = match(extract(copy, self.cfg), self._features[o], self.cfg)
+                feats = extract(copy, self.cfg)
+                n, corr = match(feats, self._features[o], self.cfg)
+                kp = min(len(feats.points), len(self._features[o].points))
             self.families.append(fam)
             self.cosines.append(float(cosines[j]))
             self.inliers.append(n)
             self.correlations.append(corr)
+            self.keypoints.append(kp)
 
     def per_family(self, threshold: float) -> tuple[dict[str, np.ndarray], ...]:
-        """(linked by the cosine threshold, inlier counts, aligned correlations) per family."""
+        """(linked by the cosine threshold, inlier counts, aligned correlations, inliers of the cosine
+        links verification may refute — the others ``NEVER_REFUTED``) per family."""
         cos, inl, fams = np.asarray(self.cosines), np.asarray(self.inliers), np.asarray(self.families)
         corr = np.asarray(self.correlations, np.float32)
+        refutable = (self.cfg.refute_keypoints > 0) & (np.asarray(self.keypoints) >= self.cfg.refute_keypoints)
+        cos_inl = np.where(refutable & (cos >= threshold), inl, NEVER_REFUTED)
         names = dict.fromkeys(self.families)
         return ({f: cos[fams == f] >= threshold for f in names}, {f: inl[fams == f] for f in names},
-                {f: corr[fams == f] for f in names})
+                {f: corr[fams == f] for f in names}, {f: cos_inl[fams == f] for f in names})
 
 
 @dataclass
@@ -151,7 +160,7 @@ def chance_rate(chance: np.ndarray, grid: np.ndarray, set_aside: bool = True) ->
 
 def fit_min_inliers(copy_found: dict[str, np.ndarray], copy_inliers: dict[str, np.ndarray], observed: np.ndarray,
                     chances: list[tuple[np.ndarray, bool]], target_precision: float, fixed: int | None = None,
-                    chance_scale: float = 1.0) -> dict:
+                    chance_scale: float = 1.0, copy_cosine_inliers: dict[str, np.ndarray] | None = None) -> dict:
     """``min_inliers`` and its estimates (see the module doc).
 
     ``copy_found``: per family, copies already linked by cosine; ``copy_inliers``: their counts
@@ -159,7 +168,9 @@ def fit_min_inliers(copy_found: dict[str, np.ndarray], copy_inliers: dict[str, n
     outliers are set aside as possible copies) per source — pool next ranks (yes), and for
     decontamination eval → eval top ranks (no); the higher rate counts.  ``fixed``: an explicit
     count, whose estimates are reported instead.  ``chance_scale``: the share of chance pairs
-    that would pass the correlation check as well (:func:`correlation_tail`)."""
+    that would pass the correlation check as well (:func:`correlation_tail`).  ``copy_cosine_inliers``:
+    per family, the inliers of cosine-linked copies that verification may refute (``NEVER_REFUTED``
+    for the others); such a copy stays found only if they reach the count."""
     observed = np.asarray(observed)
     chances = [(np.asarray(c)[np.asarray(c) >= 0], aside) for c, aside in chances]
     chance = np.concatenate([c for c, _ in chances]) if chances else np.zeros(0)
@@ -184,11 +195,18 @@ def fit_min_inliers(copy_found: dict[str, np.ndarray], copy_inliers: dict[str, n
     elif not (ok & tail).any():
         warnings.append("no inlier count reaches the target precision: verification links nothing here")
     m = int(grid[i]) if fixed is None else int(fixed)
-    per_family = {f: round(float(np.mean(copy_found[f] | (copy_inliers[f] >= m))), 4) for f in copy_found}
+    kept = {f: copy_found[f] & ((copy_cosine_inliers or {}).get(f, NEVER_REFUTED) >= m) for f in copy_found}
+    per_family = {f: round(float(np.mean(kept[f] | (copy_inliers[f] >= m))), 4) for f in copy_found}
     weak = [f for f, r in per_family.items() if r < 0.9]
     if weak:
         warnings.append(f"estimated recall with verification below 0.9 for {', '.join(weak)} (the perceptual "
                         "hash, phash_max_distance, covers blur and heavy re-encodes)")
+    refuted = {f: int((copy_found[f] & ~kept[f]).sum()) for f in copy_found}
+    n_found = sum(int(v.sum()) for v in copy_found.values())
+    if sum(refuted.values()) > max(1, 0.02 * n_found):
+        warnings.append(f"verification would refute {sum(refuted.values())} of {n_found} copies the cosine links "
+                        f"({', '.join(f for f, k in refuted.items() if k)}): raise verify.refute_keypoints, or 0 "
+                        "keeps every cosine link")
     left = np.concatenate([copy_inliers[f][~copy_found[f]] for f in copy_found]) if copy_found else np.zeros(0)
     if len(left) and np.mean(left >= m) < 0.5:  # of the copies the cosine misses, verification finds few
         warnings.append(f"verification links little here (min_inliers {m}): images beyond the candidates share as "
@@ -201,6 +219,7 @@ def fit_min_inliers(copy_found: dict[str, np.ndarray], copy_inliers: dict[str, n
         "estimated_recall": round(float(np.mean(list(per_family.values()))), 4),
         "estimated_recall_per_family": per_family,
         "background_above": int(o[i]),
+        "copies_refuted": int(sum(refuted.values())),
         "chance_quantiles": ({q: float(np.quantile(chance, float(q))) for q in ("0.5", "0.99", "1.0")}
                              if len(chance) else {}),
         "warnings": warnings,
@@ -233,7 +252,8 @@ def correlation_tail(chance_correlation: np.ndarray, candidate_correlation: np.n
 
 def fit_verification(found: dict[str, np.ndarray], counts: dict[str, np.ndarray], corrs: dict[str, np.ndarray],
                      pool_bg: BackgroundPairs, eval_bg: BackgroundPairs | None, target_precision: float,
-                     min_inliers: int | None = None, min_correlation: float | None = None) -> dict:
+                     min_inliers: int | None = None, min_correlation: float | None = None,
+                     cosine_inliers: dict[str, np.ndarray] | None = None) -> dict:
     """``min_correlation`` and ``min_inliers`` together: the pair with the highest estimated recall
     whose estimated precision meets the target (explicit values are kept, the other one fitted).
 
@@ -255,7 +275,7 @@ def fit_verification(found: dict[str, np.ndarray], counts: dict[str, np.ndarray]
     for c in grid:
         gated = {f: np.where(corrs[f] >= c, counts[f], np.minimum(counts[f], 0)) for f in counts}
         fit = fit_min_inliers(found, gated, pool_bg.best(c)[0], chances, target_precision, fixed=min_inliers,
-                              chance_scale=tail(c) if tail is not None else 1.0)
+                              chance_scale=tail(c) if tail is not None else 1.0, copy_cosine_inliers=cosine_inliers)
         fits.append(((fit["estimated_precision"] >= target_precision, fit["estimated_recall"]),
                      dict(fit, min_correlation=float(c))))
     # meets the target, then recall; of equal ones the middle correlation (a margin on both sides)
@@ -281,7 +301,7 @@ def calibrate_verification(out_dir, stage: str, vcfg: VerifyConfig, cal, pool, r
     ``eval_neighbours()``: those of the evaluation images among themselves (decontamination), or
     None.  Explicit ``min_inliers`` / ``min_correlation`` win; their estimates are reported."""
     t0 = time.perf_counter()
-    found, counts, corrs = hook.per_family(threshold)
+    found, counts, corrs, cosine_inliers = hook.per_family(threshold)
     pairs = StoredPairVerifier(out_dir, layout.POOL, pool.ids, vcfg, max_pixels,
                                *((layout.EVAL_PREFIX, ref.ids) if stage != "dedup" else ()))
     pool_bg = background_pairs(*neighbours, threshold, vcfg, cal.n_verify_background, cal.seed, pairs,
@@ -293,7 +313,7 @@ def calibrate_verification(out_dir, stage: str, vcfg: VerifyConfig, cal, pool, r
         evals = StoredPairVerifier(out_dir, layout.EVAL_PREFIX, ref.ids, vcfg, max_pixels)
         eval_bg = background_pairs(*eval_neighbours(), threshold, vcfg, cal.n_verify_background, cal.seed, evals, True)
     fit = fit_verification(found, counts, corrs, pool_bg, eval_bg, cal.target_precision, vcfg.min_inliers,
-                           vcfg.min_correlation)
+                           vcfg.min_correlation, cosine_inliers)
     copy_corr = np.asarray(hook.correlations)[np.asarray(hook.inliers) >= MIN_INLIERS_FLOOR]
     rec = dict(fit, min_inliers_source="config" if vcfg.min_inliers is not None else "calibrated",
                min_correlation_source="config" if vcfg.min_correlation is not None else "calibrated",
@@ -306,5 +326,6 @@ def calibrate_verification(out_dir, stage: str, vcfg: VerifyConfig, cal, pool, r
     inputs = {"verify_pairs_row": pool_bg.row, "verify_pairs_tier": pool_bg.tier,
               "verify_pairs_inliers": pool_bg.scores.inliers, "verify_pairs_correlation": pool_bg.scores.correlation,
               "verify_copy_inliers": np.asarray(hook.inliers), "verify_copy_correlations": np.asarray(hook.correlations),
-              "verify_copy_cosines": np.asarray(hook.cosines), "verify_copy_families": np.asarray(hook.families)}
+              "verify_copy_cosines": np.asarray(hook.cosines), "verify_copy_families": np.asarray(hook.families),
+              "verify_copy_keypoints": np.asarray(hook.keypoints)}
     return rec, inputs

@@ -5,7 +5,8 @@ Every ok pool image is compared with every image of the ``eval-<name>`` sources
 streamed through it shard by shard, so memory stays bounded by the eval set).
 A pool image is contaminated when its best cosine to an eval image is ≥
 ``threshold`` — or, with ``verify.enabled``, when one of its nearest eval images under the
-threshold passes geometric verification (curation/verify.py); the WHOLE dedup component of a contaminated image is dropped
+threshold passes geometric verification (curation/verify.py), and a best cosine over the
+threshold counts only if verification does not refute the pair (``verify.refute_keypoints``); the WHOLE dedup component of a contaminated image is dropped
 (``via_component``), because its near-copies carry the same eval content.
 
 Output ``OUT/decontaminate/decisions.parquet`` (one row per ok pool image):
@@ -117,6 +118,11 @@ def decontaminate_core(pool: Vectors | np.ndarray, evals: Vectors | np.ndarray, 
     stats: dict = {}
     if verifying:
         t0 = time.perf_counter()
+        if cfg.verify.refute_keypoints > 0:  # a cosine match geometry refutes is no match
+            rows = np.flatnonzero(own)
+            refuted = rows[verify_fn(rows, best_row[rows]).refuted(cfg.verify)]
+            own[refuted], eval_row[refuted] = False, -1
+            stats.update(refute_checked=len(rows), refuted=len(refuted))
         qa = np.concatenate([c[0] for c in cands]) if cands else np.zeros(0, np.int64)
         eb = np.concatenate([c[1] for c in cands]) if cands else np.zeros(0, np.int64)
         open_ = ~own[qa]

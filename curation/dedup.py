@@ -11,7 +11,9 @@ Edges come from three sources and are merged into one graph:
   neighbour falls below the threshold;
 - verified (``verify.enabled``): an item's nearest neighbours under the threshold that
   are not already in its component, kept when the two images share enough local
-  features under one similarity transform (curation/verify.py).
+  features under one similarity transform (curation/verify.py); the same check refutes
+  near edges whose images are both rich in keypoints yet share too few (``refute_keypoints``):
+  a cosine over the threshold between two different photos of one kind is not a copy.
 Connected components are found with an array union-find; each component keeps ONE
 representative: the largest image (width·height), ties → smallest global index
 (shard order, then row).  Both rules depend only on the data, never on search
@@ -193,14 +195,35 @@ def graph_of_batches(index, batches, vectors: Vectors, k: int, threshold: float,
                     query_rows=q_rows if compact else None, candidates=candidates)
 
 
-def _verified_edges(n: int, edges_a: list, edges_b: list, g: KnnGraph, cfg: VerifyConfig, verify_fn,
-                    stats: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Candidate pairs not yet in one component whose geometric verification passes."""
+def _check_verify(cfg: VerifyConfig, verify_fn, g: KnnGraph) -> None:
     if verify_fn is None or g.candidates is None:
         raise ValueError("dedup.verify is enabled but no verification function / candidates were given")
     if cfg.min_inliers is None or cfg.min_correlation is None:
         raise ValueError("dedup.verify.min_inliers / min_correlation are unset: give them, or let curation.calibrate "
                          "choose them")
+
+
+def _unrefuted_edges(n: int, edges_a: list, edges_b: list, g: KnnGraph, cfg: VerifyConfig, verify_fn,
+                     stats: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The near (cosine) edges less those geometry refutes; pairs exact or perceptual-hash edges
+    already join are kept unchecked."""
+    if cfg.refute_keypoints <= 0 or not len(g.a):
+        stats["refuted_edges"] = 0
+        return g.a, g.b
+    t0 = time.perf_counter()
+    labels = connected_components(n, np.concatenate(edges_a) if edges_a else [],
+                                  np.concatenate(edges_b) if edges_b else [])
+    check = np.flatnonzero(labels[g.a] != labels[g.b])
+    refuted = np.zeros(len(g.a), bool)
+    refuted[check] = verify_fn(g.a[check], g.b[check]).refuted(cfg)
+    stats.update(refute_checked=len(check), refuted_edges=int(refuted.sum()),
+                 refute_s=round(time.perf_counter() - t0, 3))
+    return g.a[~refuted], g.b[~refuted]
+
+
+def _verified_edges(n: int, edges_a: list, edges_b: list, g: KnnGraph, cfg: VerifyConfig, verify_fn,
+                    stats: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Candidate pairs not yet in one component whose geometric verification passes."""
     t0 = time.perf_counter()
     labels = connected_components(n, np.concatenate(edges_a), np.concatenate(edges_b))
     a, b = g.candidates
@@ -270,8 +293,12 @@ def dedup_core(vectors: Vectors | np.ndarray, cfg: DedupConfig, *, sha256=None, 
             raise ValueError("dedup.threshold is unset: give one, or let curation.calibrate choose it")
         g = graph or knn_graph(vectors, cfg.k, cfg.threshold, max_k=cfg.max_k, index_cfg=cfg.index,
                                pq_rescore_margin=cfg.pq_rescore_margin, verify=cfg.verify)
-        edges_a.append(g.a)
-        edges_b.append(g.b)
+        near_a, near_b = g.a, g.b
+        if cfg.verify.enabled:
+            _check_verify(cfg.verify, verify_fn, g)
+            near_a, near_b = _unrefuted_edges(n, edges_a, edges_b, g, cfg.verify, verify_fn, stats)
+        edges_a.append(near_a)
+        edges_b.append(near_b)
         nn_row, nn_sim = g.nn_row, g.nn_sim
         graph = g
         stats.update(near_edges=g.n_edges, requeried=g.requeried, index_kind=g.index_kind, nlist=g.nlist)

@@ -15,8 +15,11 @@ already link), this module counts such features:
    implausible scale or rotation is rejected; the score is its inlier count, the best over
    "as is" and "mirrored".
 
-The pair is a copy when the inliers reach ``min_inliers`` (explicit, or calibrated on planted
-copies with the cosine threshold: curation/calibrate_verify.py).  Every step is deterministic: the same
+The pair is a copy when the inliers reach ``min_inliers`` and the aligned pixels agree
+(``min_correlation``; both explicit, or calibrated on planted copies with the cosine threshold:
+curation/calibrate_verify.py).  The same scores also *refute* a cosine link: a pair over the
+threshold whose two images both have ``refute_keypoints`` keypoints or more but share fewer than
+``min_inliers`` is not a copy (:meth:`PairScores.refuted`).  Every step is deterministic: the same
 pair gives the same count whatever the order, thread count or cache state.
 
 Cost: one feature extraction per image taking part in a candidate pair and well under 1 ms per
@@ -50,6 +53,9 @@ class VerifyConfig:
     ratio: float = 0.8  # Lowe's ratio test on descriptor distances
     ransac_tolerance: float = 0.012  # reprojection error allowed, as a share of max_side
     cache_images: int = 8192  # feature sets kept in memory (~80 KB each at 500 keypoints)
+    # a pair the cosine links is unlinked when both images have at least this many keypoints yet
+    # share fewer than min_inliers (geometry refutes it); 0 = the cosine always links
+    refute_keypoints: int = 64
 
     def validate(self, name: str) -> None:
         from dinov2.utils.config import ConfigError
@@ -60,6 +66,8 @@ class VerifyConfig:
             raise ConfigError(f"{name}.min_similarity must be a cosine in [-1, 1]")
         if self.min_correlation is not None and not -1.0 <= self.min_correlation <= 1.0:
             raise ConfigError(f"{name}.min_correlation must be a correlation in [-1, 1] or null")
+        if self.refute_keypoints < 0:
+            raise ConfigError(f"{name}.refute_keypoints must be >= 0 (0: never refute a cosine link)")
         if self.min_inliers is not None and self.min_inliers < 3:
             raise ConfigError(f"{name}.min_inliers must be >= 3 (a similarity transform needs 2 points) or null")
         if not 64 <= self.max_side <= 2048 or not 16 <= self.max_keypoints <= 10_000:
@@ -201,11 +209,18 @@ def match(a: LocalFeatures, b: LocalFeatures, cfg: VerifyConfig) -> tuple[int, f
 class PairScores(NamedTuple):
     inliers: np.ndarray  # int32 per pair
     correlation: np.ndarray  # float32 per pair (aligned_correlation; 0 without a model)
+    keypoints: np.ndarray  # int32 per pair: the fewer of the two images' keypoints (0 if unreadable)
 
     def linked(self, cfg: VerifyConfig) -> np.ndarray:
         """Pairs verified as copies: enough inliers and pixels that agree once aligned (both set: the
         stages check before they verify anything)."""
         return (self.inliers >= cfg.min_inliers) & (self.correlation >= cfg.min_correlation)
+
+    def refuted(self, cfg: VerifyConfig) -> np.ndarray:
+        """Pairs geometry says are not copies: both images rich in keypoints (``refute_keypoints``),
+        fewer than ``min_inliers`` shared.  A copy keeps its keypoints under re-encoding, rescaling,
+        colour changes and crops; an image too plain or too blurred to have many is never refuted."""
+        return (cfg.refute_keypoints > 0) & (self.keypoints >= cfg.refute_keypoints) & (self.inliers < cfg.min_inliers)
 
 
 _SERIALS = itertools.count()
@@ -219,7 +234,7 @@ class FeatureCache:
         self._cache: OrderedDict = OrderedDict()
         self.extracted = 0
         self.unreadable = 0
-        self.pair_scores: dict = {}  # (other cache's serial, own key, other key) -> (inliers, correlation)
+        self.pair_scores: dict = {}  # (other cache's serial, own key, other key) -> (inliers, correlation, keypoints)
         self.serial = next(_SERIALS)  # unlike id(), never reused by a later cache
 
     def get(self, key) -> LocalFeatures | None:
@@ -255,7 +270,7 @@ def verify_pairs(a: np.ndarray, b: np.ndarray, cache_a: FeatureCache, cache_b: F
     every score is kept with the ``a`` cache, so a stage re-uses what its calibration scored."""
     cache_b = cache_b or cache_a
     keys_b = keys_a if keys_b is None and cache_b is cache_a else keys_b
-    out = PairScores(np.zeros(len(a), np.int32), np.zeros(len(a), np.float32))
+    out = PairScores(np.zeros(len(a), np.int32), np.zeros(len(a), np.float32), np.zeros(len(a), np.int32))
     memo = cache_a.pair_scores
     if len(memo) > 64 * cache_a.cfg.cache_images:  # bounded like the features: start over
         memo.clear()
@@ -266,11 +281,12 @@ def verify_pairs(a: np.ndarray, b: np.ndarray, cache_a: FeatureCache, cache_b: F
             ka, kb = kb, ka
         pair = (cache_b.serial, ka, kb)
         if pair in memo:
-            out.inliers[i], out.correlation[i] = memo[pair]
+            out.inliers[i], out.correlation[i], out.keypoints[i] = memo[pair]
             continue
         fa, fb = cache_a.get(ka), cache_b.get(kb)
         if fa is not None and fb is not None:
-            out.inliers[i], out.correlation[i] = memo[pair] = match(fa, fb, cache_a.cfg)
+            memo[pair] = (*match(fa, fb, cache_a.cfg), min(len(fa.points), len(fb.points)))
+            out.inliers[i], out.correlation[i], out.keypoints[i] = memo[pair]
         elif unreadable is not None:
             unreadable.update(k for k, f in ((ka, fa), (kb, fb)) if f is None)
     return out

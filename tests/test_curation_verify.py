@@ -110,7 +110,7 @@ def test_fit_verification_trades_inliers_for_agreeing_pixels():
     inliers[scene] += 20
     copy = (row < 30) & (np.arange(len(row)) % 32 == 0)
     inliers[copy], corr[copy] = 40 + rng.poisson(20, copy.sum()), 0.99
-    bg = BackgroundPairs(row, tier, PairScores(inliers, corr), n)
+    bg = BackgroundPairs(row, tier, PairScores(inliers, corr, np.full(len(row), 200, np.int32)), n)
     fams = ("crop", "flip")
     found = {f: np.zeros(60, bool) for f in fams}
     counts = {f: 10 + rng.poisson(20, 60) for f in fams}
@@ -121,6 +121,18 @@ def test_fit_verification_trades_inliers_for_agreeing_pixels():
     assert blind["min_inliers"] > fit["min_inliers"] and blind["estimated_recall"] < fit["estimated_recall"]
     explicit = fit_verification(found, counts, corrs, bg, None, 0.95, min_inliers=12, min_correlation=0.9)
     assert explicit["min_inliers"] == 12 and explicit["min_correlation"] == 0.9
+    # copies the cosine links stay found unless verification refutes them (rich in keypoints, few inliers)
+    from curation.calibrate_verify import NEVER_REFUTED
+
+    linked = {f: np.ones(60, bool) for f in fams}
+    few = dict(counts, crop=np.where(np.arange(60) < 6, 3, counts["crop"]))  # 6 crops share 3 inliers
+    refutable = {"crop": np.where(np.arange(60) < 6, 3, NEVER_REFUTED), "flip": np.full(60, NEVER_REFUTED)}
+    kept = fit_verification(linked, few, corrs, bg, None, 0.95, min_inliers=12, min_correlation=0.9)
+    cut = fit_verification(linked, few, corrs, bg, None, 0.95, min_inliers=12, min_correlation=0.9,
+                           cosine_inliers=refutable)
+    assert kept["copies_refuted"] == 0 and kept["estimated_recall"] == 1.0
+    assert cut["copies_refuted"] == 6 and cut["estimated_recall_per_family"] == {"crop": 0.9, "flip": 1.0}
+    assert any("refute" in w for w in cut["warnings"])
 
 
 def test_mirror_features_are_the_mirror_images_own(photos):
@@ -189,6 +201,8 @@ def test_verify_config_errors_name_the_key():
         DedupConfig(threshold=0.9, k=4, verify=VerifyConfig(enabled=True, candidates=8)).validate()
     with pytest.raises(ConfigError, match="ratio"):
         VerifyConfig(ratio=0.2).validate("decontaminate.verify")
+    with pytest.raises(ConfigError, match="decontaminate.verify.refute_keypoints"):
+        VerifyConfig(refute_keypoints=-1).validate("decontaminate.verify")
 
 
 def test_sharded_stage_refuses_verification():
@@ -229,6 +243,41 @@ def test_dedup_core_links_a_crop_the_cosine_missed(photos):
     with pytest.raises(ValueError, match="min_inliers"):
         dedup_core(vecs, dataclasses.replace(cfg, verify=VerifyConfig(enabled=True, candidates=4)),
                    verify_fn=lambda a, b: verify_pairs(a, b, cache))
+
+
+def test_geometry_refutes_a_cosine_link_between_different_photos(photos):
+    """Vectors put a different photo of the same kind and a re-encoded copy both over the threshold:
+    refutation unlinks the first (many keypoints, few shared), keeps the copy; decontamination too."""
+    from curation.decontaminate import DecontamConfig, decontaminate_core
+    from curation.dedup import DedupConfig, dedup_core
+
+    images = [photos[0], photos[1], _jpeg(photos[0], 30), photos[4]]  # 0 and 1: two shots; 2: a copy of 0
+    rng = np.random.default_rng(1)
+    vecs = rng.normal(size=(len(images), 16)).astype(np.float32)
+    vecs[1] = vecs[0] + 0.1 * rng.normal(size=16)
+    vecs[2] = vecs[0] + 0.1 * rng.normal(size=16)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    assert min(float(vecs[0] @ vecs[1]), float(vecs[0] @ vecs[2])) > 0.95
+    cache = FeatureCache(lambda r: images[r], CFG)
+    assert min(len(cache.get(r).points) for r in (0, 1)) >= 40  # both rich enough to refute
+    verify = VerifyConfig(enabled=True, candidates=3, min_inliers=15, min_correlation=0.9, refute_keypoints=40)
+    cfg = DedupConfig(threshold=0.9, k=3, exact=False, phash=False, verify=verify)
+    res = dedup_core(vecs, cfg, verify_fn=lambda a, b: verify_pairs(a, b, cache))
+    assert res.component[2] == res.component[0], "a re-encoded copy stays linked"
+    assert res.component[1] != res.component[0], "another shot of one scene is refuted"
+    assert res.stats["refuted_edges"] >= 1
+    trusting = dedup_core(vecs, dataclasses.replace(cfg, verify=dataclasses.replace(verify, refute_keypoints=0)),
+                          verify_fn=lambda a, b: verify_pairs(a, b, cache))
+    assert trusting.component[1] == trusting.component[0] and trusting.stats["refuted_edges"] == 0
+
+    pool_images, eval_images = [photos[1], _jpeg(photos[0], 30), photos[5]], [photos[0]]
+    pool_vecs, eval_vecs = vecs[[1, 2, 3]], vecs[[0]]
+    pool_cache = FeatureCache(lambda r: pool_images[r], CFG)
+    eval_cache = FeatureCache(lambda r: eval_images[r], CFG)
+    dcfg = DecontamConfig(threshold=0.9, k=1, verify=verify)
+    out = decontaminate_core(pool_vecs, eval_vecs, dcfg,
+                             verify_fn=lambda a, b: verify_pairs(a, b, pool_cache, eval_cache))
+    assert out.contaminated.tolist() == [False, True, False] and out.stats["refuted"] == 1
 
 
 def test_fit_min_inliers_sits_above_chance():
