@@ -43,9 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from curation import layout
-from curation.verify import PairScores, StoredPairVerifier, VerifyConfig, extract, match
-
-MIN_INLIERS_FLOOR = 8
+from curation.verify import MIN_INLIERS_FLOOR, PairScores, StoredPairVerifier, VerifyConfig, extract, match
 NOT_A_CANDIDATE = -1
 NEVER_REFUTED = 1 << 30  # inlier count standing for "verification cannot refute this cosine link"
 

@@ -84,6 +84,7 @@ class VerifyConfig:
 _MIRROR_BINS = np.arange(128).reshape(4, 4, 8)[::-1][:, :, (8 - np.arange(8)) % 8].reshape(-1)
 
 
+MIN_INLIERS_FLOOR = 8  # calibration never picks fewer inliers
 THUMB_SHRINK = 4  # the pixel check compares the keypoint images shrunk this much (96 px at max_side 384)
 
 
@@ -131,13 +132,15 @@ def _root_sift(d: np.ndarray) -> np.ndarray:
     return np.sqrt(d / (d.sum(1, keepdims=True) + 1e-7))
 
 
-def _fit(a: LocalFeatures, b: LocalFeatures, cfg: VerifyConfig) -> tuple[int, np.ndarray | None]:
-    """(inliers, 2×3 model from ``a``'s points to ``b``'s) of a RANSAC similarity fit."""
+def _fit(a: LocalFeatures, b: LocalFeatures, cfg: VerifyConfig, root_a: np.ndarray,
+         root_b: np.ndarray) -> tuple[int, np.ndarray | None]:
+    """(inliers, 2×3 model from ``a``'s points to ``b``'s) of a RANSAC similarity fit; ``root_*``: their
+    RootSIFT descriptors."""
     import cv2
 
     if len(a.descriptors) < 3 or len(b.descriptors) < 3:
         return 0, None
-    sim = _root_sift(a.descriptors) @ _root_sift(b.descriptors).T  # RootSIFT rows have unit norm: cosine
+    sim = root_a @ root_b.T  # RootSIFT rows have unit norm: cosine
     best = sim.argmax(1)
     mutual = sim.argmax(0)[best] == np.arange(len(a.descriptors))
     top2 = -np.partition(-sim, 1, axis=1)[:, :2]  # best, second best
@@ -196,14 +199,25 @@ def aligned_correlation(a: LocalFeatures, b: LocalFeatures, model: np.ndarray) -
     return max(_correlation_onto(a, b, a_to_b[:2]), _correlation_onto(b, a, np.linalg.inv(a_to_b)[:2]))
 
 
+def correlation_min_inliers(cfg: VerifyConfig) -> int:
+    """Pairs with fewer inliers get no pixel check (correlation 0): no setting links or calibrates on them."""
+    return min(MIN_INLIERS_FLOOR, cfg.min_inliers or MIN_INLIERS_FLOOR)
+
+
 def match(a: LocalFeatures, b: LocalFeatures, cfg: VerifyConfig) -> tuple[int, float]:
-    """(inliers, aligned correlation) of the best similarity transform from ``a`` (as is or mirrored) onto ``b``."""
+    """(inliers, aligned correlation) of the best similarity transform from ``a`` (as is or mirrored) onto ``b``;
+    the correlation is 0 under :func:`correlation_min_inliers`."""
     best, model, side = 0, None, a
-    for f in (a, a.mirrored()):
-        n, m = _fit(f, b, cfg)
+    root_a, root_b = _root_sift(a.descriptors), _root_sift(b.descriptors)
+    # the mirror's descriptors are a column permutation, and so are their RootSIFT rows (exact: the
+    # uint8 sums are exact in float32 whatever the order)
+    for f, root in ((a, root_a), (a.mirrored(), root_a[:, _MIRROR_BINS])):
+        n, m = _fit(f, b, cfg, root, root_b)
         if n > best:
             best, model, side = n, m, f
-    return best, (aligned_correlation(side, b, model) if model is not None else 0.0)
+    if model is None or best < correlation_min_inliers(cfg):
+        return best, 0.0
+    return best, aligned_correlation(side, b, model)
 
 
 class PairScores(NamedTuple):
@@ -311,7 +325,7 @@ def image_features(out_dir, source: str, cfg: VerifyConfig, max_pixels: int | No
                    for src in layout.sources(out, source) for _, f in layout.embed_shards(out, src) if f.is_file())
     # the matching settings too: the cache also keeps pair scores
     key = (str(out), source, max_pixels, cfg.max_side, cfg.max_keypoints, cfg.cache_images, cfg.ratio,
-           cfg.ransac_tolerance, shards)
+           cfg.ransac_tolerance, correlation_min_inliers(cfg), shards)
     if key in _SHARED:
         _SHARED.move_to_end(key)
         return _SHARED[key]
