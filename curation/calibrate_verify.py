@@ -26,6 +26,12 @@ under it counts 0 inliers), ``min_inliers`` is the smallest count whose estimate
   copies; an exponential tail past the bulk: :func:`chance_rate`), times the share of chance
   pairs with many inliers whose correlation reaches the one tried (:func:`correlation_tail`);
   precision(m) = 1 - N·F0(m) / O(m) with N the sampled images.
+- **Copies among the candidates** (:func:`copy_count_precision`): a second estimate that needs no
+  chance model — the copies among the sampled rows are counted where only copies agree
+  (correlation >= 0.95) and divided by the planted copies' recall there; precision(m, c) =
+  C(m)·R(m, c) / O(m, c).  The lower of the two estimates counts.  It catches what the chance
+  tail misses on dense crawls: other shots of one session among the candidates with 10–30
+  inliers and a correlation of 0.85–0.94 (bench/RESULTS.md).
 
 Unlike the cosine, inlier counts of copies vary with texture far more than between families, so
 the cosine's copy-count estimator (real copies ≈ planted copies) does not transfer; chance
@@ -46,6 +52,10 @@ from curation import layout
 from curation.verify import MIN_INLIERS_FLOOR, PairScores, StoredPairVerifier, VerifyConfig, extract, match
 NOT_A_CANDIDATE = -1
 NEVER_REFUTED = 1 << 30  # inlier count standing for "verification cannot refute this cosine link"
+INLIER_GRID = np.arange(MIN_INLIERS_FLOOR, 1001)
+# aligned correlations that, with the inliers, only copies reach (measured: other shots of one
+# scene stay under 0.95, planted copies' median is 0.997): where the copies among the candidates are counted
+ANCHOR_CORRELATIONS = (0.95, 0.96, 0.97, 0.98)
 
 
 class CopyInliers:
@@ -158,7 +168,8 @@ def chance_rate(chance: np.ndarray, grid: np.ndarray, set_aside: bool = True) ->
 
 def fit_min_inliers(copy_found: dict[str, np.ndarray], copy_inliers: dict[str, np.ndarray], observed: np.ndarray,
                     chances: list[tuple[np.ndarray, bool]], target_precision: float, fixed: int | None = None,
-                    chance_scale: float = 1.0, copy_cosine_inliers: dict[str, np.ndarray] | None = None) -> dict:
+                    chance_scale: float = 1.0, copy_cosine_inliers: dict[str, np.ndarray] | None = None,
+                    copy_precision: np.ndarray | None = None) -> dict:
     """``min_inliers`` and its estimates (see the module doc).
 
     ``copy_found``: per family, copies already linked by cosine; ``copy_inliers``: their counts
@@ -168,13 +179,14 @@ def fit_min_inliers(copy_found: dict[str, np.ndarray], copy_inliers: dict[str, n
     count, whose estimates are reported instead.  ``chance_scale``: the share of chance pairs
     that would pass the correlation check as well (:func:`correlation_tail`).  ``copy_cosine_inliers``:
     per family, the inliers of cosine-linked copies that verification may refute (``NEVER_REFUTED``
-    for the others); such a copy stays found only if they reach the count."""
+    for the others); such a copy stays found only if they reach the count.  ``copy_precision``: a
+    second estimate per count of ``INLIER_GRID`` (:func:`copy_count_precision`); the lower counts."""
     observed = np.asarray(observed)
     chances = [(np.asarray(c)[np.asarray(c) >= 0], aside) for c, aside in chances]
     chance = np.concatenate([c for c, _ in chances]) if chances else np.zeros(0)
     n = len(observed)
     warnings: list[str] = []
-    grid = np.arange(MIN_INLIERS_FLOOR, 1001)
+    grid = INLIER_GRID
     o = (observed[None, :] >= grid[:, None]).sum(1)
     f0 = np.zeros(len(grid))
     for c, aside in chances:
@@ -185,6 +197,8 @@ def fit_min_inliers(copy_found: dict[str, np.ndarray], copy_inliers: dict[str, n
         f0 = np.maximum(f0, chance_rate(c, grid, aside))
     f0 = f0 * chance_scale
     precision = np.where(o > 0, 1.0 - np.minimum(n * f0, o) / np.maximum(o, 1), 1.0)
+    if copy_precision is not None:
+        precision = np.minimum(precision, copy_precision)
     ok = precision >= target_precision
     tail = np.flip(np.cumsum(np.flip(ok)) / np.arange(1, len(ok) + 1)) >= 0.95  # larger counts meet it too
     i = int(np.argmax(ok & tail)) if (ok & tail).any() else len(grid) - 1
@@ -222,6 +236,42 @@ def fit_min_inliers(copy_found: dict[str, np.ndarray], copy_inliers: dict[str, n
                              if len(chance) else {}),
         "warnings": warnings,
     }
+
+
+def copy_count_precision(left_inliers: np.ndarray, left_corr: np.ndarray, bg: BackgroundPairs,
+                         min_correlation: float) -> np.ndarray:
+    """Precision per count of ``INLIER_GRID`` at ``min_correlation``, from the candidates themselves.
+
+    The sampled rows that verification links, O(m, c), are copies plus rows whose candidates only
+    look alike (other shots of one scene).  Where pixels agree almost perfectly (``ANCHOR_CORRELATIONS``)
+    only copies remain, so the copies among the sampled rows are C(m) = O(m, a) / R(m, a), with R
+    the share of planted copies the cosine left to verification that it finds (the cosine
+    calibration's estimator, made two-dimensional; median over the anchors).  Precision is then
+    C(m)·R(m, c) / O(m, c).  Unlike the chance-pair tail it needs no model of how much more alike
+    the candidates are than the next ranks; it needs copies in the sample, and does not veto on
+    fewer than two rows in excess."""
+    grid = INLIER_GRID
+
+    def recall(c: float) -> np.ndarray:
+        g = np.where(left_corr >= c, left_inliers, -1)
+        return (g[None, :] >= grid[:, None]).mean(1) if len(g) else np.zeros(len(grid))
+
+    def linked(c: float) -> np.ndarray:
+        best = bg.best(c)[0]
+        return (best[None, :] >= grid[:, None]).sum(1)
+
+    anchors = []
+    for a in ANCHOR_CORRELATIONS:
+        r = recall(a)
+        anchors.append(np.where(r >= 0.25, linked(a) / np.maximum(r, 1e-9), np.nan))
+    stacked = np.stack(anchors)
+    valid = np.isfinite(stacked).any(0)
+    copies = np.full(len(grid), np.nan)
+    copies[valid] = np.nanmedian(stacked[:, valid], 0)
+    o, r = linked(min_correlation), recall(min_correlation)
+    expected = copies * r
+    veto = np.isfinite(copies) & (o > 0) & (o - expected >= 2)
+    return np.where(veto, np.clip(expected / np.maximum(o, 1), 0.0, 1.0), 1.0)
 
 
 def correlation_tail(chance_correlation: np.ndarray, candidate_correlation: np.ndarray | None = None):
@@ -269,11 +319,14 @@ def fit_verification(found: dict[str, np.ndarray], counts: dict[str, np.ndarray]
     if eval_bg is not None:
         chances.append((eval_bg.best(-1.0)[0], False))
     grid = [float(min_correlation)] if min_correlation is not None else np.round(np.arange(0.5, 0.991, 0.01), 2)
+    left_inliers = np.concatenate([counts[f][~found[f]] for f in counts]) if counts else np.zeros(0)
+    left_corr = np.concatenate([corrs[f][~found[f]] for f in counts]) if counts else np.zeros(0)
     fits = []
     for c in grid:
         gated = {f: np.where(corrs[f] >= c, counts[f], np.minimum(counts[f], 0)) for f in counts}
         fit = fit_min_inliers(found, gated, pool_bg.best(c)[0], chances, target_precision, fixed=min_inliers,
-                              chance_scale=tail(c) if tail is not None else 1.0, copy_cosine_inliers=cosine_inliers)
+                              chance_scale=tail(c) if tail is not None else 1.0, copy_cosine_inliers=cosine_inliers,
+                              copy_precision=copy_count_precision(left_inliers, left_corr, pool_bg, c))
         fits.append(((fit["estimated_precision"] >= target_precision, fit["estimated_recall"]),
                      dict(fit, min_correlation=float(c))))
     # meets the target, then recall; of equal ones the middle correlation (a margin on both sides)

@@ -135,6 +135,35 @@ def test_fit_verification_trades_inliers_for_agreeing_pixels():
     assert any("refute" in w for w in cut["warnings"])
 
 
+def test_copies_among_the_candidates_bound_the_precision():
+    """Other shots of one scene sit among the candidates (not among the next ranks the chance tail
+    sees): counting the copies where only copies agree (correlation >= 0.95) exposes them."""
+    from curation.calibrate_verify import BackgroundPairs, copy_count_precision, fit_verification
+    from curation.verify import PairScores
+
+    rng = np.random.default_rng(0)
+    n = 300
+    row = np.repeat(np.arange(n), 32)
+    tier = np.tile(np.r_[np.zeros(16, int), np.ones(16, int)], n)
+    inliers = rng.poisson(5, len(row)).astype(np.int32)
+    corr = np.tanh(rng.normal(0.75, 0.15, len(row))).astype(np.float32)
+    first = np.arange(len(row)) % 32 == 0
+    copy = first & (row < 30)  # 30 rows hold a copy: many inliers, pixels agree
+    inliers[copy], corr[copy] = 20 + rng.poisson(20, copy.sum()), 0.99
+    scene = first & (row >= 30) & (row < 60)  # 30 rows hold another shot of one scene, at candidate ranks only
+    inliers[scene], corr[scene] = 12 + rng.poisson(3, scene.sum()), np.float32(0.88)
+    bg = BackgroundPairs(row, tier, PairScores(inliers, corr, np.full(len(row), 200, np.int32)), n)
+    left_inliers = (20 + rng.poisson(20, 100)).astype(np.int64)
+    left_corr = np.clip(rng.normal(0.985, 0.01, 100), 0, 1)
+    loose = copy_count_precision(left_inliers, left_corr, bg, 0.85)
+    strict = copy_count_precision(left_inliers, left_corr, bg, 0.93)
+    assert 0.4 <= loose[10 - 8] <= 0.6, loose[10 - 8]  # half the linked rows are other shots
+    assert strict[10 - 8] == 1.0
+    found = {"crop": np.zeros(100, bool)}
+    fit = fit_verification(found, {"crop": left_inliers}, {"crop": left_corr}, bg, None, 0.95)
+    assert fit["min_correlation"] > 0.88 or fit["min_inliers"] > int(inliers[scene].max()), fit
+
+
 def test_mirror_features_are_the_mirror_images_own(photos):
     """The descriptor permutation equals SIFT run on the mirror image at the mirrored keypoints."""
     import cv2
