@@ -50,6 +50,7 @@ import numpy as np
 
 from curation import layout
 from curation.verify import MIN_INLIERS_FLOOR, PairScores, StoredPairVerifier, VerifyConfig, extract, match
+
 NOT_A_CANDIDATE = -1
 NEVER_REFUTED = 1 << 30  # inlier count standing for "verification cannot refute this cosine link"
 INLIER_GRID = np.arange(MIN_INLIERS_FLOOR, 1001)
