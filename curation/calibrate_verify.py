@@ -180,7 +180,7 @@ def fit_min_inliers(copy_found: dict[str, np.ndarray], copy_inliers: dict[str, n
     count, whose estimates are reported instead.  ``chance_scale``: the share of chance pairs
     that would pass the correlation check as well (:func:`correlation_tail`).  ``copy_cosine_inliers``:
     per family, the inliers of cosine-linked copies that verification may refute (``NEVER_REFUTED``
-    for the others); such a copy stays found only if they reach the count.  ``copy_precision``: a
+    for the others); such a copy stays found only if they reach 8 (or the count, if lower).  ``copy_precision``: a
     second estimate per count of ``INLIER_GRID`` (:func:`copy_count_precision`); the lower counts."""
     observed = np.asarray(observed)
     chances = [(np.asarray(c)[np.asarray(c) >= 0], aside) for c, aside in chances]
@@ -208,7 +208,9 @@ def fit_min_inliers(copy_found: dict[str, np.ndarray], copy_inliers: dict[str, n
     elif not (ok & tail).any():
         warnings.append("no inlier count reaches the target precision: verification links nothing here")
     m = int(grid[i]) if fixed is None else int(fixed)
-    kept = {f: copy_found[f] & ((copy_cosine_inliers or {}).get(f, NEVER_REFUTED) >= m) for f in copy_found}
+    refute_below = min(m, MIN_INLIERS_FLOOR)  # verify.refute_inliers
+    kept = {f: copy_found[f] & ((copy_cosine_inliers or {}).get(f, NEVER_REFUTED) >= refute_below)
+            for f in copy_found}
     per_family = {f: round(float(np.mean(kept[f] | (copy_inliers[f] >= m))), 4) for f in copy_found}
     weak = [f for f, r in per_family.items() if r < 0.9]
     if weak:

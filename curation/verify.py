@@ -19,7 +19,7 @@ The pair is a copy when the inliers reach ``min_inliers`` and the aligned pixels
 (``min_correlation``; both explicit, or calibrated on planted copies with the cosine threshold:
 curation/calibrate_verify.py).  The same scores also *refute* a cosine link: a pair over the
 threshold whose two images both have ``refute_keypoints`` keypoints or more but share fewer than
-``min_inliers`` is not a copy (:meth:`PairScores.refuted`).  Every step is deterministic: the same
+8 inliers (or ``min_inliers`` if lower) is not a copy (:meth:`PairScores.refuted`).  Every step is deterministic: the same
 pair gives the same count whatever the order, thread count or cache state.
 
 Cost: one feature extraction per image taking part in a candidate pair and well under 1 ms per
@@ -54,7 +54,7 @@ class VerifyConfig:
     ransac_tolerance: float = 0.012  # reprojection error allowed, as a share of max_side
     cache_images: int = 8192  # feature sets kept in memory (~80 KB each at 500 keypoints)
     # a pair the cosine links is unlinked when both images have at least this many keypoints yet
-    # share fewer than min_inliers (geometry refutes it); 0 = the cosine always links
+    # share fewer than 8 inliers (or min_inliers if lower): geometry refutes it; 0 = the cosine always links
     refute_keypoints: int = 64
 
     def validate(self, name: str) -> None:
@@ -232,9 +232,18 @@ class PairScores(NamedTuple):
 
     def refuted(self, cfg: VerifyConfig) -> np.ndarray:
         """Pairs geometry says are not copies: both images rich in keypoints (``refute_keypoints``),
-        fewer than ``min_inliers`` shared.  A copy keeps its keypoints under re-encoding, rescaling,
-        colour changes and crops; an image too plain or too blurred to have many is never refuted."""
-        return (cfg.refute_keypoints > 0) & (self.keypoints >= cfg.refute_keypoints) & (self.inliers < cfg.min_inliers)
+        fewer than :func:`refute_inliers` shared.  A copy keeps its keypoints under re-encoding,
+        rescaling, colour changes and crops; an image too plain or too blurred to have many is never
+        refuted."""
+        return ((cfg.refute_keypoints > 0) & (self.keypoints >= cfg.refute_keypoints)
+                & (self.inliers < refute_inliers(cfg)))
+
+
+def refute_inliers(cfg: VerifyConfig) -> int:
+    """Fewer shared inliers refute a cosine link: chance level (8), or ``min_inliers`` if lower — not
+    ``min_inliers`` itself, which calibration raises high where candidates share much by chance (many
+    overlapping crops of a few photos) while a cosine link with that many inliers is no less a copy."""
+    return min(MIN_INLIERS_FLOOR, cfg.min_inliers or MIN_INLIERS_FLOOR)
 
 
 _SERIALS = itertools.count()

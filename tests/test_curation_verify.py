@@ -298,6 +298,11 @@ def test_geometry_refutes_a_cosine_link_between_different_photos(photos):
     trusting = dedup_core(vecs, dataclasses.replace(cfg, verify=dataclasses.replace(verify, refute_keypoints=0)),
                           verify_fn=lambda a, b: verify_pairs(a, b, cache))
     assert trusting.component[1] == trusting.component[0] and trusting.stats["refuted_edges"] == 0
+    # a calibrated min_inliers in the hundreds (overlapping crops share much by chance) does not make
+    # every cosine link refutable: under 8 inliers refutes, not under min_inliers
+    strict = dedup_core(vecs, dataclasses.replace(cfg, verify=dataclasses.replace(verify, min_inliers=300)),
+                        verify_fn=lambda a, b: verify_pairs(a, b, cache))
+    assert strict.component[2] == strict.component[0] and strict.component[1] != strict.component[0]
 
     pool_images, eval_images = [photos[1], _jpeg(photos[0], 30), photos[5]], [photos[0]]
     pool_vecs, eval_vecs = vecs[[1, 2, 3]], vecs[[0]]
