@@ -49,7 +49,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from curation import layout
-from curation.verify import MIN_INLIERS_FLOOR, PairScores, StoredPairVerifier, VerifyConfig, extract, match
+from curation.verify import (
+    MIN_INLIERS_FLOOR,
+    PairScores,
+    StoredPairVerifier,
+    VerifyConfig,
+    extract,
+    match,
+    refute_inliers,
+)
 
 NOT_A_CANDIDATE = -1
 NEVER_REFUTED = 1 << 30  # inlier count standing for "verification cannot refute this cosine link"
@@ -208,7 +216,7 @@ def fit_min_inliers(copy_found: dict[str, np.ndarray], copy_inliers: dict[str, n
     elif not (ok & tail).any():
         warnings.append("no inlier count reaches the target precision: verification links nothing here")
     m = int(grid[i]) if fixed is None else int(fixed)
-    refute_below = min(m, MIN_INLIERS_FLOOR)  # verify.refute_inliers
+    refute_below = refute_inliers(VerifyConfig(min_inliers=m))  # what the stage will refute at this count
     kept = {f: copy_found[f] & ((copy_cosine_inliers or {}).get(f, NEVER_REFUTED) >= refute_below)
             for f in copy_found}
     per_family = {f: round(float(np.mean(kept[f] | (copy_inliers[f] >= m))), 4) for f in copy_found}
@@ -241,8 +249,33 @@ def fit_min_inliers(copy_found: dict[str, np.ndarray], copy_inliers: dict[str, n
     }
 
 
-def copy_count_precision(left_inliers: np.ndarray, left_corr: np.ndarray, bg: BackgroundPairs,
-                         min_correlation: float) -> np.ndarray:
+def _verified_share(left_inliers: np.ndarray, left_corr: np.ndarray, c: float) -> np.ndarray:
+    """R(m, c): share of the planted copies the cosine left that verification finds, per count of the grid."""
+    g = np.where(left_corr >= c, left_inliers, -1)
+    return (g[None, :] >= INLIER_GRID[:, None]).mean(1) if len(g) else np.zeros(len(INLIER_GRID))
+
+
+def _rows_linked(bg: BackgroundPairs, c: float) -> np.ndarray:
+    """O(m, c): sampled rows whose best candidate reaches each count of the grid at correlation ``c``."""
+    return (bg.best(c)[0][None, :] >= INLIER_GRID[:, None]).sum(1)
+
+
+def copies_in_sample(left_inliers: np.ndarray, left_corr: np.ndarray, bg: BackgroundPairs) -> np.ndarray:
+    """C(m): copies among the sampled rows per count of the grid, counted where only copies agree
+    (median over ``ANCHOR_CORRELATIONS`` of O(m, a) / R(m, a); NaN where no anchor has R >= 0.25)."""
+    anchors = []
+    for a in ANCHOR_CORRELATIONS:
+        r = _verified_share(left_inliers, left_corr, a)
+        anchors.append(np.where(r >= 0.25, _rows_linked(bg, a) / np.maximum(r, 1e-9), np.nan))
+    stacked = np.stack(anchors)
+    valid = np.isfinite(stacked).any(0)
+    copies = np.full(len(INLIER_GRID), np.nan)
+    copies[valid] = np.nanmedian(stacked[:, valid], 0)
+    return copies
+
+
+def copy_count_precision(copies: np.ndarray, left_inliers: np.ndarray, left_corr: np.ndarray,
+                         bg: BackgroundPairs, min_correlation: float) -> np.ndarray:
     """Precision per count of ``INLIER_GRID`` at ``min_correlation``, from the candidates themselves.
 
     The sampled rows that verification links, O(m, c), are copies plus rows whose candidates only
@@ -252,26 +285,9 @@ def copy_count_precision(left_inliers: np.ndarray, left_corr: np.ndarray, bg: Ba
     calibration's estimator, made two-dimensional; median over the anchors).  Precision is then
     C(m)·R(m, c) / O(m, c).  Unlike the chance-pair tail it needs no model of how much more alike
     the candidates are than the next ranks; it needs copies in the sample, and does not veto on
-    fewer than two rows in excess."""
-    grid = INLIER_GRID
-
-    def recall(c: float) -> np.ndarray:
-        g = np.where(left_corr >= c, left_inliers, -1)
-        return (g[None, :] >= grid[:, None]).mean(1) if len(g) else np.zeros(len(grid))
-
-    def linked(c: float) -> np.ndarray:
-        best = bg.best(c)[0]
-        return (best[None, :] >= grid[:, None]).sum(1)
-
-    anchors = []
-    for a in ANCHOR_CORRELATIONS:
-        r = recall(a)
-        anchors.append(np.where(r >= 0.25, linked(a) / np.maximum(r, 1e-9), np.nan))
-    stacked = np.stack(anchors)
-    valid = np.isfinite(stacked).any(0)
-    copies = np.full(len(grid), np.nan)
-    copies[valid] = np.nanmedian(stacked[:, valid], 0)
-    o, r = linked(min_correlation), recall(min_correlation)
+    fewer than two rows in excess.  ``copies``: :func:`copies_in_sample` (the same for every
+    correlation tried)."""
+    o, r = _rows_linked(bg, min_correlation), _verified_share(left_inliers, left_corr, min_correlation)
     expected = copies * r
     veto = np.isfinite(copies) & (o > 0) & (o - expected >= 2)
     return np.where(veto, np.clip(expected / np.maximum(o, 1), 0.0, 1.0), 1.0)
@@ -324,12 +340,13 @@ def fit_verification(found: dict[str, np.ndarray], counts: dict[str, np.ndarray]
     grid = [float(min_correlation)] if min_correlation is not None else np.round(np.arange(0.5, 0.991, 0.01), 2)
     left_inliers = np.concatenate([counts[f][~found[f]] for f in counts]) if counts else np.zeros(0)
     left_corr = np.concatenate([corrs[f][~found[f]] for f in counts]) if counts else np.zeros(0)
+    copies = copies_in_sample(left_inliers, left_corr, pool_bg)
     fits = []
     for c in grid:
         gated = {f: np.where(corrs[f] >= c, counts[f], np.minimum(counts[f], 0)) for f in counts}
         fit = fit_min_inliers(found, gated, pool_bg.best(c)[0], chances, target_precision, fixed=min_inliers,
                               chance_scale=tail(c) if tail is not None else 1.0, copy_cosine_inliers=cosine_inliers,
-                              copy_precision=copy_count_precision(left_inliers, left_corr, pool_bg, c))
+                              copy_precision=copy_count_precision(copies, left_inliers, left_corr, pool_bg, c))
         fits.append(((fit["estimated_precision"] >= target_precision, fit["estimated_recall"]),
                      dict(fit, min_correlation=float(c))))
     # meets the target, then recall; of equal ones the middle correlation (a margin on both sides)

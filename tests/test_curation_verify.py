@@ -94,6 +94,16 @@ def test_correlation_tail_extends_past_the_chance_pairs_seen():
     assert shifted(0.9) > 2 * correlation_tail(chance)(0.9) and shifted(0.9) < 0.05
 
 
+def _sampled_rows(rng, mean_inliers: float, corr_mean: float, corr_scale: float, n: int = 300):
+    """Verified pairs of ``n`` sampled rows: 16 candidates (tier 0) and 16 next ranks (tier 1) each,
+    chance inlier counts and correlations (row, tier, inliers, correlation)."""
+    row = np.repeat(np.arange(n), 32)
+    tier = np.tile(np.r_[np.zeros(16, int), np.ones(16, int)], n)
+    inliers = rng.poisson(mean_inliers, len(row)).astype(np.int32)
+    corr = np.tanh(rng.normal(corr_mean, corr_scale, len(row))).astype(np.float32)
+    return row, tier, inliers, corr
+
+
 def test_fit_verification_trades_inliers_for_agreeing_pixels():
     """Chance pairs with many inliers but pixels that disagree: the correlation check lets the count drop."""
     from curation.calibrate_verify import BackgroundPairs, fit_verification
@@ -101,11 +111,7 @@ def test_fit_verification_trades_inliers_for_agreeing_pixels():
 
     rng = np.random.default_rng(0)
     n = 300
-    # per sampled row: 16 candidates (tier 0) and 16 next ranks (tier 1); rows 0..29 hold a copy
-    row = np.repeat(np.arange(n), 32)
-    tier = np.tile(np.r_[np.zeros(16, int), np.ones(16, int)], n)
-    inliers = rng.poisson(6, len(row)).astype(np.int32)
-    corr = np.tanh(rng.normal(0.8, 0.25, len(row))).astype(np.float32)
+    row, tier, inliers, corr = _sampled_rows(rng, 6, 0.8, 0.25, n)  # rows 0..29 hold a copy
     scene = rng.random(len(row)) < 0.05  # other shots of one scene: as many inliers as a copy
     inliers[scene] += 20
     copy = (row < 30) & (np.arange(len(row)) % 32 == 0)
@@ -138,15 +144,17 @@ def test_fit_verification_trades_inliers_for_agreeing_pixels():
 def test_copies_among_the_candidates_bound_the_precision():
     """Other shots of one scene sit among the candidates (not among the next ranks the chance tail
     sees): counting the copies where only copies agree (correlation >= 0.95) exposes them."""
-    from curation.calibrate_verify import BackgroundPairs, copy_count_precision, fit_verification
+    from curation.calibrate_verify import (
+        BackgroundPairs,
+        copies_in_sample,
+        copy_count_precision,
+        fit_verification,
+    )
     from curation.verify import PairScores
 
     rng = np.random.default_rng(0)
     n = 300
-    row = np.repeat(np.arange(n), 32)
-    tier = np.tile(np.r_[np.zeros(16, int), np.ones(16, int)], n)
-    inliers = rng.poisson(5, len(row)).astype(np.int32)
-    corr = np.tanh(rng.normal(0.75, 0.15, len(row))).astype(np.float32)
+    row, tier, inliers, corr = _sampled_rows(rng, 5, 0.75, 0.15, n)
     first = np.arange(len(row)) % 32 == 0
     copy = first & (row < 30)  # 30 rows hold a copy: many inliers, pixels agree
     inliers[copy], corr[copy] = 20 + rng.poisson(20, copy.sum()), 0.99
@@ -155,8 +163,9 @@ def test_copies_among_the_candidates_bound_the_precision():
     bg = BackgroundPairs(row, tier, PairScores(inliers, corr, np.full(len(row), 200, np.int32)), n)
     left_inliers = (20 + rng.poisson(20, 100)).astype(np.int64)
     left_corr = np.clip(rng.normal(0.985, 0.01, 100), 0, 1)
-    loose = copy_count_precision(left_inliers, left_corr, bg, 0.85)
-    strict = copy_count_precision(left_inliers, left_corr, bg, 0.93)
+    copies = copies_in_sample(left_inliers, left_corr, bg)
+    loose = copy_count_precision(copies, left_inliers, left_corr, bg, 0.85)
+    strict = copy_count_precision(copies, left_inliers, left_corr, bg, 0.93)
     assert 0.4 <= loose[10 - 8] <= 0.6, loose[10 - 8]  # half the linked rows are other shots
     assert strict[10 - 8] == 1.0
     found = {"crop": np.zeros(100, bool)}
