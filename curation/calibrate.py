@@ -43,9 +43,9 @@ import pandas as pd
 
 from curation import layout
 from curation.calibrate_verify import MIN_INLIERS_FLOOR, CopyInliers, calibrate_verification
+from curation.pair_verifier import image_features
 from curation.plant import FAMILIES, plant_copy
 from curation.reread import ImageReader
-from curation.verify import image_features
 from dinov2.utils.io import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)

@@ -49,15 +49,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from curation import layout
-from curation.verify import (
-    MIN_INLIERS_FLOOR,
-    PairScores,
-    StoredPairVerifier,
-    VerifyConfig,
-    extract,
-    match,
-    refute_inliers,
-)
+from curation.pair_verifier import StoredPairVerifier, extract_many
+from curation.verify import MIN_INLIERS_FLOOR, PairScores, VerifyConfig, extract, match, refute_inliers
 
 NOT_A_CANDIDATE = -1
 NEVER_REFUTED = 1 << 30  # inlier count standing for "verification cannot refute this cosine link"
@@ -86,13 +79,15 @@ class CopyInliers:
 
     def __call__(self, families, origs, copies, embeddings: np.ndarray, cosines: np.ndarray) -> None:
         _, nbrs = self.index.search(np.ascontiguousarray(embeddings, np.float32), self.cfg.candidates)
-        for j, (fam, o, copy) in enumerate(zip(families, origs, copies)):
-            seen = self.rows[o] in nbrs[j] and cosines[j] >= self.cfg.min_similarity
+        seen = [self.rows[o] in nbrs[j] and cosines[j] >= self.cfg.min_similarity for j, o in enumerate(origs)]
+        # the copies' features on every core; the originals' come through the stage's shared cache
+        copy_features = iter(extract_many(lambda image: image, [c for c, s in zip(copies, seen) if s], self.cfg))
+        for j, (fam, o) in enumerate(zip(families, origs)):
             n, corr, kp = NOT_A_CANDIDATE, 0.0, 0
-            if seen:
+            if seen[j]:
                 if o not in self._features:
                     self._features[o] = self.features_of(o, self.originals[o])
-                feats = extract(copy, self.cfg)
+                feats = next(copy_features)[0]
                 n, corr = match(feats, self._features[o], self.cfg)
                 kp = min(len(feats.points), len(self._features[o].points))
             self.families.append(fam)

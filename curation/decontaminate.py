@@ -30,8 +30,9 @@ import pyarrow.parquet as pq
 
 from curation import layout
 from curation.index import IndexConfig, build_index
+from curation.pair_verifier import StoredPairVerifier
 from curation.store import EmbeddingStore, Vectors, as_vectors, list_sources, resolve_embedder
-from curation.verify import StoredPairVerifier, VerifyConfig, candidate_pairs
+from curation.verify import VerifyConfig, candidate_pairs
 from curation.whiten import WhiteningConfig, pool_whitener
 from dinov2.utils.io import atomic_write_json, atomic_write_parquet
 

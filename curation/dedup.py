@@ -42,9 +42,10 @@ from curation import layout
 from curation.components import connected_components
 from curation.hash_edges import exact_edges, hamming64, phash_edges
 from curation.index import IndexConfig, build_index
+from curation.pair_verifier import StoredPairVerifier
 from curation.semdedup import SemDedupConfig, semdedup
 from curation.store import EmbeddingStore, Vectors, as_vectors, resolve_embedder
-from curation.verify import StoredPairVerifier, VerifyConfig, candidate_pairs
+from curation.verify import VerifyConfig, candidate_pairs
 from curation.whiten import WhiteningConfig, pool_whitener
 from dinov2.utils.io import atomic_write_json, atomic_write_parquet
 

@@ -23,17 +23,13 @@ threshold whose two images both have ``refute_keypoints`` keypoints or more but 
 pair gives the same count whatever the order, thread count or cache state.
 
 Cost: one feature extraction per image taking part in a candidate pair and well under 1 ms per
-pair (bench/RESULTS.md); features stay in a bounded cache (``cache_images``) that the stage and its
-calibration share when they run in one process (:func:`image_features`).  It is meant for the
+pair (bench/RESULTS.md); curation/pair_verifier.py runs it over a stage's pairs (features in a
+bounded cache, ``cache_images``, that the stage and its calibration share; extraction on every core).  It is meant for the
 candidates a global descriptor cannot decide, so ``candidates`` bounds the pairs per image.
 """
 from __future__ import annotations
 
-import itertools
-from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -244,142 +240,6 @@ def refute_inliers(cfg: VerifyConfig) -> int:
     ``min_inliers`` itself, which calibration raises high where candidates share much by chance (many
     overlapping crops of a few photos) while a cosine link with that many inliers is no less a copy."""
     return min(MIN_INLIERS_FLOOR, cfg.min_inliers or MIN_INLIERS_FLOOR)
-
-
-_SERIALS = itertools.count()
-
-
-class FeatureCache:
-    """Features by key, extracted on demand from ``load(key) -> image | None`` (LRU-bounded)."""
-
-    def __init__(self, load: Callable[[object], object], cfg: VerifyConfig):
-        self.load, self.cfg = load, cfg
-        self._cache: OrderedDict = OrderedDict()
-        self.extracted = 0
-        self.unreadable = 0
-        self.pair_scores: dict = {}  # (other cache's serial, own key, other key) -> (inliers, correlation, keypoints)
-        self.serial = next(_SERIALS)  # unlike id(), never reused by a later cache
-
-    def get(self, key) -> LocalFeatures | None:
-        if key in self._cache:
-            self._cache.move_to_end(key)
-            return self._cache[key]
-        return self._put(key, self.load(key))
-
-    def of_image(self, key, image) -> LocalFeatures:
-        """Features of ``image``, already in hand, under ``key`` (cached ones when present)."""
-        if key in self._cache and self._cache[key] is not None:
-            self._cache.move_to_end(key)
-            return self._cache[key]
-        return self._put(key, image)
-
-    def _put(self, key, image) -> LocalFeatures | None:
-        feats = extract(image, self.cfg) if image is not None else None
-        self.extracted += 1
-        self.unreadable += image is None
-        self._cache[key] = feats
-        if len(self._cache) > self.cfg.cache_images:
-            self._cache.popitem(last=False)
-        return feats
-
-
-def verify_pairs(a: np.ndarray, b: np.ndarray, cache_a: FeatureCache, cache_b: FeatureCache | None = None,
-                 keys_a=None, keys_b=None, unreadable: set | None = None) -> PairScores:
-    """Inliers and aligned correlation per pair ``(a[i], b[i])`` (0 where either image cannot be read again).
-
-    ``keys_*``: cache key of each row (default: the row itself); ``unreadable`` receives the keys
-    that could not be read.  Pairs are visited grouped by ``a`` so each ``a`` is looked up once per
-    run of pairs.  Within one source a pair is scored in one direction (smaller key first) and
-    every score is kept with the ``a`` cache, so a stage re-uses what its calibration scored."""
-    cache_b = cache_b or cache_a
-    keys_b = keys_a if keys_b is None and cache_b is cache_a else keys_b
-    out = PairScores(np.zeros(len(a), np.int32), np.zeros(len(a), np.float32), np.zeros(len(a), np.int32))
-    memo = cache_a.pair_scores
-    if len(memo) > 64 * cache_a.cfg.cache_images:  # bounded like the features: start over
-        memo.clear()
-    for i in np.lexsort((np.asarray(b), np.asarray(a))):
-        ka = a[i] if keys_a is None else keys_a[a[i]]
-        kb = b[i] if keys_b is None else keys_b[b[i]]
-        if cache_b is cache_a and kb < ka:
-            ka, kb = kb, ka
-        pair = (cache_b.serial, ka, kb)
-        if pair in memo:
-            out.inliers[i], out.correlation[i], out.keypoints[i] = memo[pair]
-            continue
-        fa, fb = cache_a.get(ka), cache_b.get(kb)
-        if fa is not None and fb is not None:
-            memo[pair] = (*match(fa, fb, cache_a.cfg), min(len(fa.points), len(fb.points)))
-            out.inliers[i], out.correlation[i], out.keypoints[i] = memo[pair]
-        elif unreadable is not None:
-            unreadable.update(k for k, f in ((ka, fa), (kb, fb)) if f is None)
-    return out
-
-
-_SHARED: OrderedDict = OrderedDict()  # process-wide feature caches (image_features)
-_SHARED_CACHES = 4
-
-
-def image_features(out_dir, source: str, cfg: VerifyConfig, max_pixels: int | None = None) -> FeatureCache:
-    """The feature cache of the embedded images of ``source`` (a name or prefix), keyed by image id.
-
-    Process-wide: a stage and its calibration run in one job and verify many of the same images,
-    so they share it.  Keyed by the output folder, the source, the feature and matching settings
-    and the embed shards' sizes and times, so a re-embedded source never sees another's features."""
-    from curation import layout
-    from dinov2.data.decode import DEFAULT_MAX_PIXELS
-
-    out = Path(out_dir).resolve()
-    max_pixels = max_pixels or DEFAULT_MAX_PIXELS
-    shards = tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size)
-                   for src in layout.sources(out, source) for _, f in layout.embed_shards(out, src) if f.is_file())
-    # the matching settings too: the cache also keeps pair scores
-    key = (str(out), source, max_pixels, cfg.max_side, cfg.max_keypoints, cfg.cache_images, cfg.ratio,
-           cfg.ransac_tolerance, correlation_min_inliers(cfg), shards)
-    if key in _SHARED:
-        _SHARED.move_to_end(key)
-        return _SHARED[key]
-    reader = None
-
-    def load(image_id):
-        nonlocal reader
-        if reader is None:  # reading the locations costs a pass over the embed shards: only when needed
-            from curation.reread import ImageReader
-
-            reader = ImageReader(out, source, max_pixels)
-        return reader(image_id)
-
-    cache = _SHARED[key] = FeatureCache(load, cfg)
-    while len(_SHARED) > _SHARED_CACHES:
-        _SHARED.popitem(last=False)
-    return cache
-
-
-class StoredPairVerifier:
-    """``verifier(rows_a, rows_b) -> PairScores`` over rows of embedded sources, images read again by id.
-
-    ``source_*``: the source name or prefix (``pool``, ``eval-``); without ``ids_b`` both rows index
-    ``ids_a``.  ``images_read`` / ``unreadable``: what this verifier read (shared caches aside)."""
-
-    def __init__(self, out_dir, source_a: str, ids_a: np.ndarray, cfg: VerifyConfig, max_pixels: int | None = None,
-                 source_b: str | None = None, ids_b: np.ndarray | None = None):
-        self.cfg = cfg
-        self.ids_a = np.asarray(ids_a, dtype=object)
-        self.cache_a = image_features(out_dir, source_a, cfg, max_pixels)
-        if ids_b is None:
-            self.ids_b, self.cache_b = self.ids_a, self.cache_a
-        else:
-            self.ids_b = np.asarray(ids_b, dtype=object)
-            self.cache_b = image_features(out_dir, source_b or source_a, cfg, max_pixels)
-        self._caches = list({id(c): c for c in (self.cache_a, self.cache_b)}.values())
-        self._extracted_before = sum(c.extracted for c in self._caches)
-        self.unreadable: set = set()
-
-    @property
-    def images_read(self) -> int:
-        return sum(c.extracted for c in self._caches) - self._extracted_before
-
-    def __call__(self, a: np.ndarray, b: np.ndarray) -> PairScores:
-        return verify_pairs(a, b, self.cache_a, self.cache_b, self.ids_a, self.ids_b, self.unreadable)
 
 
 def candidate_pairs(query_rows: np.ndarray, sims: np.ndarray, nbrs: np.ndarray, threshold: float,

@@ -9,15 +9,8 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageFilter, ImageOps
 
-from curation.verify import (
-    FeatureCache,
-    StoredPairVerifier,
-    VerifyConfig,
-    candidate_pairs,
-    extract,
-    match,
-    verify_pairs,
-)
+from curation.pair_verifier import FeatureCache, StoredPairVerifier, extract_many, verify_pairs
+from curation.verify import VerifyConfig, candidate_pairs, extract, match
 
 CFG = VerifyConfig(enabled=True)
 
@@ -215,6 +208,27 @@ def test_counts_are_deterministic_and_cache_independent(photos):
     broken = FeatureCache(lambda i: None if i == 1 else photos[i], CFG)
     out = verify_pairs(np.array([0, 1]), np.array([2, 0]), broken)
     assert out.inliers[1] == 0 and out.correlation[1] == 0 and broken.unreadable == 1
+
+
+def test_extraction_threads_and_prefetch_change_nothing(photos):
+    def load(i):
+        return photos[i] if i < len(photos) else None  # the last key cannot be read again
+
+    keys = list(range(len(photos) + 1))
+    serial, threaded = extract_many(load, keys, CFG, workers=1), extract_many(load, keys, CFG, workers=3)
+    assert [bad for _, bad in threaded] == [False] * len(photos) + [True] and threaded[-1][0] is None
+    for (one, _), (other, _) in zip(serial[:-1], threaded[:-1]):
+        for field in ("points", "descriptors", "thumb"):
+            np.testing.assert_array_equal(getattr(one, field), getattr(other, field))
+    # a cache that extracts each run of pairs' images together scores every pair as one that
+    # extracts one image at a time (a 2-image cache never prefetches), each image once
+    a, b = np.triu_indices(len(keys), 1)
+    together = FeatureCache(load, CFG)
+    one_by_one = FeatureCache(load, dataclasses.replace(CFG, cache_images=2))
+    x, y = verify_pairs(a, b, together), verify_pairs(a, b, one_by_one)
+    assert x.inliers.tolist() == y.inliers.tolist() and x.correlation.tolist() == y.correlation.tolist()
+    assert x.keypoints.tolist() == y.keypoints.tolist()
+    assert together.extracted == len(keys) and together.unreadable == 1 < one_by_one.extracted
 
 
 def test_candidate_pairs_keep_only_undecided_neighbours():
