@@ -284,6 +284,7 @@ def calibration_record(cfg, stage: str) -> dict:
     hook = None
     if verifying:  # the originals' features go into the cache the stage's verification reads
         originals = image_features(cfg.output_dir, prefix, stage_cfg.verify, cfg.embed.max_pixels)
+        originals.add_images([i for i, _ in images], [im for _, im in images])
         hook = CopyInliers([im for _, im in images], pick, index, stage_cfg.verify,
                            features_of=lambda i, image: originals.of_image(images[i][0], image))
     t_embed = time.perf_counter()

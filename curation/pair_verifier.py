@@ -18,10 +18,19 @@ from pathlib import Path
 
 import numpy as np
 
-from curation.verify import LocalFeatures, PairScores, VerifyConfig, correlation_min_inliers, extract, match
+from curation.verify import (
+    LocalFeatures,
+    PairScores,
+    VerifyConfig,
+    correlation_min_inliers,
+    extract,
+    match,
+    root_sift,
+)
 
 MAX_WORKERS = 8  # extraction threads at most (more cores than this rarely sit idle during a stage)
 PREFETCH_PAIRS = 2048  # pairs whose images are extracted together before they are matched
+ROOTS_KEPT = 512  # RootSIFT arrays kept while matching a run of pairs (~256 KB each at 500 keypoints)
 
 
 def extraction_workers() -> int:
@@ -74,6 +83,12 @@ class FeatureCache:
             self._cache.move_to_end(key)
             return self._cache[key]
         return self._put(key, image)
+
+    def add_images(self, keys: Sequence, images: Sequence) -> None:
+        """Cache the features of images already in hand under ``keys`` (extracted on every core)."""
+        todo = [(k, im) for k, im in zip(keys, images) if self._cache.get(k) is None]
+        for (key, _), (feats, unreadable) in zip(todo, extract_many(lambda im: im, [im for _, im in todo], self.cfg)):
+            self._store(key, feats, unreadable)
 
     def prefetch(self, keys) -> None:
         """Extract the features of the ``keys`` not cached yet, several images at a time (at most
@@ -132,6 +147,15 @@ def verify_pairs(a: np.ndarray, b: np.ndarray, cache_a: FeatureCache, cache_b: F
 
 def _score(todo, cache_a: FeatureCache, cache_b: FeatureCache, memo: dict, out: PairScores,
            unreadable: set | None) -> None:
+    roots: dict = {}  # RootSIFT of the images of this run of pairs (each takes part in several)
+
+    def root(cache, key, feats):
+        if (cache.serial, key) not in roots:
+            if len(roots) >= ROOTS_KEPT:
+                roots.clear()
+            roots[(cache.serial, key)] = root_sift(feats)
+        return roots[(cache.serial, key)]
+
     for i, ka, kb in todo:
         pair = (cache_b.serial, ka, kb)
         if pair in memo:  # the same pair twice in one call
@@ -139,7 +163,8 @@ def _score(todo, cache_a: FeatureCache, cache_b: FeatureCache, memo: dict, out: 
             continue
         fa, fb = cache_a.get(ka), cache_b.get(kb)
         if fa is not None and fb is not None:
-            memo[pair] = (*match(fa, fb, cache_a.cfg), min(len(fa.points), len(fb.points)))
+            scores = match(fa, fb, cache_a.cfg, root(cache_a, ka, fa), root(cache_b, kb, fb))
+            memo[pair] = (*scores, min(len(fa.points), len(fb.points)))
             out.inliers[i], out.correlation[i], out.keypoints[i] = memo[pair]
         elif unreadable is not None:
             unreadable.update(k for k, f in ((ka, fa), (kb, fb)) if f is None)

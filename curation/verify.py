@@ -128,21 +128,24 @@ def _root_sift(d: np.ndarray) -> np.ndarray:
     return np.sqrt(d / (d.sum(1, keepdims=True) + 1e-7))
 
 
-def _fit(a: LocalFeatures, b: LocalFeatures, cfg: VerifyConfig, root_a: np.ndarray,
+def _fit(points_a: np.ndarray, points_b: np.ndarray, cfg: VerifyConfig, root_a: np.ndarray,
          root_b: np.ndarray) -> tuple[int, np.ndarray | None]:
-    """(inliers, 2×3 model from ``a``'s points to ``b``'s) of a RANSAC similarity fit; ``root_*``: their
-    RootSIFT descriptors."""
+    """(inliers, 2×3 model from ``points_a`` to ``points_b``) of a RANSAC similarity fit; ``root_*``:
+    their RootSIFT descriptors."""
     import cv2
 
-    if len(a.descriptors) < 3 or len(b.descriptors) < 3:
+    if len(root_a) < 3 or len(root_b) < 3:
         return 0, None
     sim = root_a @ root_b.T  # RootSIFT rows have unit norm: cosine
+    rows = np.arange(len(root_a))
     best = sim.argmax(1)
-    mutual = sim.argmax(0)[best] == np.arange(len(a.descriptors))
-    top2 = -np.partition(-sim, 1, axis=1)[:, :2]  # best, second best
-    dist = np.sqrt(np.maximum(2.0 - 2.0 * top2, 0.0))
-    keep = mutual & (dist[:, 0] < cfg.ratio * dist[:, 1])
-    src, dst = a.points[keep], b.points[best[keep]]
+    mutual = sim.argmax(0)[best] == rows
+    first = sim[rows, best]
+    sim[rows, best] = -np.inf  # what is left of each row holds its second best
+    second = sim.max(1)
+    keep = mutual & (np.sqrt(np.maximum(2.0 - 2.0 * first, 0.0))
+                     < cfg.ratio * np.sqrt(np.maximum(2.0 - 2.0 * second, 0.0)))
+    src, dst = points_a[keep], points_b[best[keep]]
     if len(src) < 3:
         return 0, None
     cv2.setRNGSeed(0)
@@ -200,17 +203,26 @@ def correlation_min_inliers(cfg: VerifyConfig) -> int:
     return min(MIN_INLIERS_FLOOR, cfg.min_inliers or MIN_INLIERS_FLOOR)
 
 
-def match(a: LocalFeatures, b: LocalFeatures, cfg: VerifyConfig) -> tuple[int, float]:
+def root_sift(f: LocalFeatures) -> np.ndarray:
+    """RootSIFT rows of ``f``'s descriptors (unit norm), float32."""
+    return _root_sift(f.descriptors)
+
+
+def match(a: LocalFeatures, b: LocalFeatures, cfg: VerifyConfig, root_a: np.ndarray | None = None,
+          root_b: np.ndarray | None = None) -> tuple[int, float]:
     """(inliers, aligned correlation) of the best similarity transform from ``a`` (as is or mirrored) onto ``b``;
-    the correlation is 0 under :func:`correlation_min_inliers`."""
+    the correlation is 0 under :func:`correlation_min_inliers`.  ``root_*``: :func:`root_sift` of
+    ``a`` / ``b`` when the caller keeps them (an image takes part in many pairs)."""
     best, model, side = 0, None, a
-    root_a, root_b = _root_sift(a.descriptors), _root_sift(b.descriptors)
+    root_a = root_sift(a) if root_a is None else root_a
+    root_b = root_sift(b) if root_b is None else root_b
     # the mirror's descriptors are a column permutation, and so are their RootSIFT rows (exact: the
     # uint8 sums are exact in float32 whatever the order)
-    for f, root in ((a, root_a), (a.mirrored(), root_a[:, _MIRROR_BINS])):
-        n, m = _fit(f, b, cfg, root, root_b)
+    mirror_points = a.points * np.float32([-1.0, 1.0])  # as LocalFeatures.mirrored(), built only if it wins
+    for mirrored, points, root in ((False, a.points, root_a), (True, mirror_points, root_a[:, _MIRROR_BINS])):
+        n, m = _fit(points, b.points, cfg, root, root_b)
         if n > best:
-            best, model, side = n, m, f
+            best, model, side = n, m, a.mirrored() if mirrored else a
     if model is None or best < correlation_min_inliers(cfg):
         return best, 0.0
     return best, aligned_correlation(side, b, model)
