@@ -203,6 +203,7 @@ def image_features(out_dir, source: str, cfg: VerifyConfig, max_pixels: int | No
                 from curation.reread import ImageReader
 
                 reader = ImageReader(out, source, max_pixels)
+                _ = image_id in reader.locs.index  # builds the id lookup table once, before threads share it
         return reader(image_id)
 
     cache = _SHARED[key] = FeatureCache(load, cfg)
