@@ -8,7 +8,7 @@ log (a log step adds the monitors and one host sync).  FLOPs of one step are cou
 torch.utils.flop_counter.FlopCounterMode (matmuls, convolutions and attention; elementwise ops are
 not counted, so the ratio is a lower bound of the real utilisation).
 
-    .venv/bin/python bench/train_step.py [--steps 3] [--only tiny|vits14] [--compile] [--batch B]
+    .venv/bin/python bench/train_step.py [--steps 3] [--only tiny|vits14|vitb14] [--compile] [--batch B]
 """
 from __future__ import annotations
 
@@ -106,10 +106,11 @@ def main() -> None:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--only", choices=["tiny", "vits14"], default=None)
+    ap.add_argument("--only", choices=["tiny", "vits14", "vitb14"], default=None,
+                    help="one config (default: tiny and vits14; vitb14 only when asked: ~4x the ViT-S step)")
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--compile", action="store_true", help="compute.compile=true (torch.compile per block)")
-    ap.add_argument("--batch", type=int, default=None, help="images per step (default: 32 tiny, 4 ViT-S/14)")
+    ap.add_argument("--batch", type=int, default=None, help="images per step (default: 32 tiny, 4 ViT-S/14 and ViT-B/14)")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()}")
     runs = []
@@ -117,6 +118,8 @@ def main() -> None:
         runs.append(("tiny (ViT dim 192 depth 6, 2×84 + 4×42, head 4096)", "tiny.yaml", args.batch or 32))
     if args.only in (None, "vits14"):
         runs.append(("ViT-S/14 (2×224 + 8×98, head 65536)", "vits14.yaml", args.batch or 4))
+    if args.only == "vitb14":  # wider GEMMs (768 vs 384): does the ratio follow the GEMM shapes?
+        runs.append(("ViT-B/14 (2×224 + 8×98, head 65536)", "vitb14.yaml", args.batch or 4))
     print("| config | precision | batch | step (s) | images/s | GFLOP/step | achieved GFLOP/s | matmul GFLOP/s "
           "| ÷ matmul rate | median per-step ÷ next matmul |")
     print("|---|---|---|---|---|---|---|---|---|---|")
