@@ -50,7 +50,7 @@ import numpy as np
 
 from curation import layout
 from curation.pair_verifier import StoredPairVerifier, extract_many
-from curation.verify import MIN_INLIERS_FLOOR, PairScores, VerifyConfig, extract, match, refute_inliers
+from curation.verify import MIN_INLIERS_FLOOR, PairScores, VerifyConfig, chance_inliers, extract, match
 
 NOT_A_CANDIDATE = -1
 NEVER_REFUTED = 1 << 30  # inlier count standing for "verification cannot refute this cosine link"
@@ -211,7 +211,7 @@ def fit_min_inliers(copy_found: dict[str, np.ndarray], copy_inliers: dict[str, n
     elif not (ok & tail).any():
         warnings.append("no inlier count reaches the target precision: verification links nothing here")
     m = int(grid[i]) if fixed is None else int(fixed)
-    refute_below = refute_inliers(VerifyConfig(min_inliers=m))  # what the stage will refute at this count
+    refute_below = chance_inliers(m)  # what the stage will refute at this count
     kept = {f: copy_found[f] & ((copy_cosine_inliers or {}).get(f, NEVER_REFUTED) >= refute_below)
             for f in copy_found}
     per_family = {f: round(float(np.mean(kept[f] | (copy_inliers[f] >= m))), 4) for f in copy_found}

@@ -22,7 +22,7 @@ from curation.verify import (
     LocalFeatures,
     PairScores,
     VerifyConfig,
-    correlation_min_inliers,
+    chance_inliers,
     extract,
     match,
     root_sift,
@@ -189,7 +189,7 @@ def image_features(out_dir, source: str, cfg: VerifyConfig, max_pixels: int | No
                    for src in layout.sources(out, source) for _, f in layout.embed_shards(out, src) if f.is_file())
     # the matching settings too: the cache also keeps pair scores
     key = (str(out), source, max_pixels, cfg.max_side, cfg.max_keypoints, cfg.cache_images, cfg.ratio,
-           cfg.ransac_tolerance, correlation_min_inliers(cfg), shards)
+           cfg.ransac_tolerance, chance_inliers(cfg.min_inliers), shards)
     if key in _SHARED:
         _SHARED.move_to_end(key)
         return _SHARED[key]

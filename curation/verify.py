@@ -123,8 +123,9 @@ def extract(image, cfg: VerifyConfig) -> LocalFeatures:
                          thumb, size)
 
 
-def _root_sift(d: np.ndarray) -> np.ndarray:
-    d = d.astype(np.float32)
+def root_sift(f: LocalFeatures) -> np.ndarray:
+    """RootSIFT rows of ``f``'s descriptors (unit norm), float32."""
+    d = f.descriptors.astype(np.float32)
     return np.sqrt(d / (d.sum(1, keepdims=True) + 1e-7))
 
 
@@ -198,20 +199,19 @@ def aligned_correlation(a: LocalFeatures, b: LocalFeatures, model: np.ndarray) -
     return max(_correlation_onto(a, b, a_to_b[:2]), _correlation_onto(b, a, np.linalg.inv(a_to_b)[:2]))
 
 
-def correlation_min_inliers(cfg: VerifyConfig) -> int:
-    """Pairs with fewer inliers get no pixel check (correlation 0): no setting links or calibrates on them."""
-    return min(MIN_INLIERS_FLOOR, cfg.min_inliers or MIN_INLIERS_FLOOR)
-
-
-def root_sift(f: LocalFeatures) -> np.ndarray:
-    """RootSIFT rows of ``f``'s descriptors (unit norm), float32."""
-    return _root_sift(f.descriptors)
+def chance_inliers(min_inliers: int | None) -> int:
+    """Chance level of shared inliers: 8, or ``min_inliers`` if lower.  Fewer get no pixel check
+    (correlation 0: no setting links or calibrates on them) and refute a cosine link
+    (:meth:`PairScores.refuted`) — not ``min_inliers`` itself, which calibration raises high where
+    candidates share much by chance (many overlapping crops of a few photos) while a cosine link
+    with that many inliers is no less a copy."""
+    return min(MIN_INLIERS_FLOOR, min_inliers or MIN_INLIERS_FLOOR)
 
 
 def match(a: LocalFeatures, b: LocalFeatures, cfg: VerifyConfig, root_a: np.ndarray | None = None,
           root_b: np.ndarray | None = None) -> tuple[int, float]:
     """(inliers, aligned correlation) of the best similarity transform from ``a`` (as is or mirrored) onto ``b``;
-    the correlation is 0 under :func:`correlation_min_inliers`.  ``root_*``: :func:`root_sift` of
+    the correlation is 0 under :func:`chance_inliers`.  ``root_*``: :func:`root_sift` of
     ``a`` / ``b`` when the caller keeps them (an image takes part in many pairs)."""
     best, model, side = 0, None, a
     root_a = root_sift(a) if root_a is None else root_a
@@ -223,7 +223,7 @@ def match(a: LocalFeatures, b: LocalFeatures, cfg: VerifyConfig, root_a: np.ndar
         n, m = _fit(points, b.points, cfg, root, root_b)
         if n > best:
             best, model, side = n, m, a.mirrored() if mirrored else a
-    if model is None or best < correlation_min_inliers(cfg):
+    if model is None or best < chance_inliers(cfg.min_inliers):
         return best, 0.0
     return best, aligned_correlation(side, b, model)
 
@@ -240,18 +240,11 @@ class PairScores(NamedTuple):
 
     def refuted(self, cfg: VerifyConfig) -> np.ndarray:
         """Pairs geometry says are not copies: both images rich in keypoints (``refute_keypoints``),
-        fewer than :func:`refute_inliers` shared.  A copy keeps its keypoints under re-encoding,
+        fewer than :func:`chance_inliers` shared.  A copy keeps its keypoints under re-encoding,
         rescaling, colour changes and crops; an image too plain or too blurred to have many is never
         refuted."""
         return ((cfg.refute_keypoints > 0) & (self.keypoints >= cfg.refute_keypoints)
-                & (self.inliers < refute_inliers(cfg)))
-
-
-def refute_inliers(cfg: VerifyConfig) -> int:
-    """Fewer shared inliers refute a cosine link: chance level (8), or ``min_inliers`` if lower — not
-    ``min_inliers`` itself, which calibration raises high where candidates share much by chance (many
-    overlapping crops of a few photos) while a cosine link with that many inliers is no less a copy."""
-    return min(MIN_INLIERS_FLOOR, cfg.min_inliers or MIN_INLIERS_FLOOR)
+                & (self.inliers < chance_inliers(cfg.min_inliers)))
 
 
 def candidate_pairs(query_rows: np.ndarray, sims: np.ndarray, nbrs: np.ndarray, threshold: float,
